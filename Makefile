@@ -1,0 +1,58 @@
+# mqvox: `make demo` sets everything up and runs the loop; `make test` runs the suite.
+# Every target that needs Python depends on the venv, so either command works on a fresh clone.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= .run
+BROKER_PORT ?= 0
+# Debian packages the project needs: the broker, speech for training, PortAudio for microphones.
+APT_PACKAGES := mosquitto espeak-ng libportaudio2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-packages demo test bench lint format broker broker-stop clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+# Reinstalled when the dependency list changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[all]'
+	touch $@
+
+demo: setup
+	$(PY) -m demo
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# A development broker from broker_config/, on BROKER_PORT (0 picks a free one), data in $(RUN_DIR)/broker.
+broker: setup
+	$(PY) -m broker_config start --port $(BROKER_PORT) --data-dir $(RUN_DIR)/broker
+
+broker-stop: setup
+	$(PY) -m broker_config stop --data-dir $(RUN_DIR)/broker
+
+clean:
+	rm -rf $(RUN_DIR) .pytest_cache .ruff_cache build *.egg-info

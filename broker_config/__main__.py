@@ -1,0 +1,41 @@
+"""python -m broker_config start|stop: a development Mosquitto from broker_config/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from broker_config.broker import Broker, BrokerStartError, stop_recorded
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m broker_config", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="start Mosquitto in the background and print its port as JSON")
+    start.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: 0, a free one)")
+    start.add_argument("--data-dir", type=Path, default=Path(".run/broker"), help="config, persistence and log")
+    stop = commands.add_parser("stop", help="stop the broker started with the same --data-dir")
+    stop.add_argument("--data-dir", type=Path, default=Path(".run/broker"))
+    args = parser.parse_args(argv)
+
+    if args.command == "start":
+        if (args.data_dir / "broker.json").exists():
+            print(f"a broker is already recorded in {args.data_dir}; stop it first", file=sys.stderr)
+            return 1
+        try:
+            broker = Broker(data_dir=args.data_dir, port=args.port).start()
+        except BrokerStartError as error:
+            print(error, file=sys.stderr)
+            return 1
+        # Left running on purpose: `stop` ends it through the state file.
+        print(json.dumps({"port": broker.port, "pid": broker.process.pid, "data_dir": str(broker.data_dir)}))
+        return 0
+    pid = stop_recorded(args.data_dir)
+    print(json.dumps({"stopped": pid}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Run Mosquitto from broker_config/ on a given or free loopback port, with its own data directory."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+DEV_CONFIG = "mosquitto.dev.conf"
+"""The development config in this folder."""
+
+STATE_FILE = "broker.json"
+"""Written into the data directory: port and pid of the running broker, read by ``stop``."""
+
+
+class BrokerStartError(RuntimeError):
+    """Mosquitto did not start or did not accept connections in time."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def render_config(template: str, *, port: int, data_dir: Path) -> str:
+    """The dev config with this broker's port, data directory, log file and user."""
+    replacements = {
+        r"^listener \d+ ": f"listener {port} ",
+        r"^persistence_location .*$": f"persistence_location {data_dir}/",
+        r"^log_dest .*$": f"log_dest file {data_dir}/mosquitto.log",
+    }
+    text = template
+    for pattern, value in replacements.items():
+        text, count = re.subn(pattern, value, text, count=1, flags=re.MULTILINE)
+        if count != 1:
+            raise ValueError(f"{DEV_CONFIG} has no line matching {pattern!r}")
+    # Run as whoever starts it, so the data directory stays theirs (as root, mosquitto
+    # would otherwise switch to the 'mosquitto' user).
+    return text + f"\nuser {getpass.getuser()}\n"
+
+
+@dataclass
+class Broker:
+    """One Mosquitto process from the dev config. Use as a context manager, or start() / stop()."""
+
+    data_dir: Path
+    """Its config, persistence file, log and state file live here."""
+    port: int = 0
+    """TCP port on 127.0.0.1; 0 picks a free one."""
+    executable: str = "mosquitto"
+    """The mosquitto binary."""
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "mosquitto.log"
+
+    def start(self, timeout_s: float = 10.0) -> Broker:
+        """Start Mosquitto and wait until it accepts TCP connections; retries another port if one was taken."""
+        binary = shutil.which(self.executable) or shutil.which(self.executable, path="/usr/sbin:/sbin")
+        if binary is None:
+            raise BrokerStartError(f"{self.executable} not found: run `make setup` (Debian package 'mosquitto')")
+        self.data_dir = Path(self.data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        template = resources.files("broker_config").joinpath(DEV_CONFIG).read_text(encoding="utf-8")
+        attempts = 3 if self.port == 0 else 1
+        for _ in range(attempts):
+            port = self.port or free_port()
+            config = self.data_dir / "mosquitto.conf"
+            config.write_text(render_config(template, port=port, data_dir=self.data_dir), encoding="utf-8")
+            # Output goes to a file, not a pipe: `start` leaves the broker running after it exits.
+            with open(self.data_dir / "mosquitto.stderr", "wb") as stderr:
+                self.process = subprocess.Popen(
+                    [binary, "-c", str(config)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    start_new_session=True,  # a Ctrl-C in the terminal is for us, not for the broker
+                )
+            if self._wait_listening(port, timeout_s):
+                self.port = port
+                (self.data_dir / STATE_FILE).write_text(json.dumps({"port": port, "pid": self.process.pid}))
+                return self
+            self._reap()
+        output = (self.data_dir / "mosquitto.stderr").read_text(errors="replace").strip()
+        raise BrokerStartError(f"mosquitto did not start on 127.0.0.1: {output or 'no output'}; see {self.log_path}")
+
+    def _wait_listening(self, port: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def _reap(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (mosquitto saves its persistence file), then SIGKILL after ``timeout_s``."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reap()
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+        self.process = None
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_recorded(data_dir: Path, timeout_s: float = 10.0) -> int | None:
+    """Stop the broker a previous ``start`` recorded in ``data_dir``; its pid, or None if none was running."""
+    state_path = Path(data_dir) / STATE_FILE
+    if not state_path.exists():
+        return None
+    pid = json.loads(state_path.read_text())["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state_path.unlink()
+        return None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    state_path.unlink()
+    return pid

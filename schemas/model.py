@@ -1,0 +1,218 @@
+"""Device models on the wire: the signed manifest and the .tflite blob it points to."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from schemas.envelope import Envelope
+from schemas.errors import ErrorCode, ProtocolError
+from schemas.message import JsonMessage
+from schemas.topics import MANIFEST, META_PROPERTY, MODEL_BLOB, KiB
+from schemas.validation import canonical_json, decode_json, encode_json
+
+MAX_BLOB_META_BYTES = 1 * KiB
+"""Largest ``mqvox-meta`` user property accepted on a model blob."""
+
+
+def parse_version(version: str) -> tuple[int, int, int]:
+    """``"1.10.2"`` -> ``(1, 10, 2)``, for ordering versions numerically."""
+    major, minor, patch = (int(part) for part in version.split("."))
+    return major, minor, patch
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """The feature front end a model was trained with (python_speech_features parameters)."""
+
+    kind: str
+    """'mfcc' or 'logfbank'."""
+    sample_rate: int
+    """Sample rate (hertz)."""
+    window_s: float
+    """Analysis window (seconds)."""
+    step_s: float
+    """Hop between windows (seconds)."""
+    num_filters: int
+    """Mel filters."""
+    num_features: int
+    """Features per frame."""
+    fft_size: int
+    """FFT size (samples)."""
+    low_hz: float
+    """Lowest filter edge (hertz)."""
+    high_hz: float
+    """Highest filter edge (hertz)."""
+    preemphasis: float
+    """Pre-emphasis coefficient."""
+    frames: int
+    """Frames in one model input window."""
+
+
+@dataclass(frozen=True)
+class RolloutStage:
+    """Which devices a manifest is for."""
+
+    name: str
+    """Stage name, e.g. 'canary' or 'fleet'."""
+    devices: tuple[str, ...] = ()
+    """Devices named explicitly."""
+    percent: float = 0.0
+    """Share of the fleet (0-100) chosen by a stable hash of the device id, on top of ``devices``."""
+
+
+@dataclass(frozen=True)
+class ModelManifest(JsonMessage):
+    """Retained on ``models/<channel>/manifest``; Ed25519-signed over :meth:`signing_bytes`."""
+
+    spec = MANIFEST
+
+    channel: str
+    """Release channel."""
+    version: str
+    """Model version (MAJOR.MINOR.PATCH)."""
+    sha256: str
+    """SHA-256 of the .tflite blob, hex."""
+    size_bytes: int
+    """Size of the blob (bytes)."""
+    frontend: Frontend
+    """Feature front end the model needs."""
+    labels: tuple[str, ...]
+    """Output classes, in output order."""
+    min_device_version: str
+    """Oldest device software that can run it."""
+    stage: RolloutStage
+    """Which devices should install it."""
+    key_id: str
+    """Id of the signing key (first 16 hex of SHA-256 of the raw public key)."""
+    signature: str
+    """Base64 Ed25519 signature over :meth:`signing_bytes`."""
+    release_notes: str = ""
+    """Free text for operators."""
+    rollback: bool = False
+    """True only on a deliberate downgrade."""
+    created_at: float = field(default_factory=time.time)
+    """Unix time (seconds) of creation."""
+
+    @property
+    def blob_topic(self) -> str:
+        """Where the blob of this version is retained."""
+        return MODEL_BLOB.topic(channel=self.channel, version=self.version)
+
+    def topic(self) -> str:
+        return MANIFEST.topic(channel=self.channel)
+
+    def signing_bytes(self) -> bytes:
+        """What the signature covers: the canonical JSON of the manifest without ``signature``."""
+        unsigned = self.to_dict()
+        del unsigned["signature"]
+        return canonical_json(unsigned)
+
+    def to_dict(self) -> dict[str, Any]:
+        front = self.frontend
+        return {
+            "channel": self.channel,
+            "version": self.version,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "blob_topic": self.blob_topic,
+            "frontend": {
+                "kind": front.kind,
+                "sample_rate": front.sample_rate,
+                "window_s": front.window_s,
+                "step_s": front.step_s,
+                "num_filters": front.num_filters,
+                "num_features": front.num_features,
+                "fft_size": front.fft_size,
+                "low_hz": front.low_hz,
+                "high_hz": front.high_hz,
+                "preemphasis": front.preemphasis,
+                "frames": front.frames,
+            },
+            "labels": list(self.labels),
+            "min_device_version": self.min_device_version,
+            "created_at": self.created_at,
+            "release_notes": self.release_notes,
+            "stage": {"name": self.stage.name, "devices": list(self.stage.devices), "percent": self.stage.percent},
+            "rollback": self.rollback,
+            "key_id": self.key_id,
+            "signature": self.signature,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        stage = data["stage"]
+        manifest = cls(
+            channel=data["channel"],
+            version=data["version"],
+            sha256=data["sha256"],
+            size_bytes=data["size_bytes"],
+            frontend=Frontend(**data["frontend"]),
+            labels=tuple(data["labels"]),
+            min_device_version=data["min_device_version"],
+            stage=RolloutStage(stage["name"], tuple(stage["devices"]), stage["percent"]),
+            key_id=data["key_id"],
+            signature=data["signature"],
+            release_notes=data["release_notes"],
+            rollback=data["rollback"],
+            created_at=data["created_at"],
+        )
+        if data["blob_topic"] != manifest.blob_topic:
+            raise ProtocolError(
+                ErrorCode.MISMATCH, MANIFEST.name, f"blob_topic must be {manifest.blob_topic!r}", path="/blob_topic"
+            )
+        return manifest
+
+
+@dataclass(frozen=True)
+class ModelBlob:
+    """A .tflite model, retained on ``models/<channel>/blobs/<version>``; metadata in ``mqvox-meta``.
+
+    The digest here only catches a damaged transfer: trust comes from the signed manifest.
+    """
+
+    spec = MODEL_BLOB
+
+    channel: str
+    """Release channel."""
+    version: str
+    """Model version."""
+    model: bytes
+    """The .tflite file."""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model).hexdigest()
+
+    def topic(self) -> str:
+        return MODEL_BLOB.topic(channel=self.channel, version=self.version)
+
+    def to_wire(self) -> Envelope:
+        """Validate and encode; raises ProtocolError rather than sending something invalid."""
+        MODEL_BLOB.check_size(self.model, MODEL_BLOB.name)
+        meta = {"channel": self.channel, "version": self.version, "sha256": self.sha256, "size_bytes": len(self.model)}
+        text = encode_json(MODEL_BLOB.name, meta, max_bytes=MAX_BLOB_META_BYTES).decode("utf-8")
+        return Envelope(
+            payload=self.model, content_type=MODEL_BLOB.content_type, user_properties=((META_PROPERTY, text),)
+        )
+
+    @classmethod
+    def from_wire(cls, envelope: Envelope) -> Self:
+        """Check content type, metadata, size and digest; raises ProtocolError on anything off."""
+        envelope.expect_content_type(MODEL_BLOB.content_type, MODEL_BLOB.name)
+        MODEL_BLOB.check_size(envelope.payload, MODEL_BLOB.name)
+        meta = decode_json(
+            MODEL_BLOB.name, envelope.user_property(META_PROPERTY, MODEL_BLOB.name), max_bytes=MAX_BLOB_META_BYTES
+        )
+        blob = cls(channel=meta["channel"], version=meta["version"], model=envelope.payload)
+        if len(blob.model) != meta["size_bytes"]:
+            raise ProtocolError(
+                ErrorCode.MISMATCH,
+                MODEL_BLOB.name,
+                f"payload is {len(blob.model)} bytes, metadata says {meta['size_bytes']}",
+            )
+        if blob.sha256 != meta["sha256"]:
+            raise ProtocolError(ErrorCode.MISMATCH, MODEL_BLOB.name, "payload SHA-256 does not match its metadata")
+        return blob

@@ -1,0 +1,175 @@
+"""The protocol's MQTT 5 binding: one connection that publishes and receives mqvox messages.
+
+Publishing waits for the broker's PUBACK and raises if the broker refused the
+message, so a sender always knows whether its message is in the broker's hands.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from schemas.envelope import Envelope
+from schemas.protocol import Message, encode
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker could not be reached, refused the connection, or did not answer in time."""
+
+
+class PublishRefused(RuntimeError):
+    """The broker answered a publish with a failure reason code (e.g. payload over its size limit)."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the broker is and how long to wait for it."""
+
+    host: str = "127.0.0.1"
+    """Broker host name or address."""
+    port: int = 1883
+    """Broker TCP port."""
+    keepalive_s: int = 30
+    """MQTT keep-alive (seconds); the Last Will fires after about 1.5 times this without traffic."""
+    connect_timeout_s: float = 10.0
+    """How long to wait for CONNACK (seconds)."""
+
+
+MessageHandler = Callable[[str, Envelope], None]
+"""Called with (topic, envelope) for every received message, on paho's network thread."""
+
+
+class MqttLink:
+    """One MQTT 5 client connection, started and connected on construction."""
+
+    def __init__(
+        self,
+        client_id: str,
+        broker: BrokerSettings,
+        *,
+        will: Message | None = None,
+        clean_start: bool = True,
+        session_expiry_s: int = 0,
+        on_message: MessageHandler | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        self._connected = threading.Event()
+        self._connect_reason: str | None = None
+        self._lock = threading.RLock()
+        self._acks: dict[int, tuple[threading.Event, list]] = {}
+        self._subscribed: dict[int, tuple[threading.Event, list]] = {}
+        self._on_message = on_message
+        self._client.on_connect = self._handle_connect
+        self._client.on_publish = self._handle_publish
+        self._client.on_subscribe = self._handle_subscribe
+        self._client.on_message = self._handle_message
+        if will is not None:
+            topic, envelope = encode(will)
+            self._client.will_set(
+                topic, envelope.payload, qos=will.spec.qos, retain=will.spec.retain, properties=envelope.properties()
+            )
+        connect_properties = Properties(PacketTypes.CONNECT)
+        connect_properties.SessionExpiryInterval = session_expiry_s
+        try:
+            self._client.connect(
+                broker.host,
+                broker.port,
+                keepalive=broker.keepalive_s,
+                clean_start=clean_start,
+                properties=connect_properties,
+            )
+        except OSError as error:
+            raise BrokerUnavailable(f"cannot reach MQTT broker at {broker.host}:{broker.port}: {error}") from error
+        self._client.loop_start()
+        if not self._connected.wait(broker.connect_timeout_s) or self._connect_reason is not None:
+            self._client.loop_stop()
+            self._client.disconnect()
+            reason = self._connect_reason or f"no CONNACK within {broker.connect_timeout_s} s"
+            raise BrokerUnavailable(f"MQTT broker at {broker.host}:{broker.port} refused {client_id!r}: {reason}")
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connect_reason = None if not reason_code.is_failure else str(reason_code)
+        self._connected.set()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            waiter = self._acks.pop(mid, None)
+        if waiter is not None:
+            waiter[1].append(reason_code)
+            waiter[0].set()
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            waiter = self._subscribed.pop(mid, None)
+        if waiter is not None:
+            waiter[1].extend(reason_codes)
+            waiter[0].set()
+
+    def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        if self._on_message is None:
+            return
+        try:
+            self._on_message(message.topic, Envelope.from_mqtt(message.payload, message.properties))
+        except Exception:
+            # A handler bug must not kill paho's network thread and with it the connection.
+            log.exception("message handler failed", extra={"topic": message.topic})
+
+    def publish(self, topic: str, envelope: Envelope, *, qos: int, retain: bool, timeout_s: float = 10.0) -> None:
+        """Publish and, for QoS > 0, wait for the PUBACK; raise PublishRefused or TimeoutError otherwise."""
+        done = threading.Event()
+        outcome: list = []
+        with self._lock:
+            info = self._client.publish(
+                topic, envelope.payload, qos=qos, retain=retain, properties=envelope.properties()
+            )
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise PublishRefused(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+            if qos == 0:
+                return
+            self._acks[info.mid] = (done, outcome)
+        if not done.wait(timeout_s):
+            with self._lock:
+                self._acks.pop(info.mid, None)
+            raise TimeoutError(f"no PUBACK for {topic!r} within {timeout_s} s")
+        if outcome[0].is_failure:
+            raise PublishRefused(f"broker refused publish to {topic!r}: {outcome[0]}")
+
+    def send(self, message: Message, *, timeout_s: float = 10.0) -> None:
+        """Validate, encode and publish ``message`` with its topic's QoS and retained flag."""
+        topic, envelope = encode(message)
+        self.publish(topic, envelope, qos=message.spec.qos, retain=message.spec.retain, timeout_s=timeout_s)
+
+    def subscribe(self, topic_filter: str, *, qos: int = 1, timeout_s: float = 10.0) -> None:
+        """Subscribe and wait for the SUBACK; raise PublishRefused if the broker refused it."""
+        done = threading.Event()
+        outcome: list = []
+        with self._lock:
+            rc, mid = self._client.subscribe(topic_filter, qos=qos)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                raise PublishRefused(f"subscribe to {topic_filter!r} failed: {paho.error_string(rc)}")
+            self._subscribed[mid] = (done, outcome)
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"no SUBACK for {topic_filter!r} within {timeout_s} s")
+        if outcome[0].is_failure:
+            raise PublishRefused(f"broker refused subscription to {topic_filter!r}: {outcome[0]}")
+
+    def close(self) -> None:
+        """Disconnect cleanly (no Last Will) and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> MqttLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
