@@ -65,7 +65,8 @@ def decode_opus(data: bytes, *, expected_rate: int) -> np.ndarray:
             # Read one sample past the limit rather than trusting the header's frame count.
             samples = sound.read(limit + 1, dtype="float32")
     except soundfile.LibsndfileError as error:
-        raise ProtocolError(ErrorCode.BAD_AUDIO, "audio", f"cannot decode: {error}") from None
+        # error_string is libsndfile's reason without the file object's repr.
+        raise ProtocolError(ErrorCode.BAD_AUDIO, "audio", f"cannot decode: {error.error_string}") from None
     if samples.size == 0:
         raise ProtocolError(ErrorCode.BAD_AUDIO, "audio", "no samples")
     if samples.size > limit:

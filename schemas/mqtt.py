@@ -59,7 +59,6 @@ class MqttLink:
         will: Message | None = None,
         clean_start: bool = True,
         session_expiry_s: int = 0,
-        on_message: MessageHandler | None = None,
     ) -> None:
         self.client_id = client_id
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
@@ -68,11 +67,9 @@ class MqttLink:
         self._lock = threading.RLock()
         self._acks: dict[int, tuple[threading.Event, list]] = {}
         self._subscribed: dict[int, tuple[threading.Event, list]] = {}
-        self._on_message = on_message
         self._client.on_connect = self._handle_connect
         self._client.on_publish = self._handle_publish
         self._client.on_subscribe = self._handle_subscribe
-        self._client.on_message = self._handle_message
         if will is not None:
             topic, envelope = encode(will)
             self._client.will_set(
@@ -115,11 +112,10 @@ class MqttLink:
             waiter[1].extend(reason_codes)
             waiter[0].set()
 
-    def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
-        if self._on_message is None:
-            return
+    @staticmethod
+    def _deliver(handler: MessageHandler, message: paho.MQTTMessage) -> None:
         try:
-            self._on_message(message.topic, Envelope.from_mqtt(message.payload, message.properties))
+            handler(message.topic, Envelope.from_mqtt(message.payload, message.properties))
         except Exception:
             # A handler bug must not kill paho's network thread and with it the connection.
             log.exception("message handler failed", extra={"topic": message.topic})
@@ -149,8 +145,15 @@ class MqttLink:
         topic, envelope = encode(message)
         self.publish(topic, envelope, qos=message.spec.qos, retain=message.spec.retain, timeout_s=timeout_s)
 
-    def subscribe(self, topic_filter: str, *, qos: int = 1, timeout_s: float = 10.0) -> None:
-        """Subscribe and wait for the SUBACK; raise PublishRefused if the broker refused it."""
+    def subscribe(self, topic_filter: str, handler: MessageHandler, *, qos: int = 1, timeout_s: float = 10.0) -> None:
+        """Subscribe, route matching messages to ``handler``, and wait for the SUBACK.
+
+        Raises PublishRefused if the broker refused the subscription. The handler runs
+        on paho's network thread: it must not block, and must not wait for a PUBACK.
+        """
+        # Messages of a shared subscription arrive on the plain topic, without '$share/<group>/'.
+        route = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+        self._client.message_callback_add(route, lambda client, userdata, message: self._deliver(handler, message))
         done = threading.Event()
         outcome: list = []
         with self._lock:

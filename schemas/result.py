@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self
 
-from schemas.errors import ErrorCode
+from schemas.envelope import Envelope
+from schemas.errors import ErrorCode, ProtocolError
 from schemas.message import JsonMessage
 from schemas.topics import RESULT
 
@@ -70,6 +71,19 @@ class Result(JsonMessage):
 
     def topic(self) -> str:
         return RESULT.topic(device_id=self.device_id)
+
+    def to_wire(self) -> Envelope:
+        """As any JSON message, with the utterance id as Correlation Data (it answers that request)."""
+        envelope = super().to_wire()
+        return Envelope(envelope.payload, envelope.content_type, correlation_data=self.utterance_id.encode("ascii"))
+
+    @classmethod
+    def from_wire(cls, envelope: Envelope) -> Self:
+        """As any JSON message; Correlation Data, when present, must be the utterance id."""
+        result = super().from_wire(envelope)
+        if envelope.correlation_data is not None and envelope.correlation_data != result.utterance_id.encode("ascii"):
+            raise ProtocolError(ErrorCode.MISMATCH, RESULT.name, "correlation data must be the utterance id")
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         return {

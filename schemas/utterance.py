@@ -33,6 +33,8 @@ class UploadReason(StrEnum):
     """Its best hypothesis scored under the confidence threshold."""
     OUT_OF_VOCABULARY = "out_of_vocabulary"
     """It heard speech that matched no command."""
+    FORCED = "forced"
+    """It was told to, without running its model (``python -m device send``)."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ class Utterance:
     """Length of the audio (seconds)."""
     hypotheses: tuple[Hypothesis, ...]
     """The device's top guesses, best first."""
-    model_version: str
-    """Version of the device model that made the guesses."""
+    model_version: str | None
+    """Version of the device model that made the guesses; None when no model ran."""
     reason: UploadReason
     """Why the device asks the cloud."""
     audio: bytes
