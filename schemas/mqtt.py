@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 
 from schemas.envelope import Envelope
 from schemas.protocol import Message, encode
+from schemas.topics import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,16 @@ class MqttLink:
             log.exception("message handler failed", extra={"topic": message.topic})
 
     def publish(self, topic: str, envelope: Envelope, *, qos: int, retain: bool, timeout_s: float = 10.0) -> None:
-        """Publish and, for QoS > 0, wait for the PUBACK; raise PublishRefused or TimeoutError otherwise."""
+        """Publish and, for QoS > 0, wait for the PUBACK; raise PublishRefused or TimeoutError otherwise.
+
+        Payloads over the broker's message_size_limit are refused here, before sending:
+        Mosquitto 2.0.11 answers them with PUBACK reason 0x95, which paho 2.2.0 reads
+        as a malformed packet, then reconnects and re-sends the message forever.
+        """
+        if len(envelope.payload) > MAX_PAYLOAD_BYTES:
+            raise PublishRefused(
+                f"payload of {len(envelope.payload)} bytes to {topic!r} is over the broker limit of {MAX_PAYLOAD_BYTES}"
+            )
         done = threading.Event()
         outcome: list = []
         with self._lock:

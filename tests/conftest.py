@@ -1,0 +1,91 @@
+"""Shared test fixtures: a real Mosquitto from broker_config/, MQTT links, real recordings."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker_config.broker import Broker
+from device.recording import read_recording
+from schemas.audio import encode_opus
+from schemas.envelope import Envelope
+from schemas.mqtt import BrokerSettings, MqttLink
+from schemas.utterance import Hypothesis, UploadReason, Utterance, new_utterance_id
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+IN_VOCABULARY_SAMPLE = SAMPLES / "hey_jarvis_turn_on_the_lights.flac"
+OUT_OF_VOCABULARY_SAMPLE = SAMPLES / "hey_jarvis_weather_tomorrow.flac"
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One Mosquitto for the session, from broker_config/mosquitto.dev.conf on a free port."""
+    with Broker(data_dir=tmp_path_factory.mktemp("broker")) as running:
+        yield running
+
+
+@pytest.fixture
+def broker_settings(broker: Broker) -> BrokerSettings:
+    return BrokerSettings(port=broker.port, connect_timeout_s=5.0)
+
+
+@pytest.fixture
+def device_id(request: pytest.FixtureRequest) -> str:
+    """A device id no other test uses, so retained messages never leak between tests."""
+    return f"dev-{os.getpid()}-{next(_ids)}"
+
+
+class Inbox:
+    """Collects (topic, envelope) pairs delivered to a subscription."""
+
+    def __init__(self) -> None:
+        self.received: queue.Queue[tuple[str, Envelope]] = queue.Queue()
+
+    def __call__(self, topic: str, envelope: Envelope) -> None:
+        self.received.put((topic, envelope))
+
+    def get(self, timeout_s: float = 5.0) -> tuple[str, Envelope]:
+        return self.received.get(timeout=timeout_s)
+
+    def expect_nothing(self, wait_s: float = 0.5) -> None:
+        with pytest.raises(queue.Empty):
+            self.received.get(timeout=wait_s)
+
+
+@pytest.fixture
+def links(broker_settings: BrokerSettings) -> Iterator:
+    """Factory of connected MqttLinks, all closed after the test."""
+    opened: list[MqttLink] = []
+
+    def connect(client_id: str | None = None, **options) -> MqttLink:
+        link = MqttLink(client_id or f"test-{os.getpid()}-{next(_ids)}", broker_settings, **options)
+        opened.append(link)
+        return link
+
+    yield connect
+    for link in opened:
+        link.close()
+
+
+def make_utterance(device_id: str, path: Path = IN_VOCABULARY_SAMPLE, **changes) -> Utterance:
+    """A real utterance of ``path``, as a device would send it."""
+    samples = read_recording(path, 16000)
+    fields = {
+        "device_id": device_id,
+        "utterance_id": new_utterance_id(),
+        "sample_rate": 16000,
+        "duration_s": round(samples.size / 16000, 3),
+        "hypotheses": (Hypothesis("lights_on", {}, 0.41), Hypothesis("digit", {"value": 7}, 0.2)),
+        "model_version": "1.0.0",
+        "reason": UploadReason.LOW_CONFIDENCE,
+        "audio": encode_opus(samples, 16000),
+    }
+    return Utterance(**(fields | changes))
