@@ -6,8 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= .run
 BROKER_PORT ?= 0
-# Debian packages the project needs: the broker, speech for training, PortAudio for microphones.
-APT_PACKAGES := mosquitto espeak-ng libportaudio2
+# Debian packages: the broker and its command-line clients, speech for training, PortAudio for microphones.
+APT_PACKAGES := mosquitto mosquitto-clients espeak-ng libportaudio2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages demo test bench lint format broker broker-stop clean
@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m demo
+	$(PY) demo.py
 
 test: setup
 	$(PY) -m pytest

@@ -61,6 +61,7 @@ class Broker:
     executable: str = "mosquitto"
     """The mosquitto binary."""
     process: subprocess.Popen | None = None
+    _log_offset: int = 0
 
     @property
     def log_path(self) -> Path:
@@ -79,6 +80,7 @@ class Broker:
             port = self.port or free_port()
             config = self.data_dir / "mosquitto.conf"
             config.write_text(render_config(template, port=port, data_dir=self.data_dir), encoding="utf-8")
+            self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             # Output goes to a file, not a pipe: `start` leaves the broker running after it exits.
             with open(self.data_dir / "mosquitto.stderr", "wb") as stderr:
                 self.process = subprocess.Popen(
@@ -97,16 +99,25 @@ class Broker:
         raise BrokerStartError(f"mosquitto did not start on 127.0.0.1: {output or 'no output'}; see {self.log_path}")
 
     def _wait_listening(self, port: int, timeout_s: float) -> bool:
+        # A TCP probe alone could reach another broker on the same port while this one
+        # dies; mosquitto logs "running" only once all its listeners are open.
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return True
-            except OSError:
-                time.sleep(0.05)
+            if self.log_path.exists() and " running" in self._log_tail():
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        return self.process.poll() is None
+                except OSError:
+                    pass
+            time.sleep(0.05)
         return False
+
+    def _log_tail(self) -> str:
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_offset)
+            return log.read().decode("utf-8", errors="replace")
 
     def _reap(self) -> None:
         if self.process is not None and self.process.poll() is None:

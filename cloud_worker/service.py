@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 
 from cloud_worker.settings import WorkerSettings
 from schemas.audio import decode_opus
@@ -37,6 +38,8 @@ class UtteranceService:
         self._inbox: queue.Queue[tuple[str, Envelope, float] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="utterances", daemon=True)
         self._link: MqttLink | None = None
+        self.counts: Counter[str] = Counter()
+        """Utterances ``answered`` and ``refused`` by this worker since start."""
 
     def start(self) -> UtteranceService:
         self._link = MqttLink(f"mqvox-worker-{self.settings.worker_id}", self.settings.broker)
@@ -92,6 +95,7 @@ class UtteranceService:
             error=ErrorInfo(ErrorCode.ASR_UNAVAILABLE, "this worker has no speech recogniser configured"),
         )
         self._link.send(result)
+        self.counts["answered"] += 1
         log.info("answered", extra={"device_id": result.device_id, "utterance_id": result.utterance_id})
 
     def _check_duration(self, utterance: Utterance, decoded_s: float) -> None:
@@ -104,6 +108,7 @@ class UtteranceService:
 
     def _refuse(self, topic: str, envelope: Envelope, error: ProtocolError) -> None:
         """Report a refused utterance; also answer the device when its request can be trusted that far."""
+        self.counts["refused"] += 1
         device_id = (UTTERANCE.match(topic) or {}).get("device_id")
         utterance_id = (envelope.correlation_data or b"").decode("ascii", errors="replace") or None
         log.warning(

@@ -1,0 +1,98 @@
+"""broker_config/: the dev config's limits, and starting and stopping Mosquitto from it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker_config.broker import Broker, BrokerStartError, free_port, render_config
+from schemas.mqtt import BrokerSettings, BrokerUnavailable, MqttLink
+from schemas.protocol import decode
+from schemas.status import DeviceState, DeviceStatus
+from schemas.topics import MAX_PAYLOAD_BYTES
+
+from .conftest import Inbox
+
+CONFIG = Path(__file__).resolve().parent.parent / "broker_config" / "mosquitto.dev.conf"
+
+
+def setting(name: str) -> str:
+    values = re.findall(rf"^{name} (.+)$", CONFIG.read_text(), flags=re.MULTILINE)
+    assert len(values) == 1, f"{name} must be set exactly once"
+    return values[0]
+
+
+def test_dev_config_states_its_limits_explicitly() -> None:
+    assert int(setting("message_size_limit")) == MAX_PAYLOAD_BYTES
+    assert int(setting("max_packet_size")) > MAX_PAYLOAD_BYTES  # room for topic and properties
+    assert int(setting("max_queued_messages")) > 0
+    assert int(setting("max_inflight_messages")) > 0
+    assert setting("persistence") == "true"
+
+
+def test_dev_config_listens_on_loopback_only() -> None:
+    listeners = re.findall(r"^listener (\d+)(?: (\S+))?$", CONFIG.read_text(), flags=re.MULTILINE)
+    assert listeners and all(address == "127.0.0.1" for _, address in listeners)
+
+
+def test_rendered_config_has_its_own_port_and_data_dir(tmp_path: Path) -> None:
+    text = render_config(CONFIG.read_text(), port=12345, data_dir=tmp_path)
+    assert "listener 12345 127.0.0.1" in text
+    assert f"persistence_location {tmp_path}/" in text
+    assert f"log_dest file {tmp_path}/mosquitto.log" in text
+    with pytest.raises(ValueError):
+        render_config("allow_anonymous true\n", port=1, data_dir=tmp_path)
+
+
+def status(device_id: str) -> DeviceStatus:
+    return DeviceStatus(device_id=device_id, state=DeviceState.ONLINE, software_version="0.1.0", model_version=None)
+
+
+def test_given_port_and_retained_messages_survive_a_restart(tmp_path: Path) -> None:
+    port = free_port()
+    retained = status("persisted-1")
+    with Broker(data_dir=tmp_path, port=port) as broker:
+        assert broker.port == port
+        with MqttLink("writer", BrokerSettings(port=port)) as link:
+            link.send(retained)
+    assert (tmp_path / "mosquitto.db").exists()
+    with Broker(data_dir=tmp_path, port=port):
+        inbox = Inbox()
+        with MqttLink("reader", BrokerSettings(port=port)) as link:
+            link.subscribe(retained.topic(), inbox)
+            assert decode(*inbox.get()) == retained
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path: Path, broker) -> None:
+    with pytest.raises(BrokerStartError, match="did not start"):
+        Broker(data_dir=tmp_path, port=broker.port).start(timeout_s=3)
+
+
+def test_an_absent_broker_is_a_clear_error() -> None:
+    with pytest.raises(BrokerUnavailable, match="cannot reach"):
+        MqttLink("nobody", BrokerSettings(port=free_port(), connect_timeout_s=2))
+
+
+def run(*args: str, **options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, **options)
+
+
+def test_cli_starts_and_stops_a_broker(tmp_path: Path) -> None:
+    started = run("broker_config", "start", "--data-dir", str(tmp_path))
+    assert started.returncode == 0, started.stderr
+    port = json.loads(started.stdout)["port"]
+    try:
+        MqttLink("probe", BrokerSettings(port=port)).close()
+        again = run("broker_config", "start", "--data-dir", str(tmp_path))
+        assert again.returncode == 1 and "already" in again.stderr
+    finally:
+        stopped = run("broker_config", "stop", "--data-dir", str(tmp_path))
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"] > 0
+    with pytest.raises(BrokerUnavailable):
+        MqttLink("probe", BrokerSettings(port=port, connect_timeout_s=2))
+    assert "terminating" in (tmp_path / "mosquitto.log").read_text()

@@ -1,0 +1,111 @@
+"""The entry points, run as a user runs them: python -m device, cloud_worker, firmware_tools."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from schemas.protocol import decode
+from schemas.status import DeviceState
+from schemas.topics import STATUS
+
+from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox
+
+
+def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("package", "subcommands"),
+    [("device", ["send"]), ("cloud_worker", ["serve"]), ("firmware_tools", ["vocab"]), ("broker_config", ["start"])],
+)
+def test_entry_points_have_help(package: str, subcommands: list[str]) -> None:
+    shown = python_m(package, "--help")
+    assert shown.returncode == 0
+    for subcommand in subcommands:
+        assert subcommand in shown.stdout
+        assert python_m(package, subcommand, "--help").returncode == 0
+    assert python_m(package).returncode == 2  # a subcommand is required
+
+
+def test_firmware_tools_vocab_lists_labels_and_phrases() -> None:
+    listed = python_m("firmware_tools", "vocab", "--json")
+    assert listed.returncode == 0
+    vocabulary = json.loads(listed.stdout)
+    assert vocabulary["wake_phrase"] == "hey jarvis"
+    assert {"label": "digit[value=0]", "intent": "digit", "slots": {"value": 0}, "phrases": ["zero", "oh"]} in (
+        vocabulary["commands"]
+    )
+
+
+def test_firmware_tools_vocab_refuses_a_broken_file(tmp_path) -> None:
+    broken = tmp_path / "v.toml"
+    broken.write_text("version = 2\n")
+    refused = python_m("firmware_tools", "vocab", "--vocabulary", str(broken))
+    assert refused.returncode == 2 and "invalid vocabulary" in refused.stderr
+
+
+def test_device_send_round_trips_through_a_running_worker(broker, links, device_id: str) -> None:
+    statuses = Inbox()
+    links().subscribe(STATUS.topic(device_id=device_id), statuses)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "cloud_worker", "serve", "--port", str(broker.port), "--group", f"cli-{device_id}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert '"event": "ready"' in worker.stderr.readline() + worker.stderr.readline()
+        sent = python_m(
+            "device", "send", str(IN_VOCABULARY_SAMPLE), str(OUT_OF_VOCABULARY_SAMPLE),
+            "--device-id", device_id, "--port", str(broker.port), "--timeout", "20",
+        )  # fmt: skip
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+    lines = [json.loads(line) for line in sent.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(IN_VOCABULARY_SAMPLE), str(OUT_OF_VOCABULARY_SAMPLE)]
+    for line in lines:
+        assert line["result"]["utterance_id"] == line["utterance_id"]
+        assert line["result"]["source"] == "cloud"
+        assert line["result"]["error"]["code"] == "asr_unavailable"
+    # Zero: every file got an answer, though the answer says no recogniser is configured.
+    assert sent.returncode == 0
+    assert decode(*statuses.get()).state == DeviceState.ONLINE
+    offline = decode(*statuses.get())
+    assert offline.state == DeviceState.OFFLINE and offline.counters == {"cloud_requests": 2, "cloud_results": 2}
+
+
+def test_device_send_without_a_worker_times_out_clearly(broker, device_id: str) -> None:
+    sent = python_m(
+        "device", "send", str(IN_VOCABULARY_SAMPLE), "--device-id", device_id,
+        "--port", str(broker.port), "--timeout", "1",
+    )  # fmt: skip
+    assert sent.returncode == 1
+    assert "no answer from the cloud within 1.0 s" in json.loads(sent.stdout)["error"]
+
+
+@pytest.mark.parametrize("device_id", ["pi/1", "pi+1", "pi#", "pï"])
+def test_device_send_refuses_unsafe_device_ids(broker, device_id: str) -> None:
+    sent = python_m("device", "send", str(IN_VOCABULARY_SAMPLE), "--device-id", device_id, "--port", str(broker.port))
+    assert sent.returncode == 2 and "not a valid device id" in sent.stderr
+
+
+def test_device_send_reports_unreadable_files_and_carries_on(broker, tmp_path, device_id: str) -> None:
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"not audio")
+    sent = python_m("device", "send", str(junk), "--device-id", device_id, "--port", str(broker.port), "--timeout", "1")
+    assert sent.returncode == 1 and "cannot read audio file" in json.loads(sent.stdout)["error"]
+
+
+def test_clients_report_an_absent_broker() -> None:
+    from broker_config.broker import free_port
+
+    sent = python_m("device", "send", str(IN_VOCABULARY_SAMPLE), "--device-id", "pi-1", "--port", str(free_port()))
+    assert sent.returncode == 2 and "cannot reach MQTT broker" in sent.stderr
+    served = python_m("cloud_worker", "serve", "--port", str(free_port()))
+    assert served.returncode == 2 and "cannot reach MQTT broker" in served.stderr
