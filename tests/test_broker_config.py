@@ -33,6 +33,7 @@ def test_dev_config_states_its_limits_explicitly() -> None:
     assert int(setting("max_queued_messages")) > 0
     assert int(setting("max_inflight_messages")) > 0
     assert setting("persistence") == "true"
+    assert setting("set_tcp_nodelay") == "true"  # latency: see bench/protocol.py
 
 
 def test_dev_config_listens_on_loopback_only() -> None:

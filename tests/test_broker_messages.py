@@ -296,3 +296,11 @@ def test_error_result_cannot_carry_an_intent() -> None:
             timings_ms={"total": 1},
             error=ErrorInfo(ErrorCode.ASR_FAILED, "boom"),
         ).to_wire()
+
+
+def test_links_disable_nagle_on_their_socket(links) -> None:
+    # Nagle plus delayed ACKs cost ~40 ms per exchange (bench/protocol.py); keep it off.
+    import socket
+
+    connection = links()._client.socket()
+    assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
