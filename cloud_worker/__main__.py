@@ -11,7 +11,7 @@ import threading
 from cloud_worker.service import UtteranceService
 from cloud_worker.settings import WorkerSettings
 from schemas.logfmt import configure_logging
-from schemas.mqtt import BrokerSettings, BrokerUnavailable
+from schemas.mqtt import BrokerUnavailable, add_broker_arguments, broker_from_arguments
 
 log = logging.getLogger("cloud_worker")
 
@@ -19,7 +19,7 @@ log = logging.getLogger("cloud_worker")
 def serve(args: argparse.Namespace) -> int:
     """Run the utterance service until SIGINT or SIGTERM."""
     named = {"worker_id": args.worker_id} if args.worker_id else {}
-    settings = WorkerSettings(broker=BrokerSettings(host=args.host, port=args.port), group=args.group, **named)
+    settings = WorkerSettings(broker=broker_from_arguments(args), group=args.group, **named)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         "one (schema, topic, audio) and answer on its Response Topic; refused input is also reported on the "
         "error topic. Stops on SIGINT or SIGTERM.",
     )
-    server.add_argument("--host", default="127.0.0.1", help="MQTT broker host")
-    server.add_argument("--port", type=int, default=1883, help="MQTT broker port")
+    add_broker_arguments(server)
     server.add_argument("--group", default="mqvox-workers", help="shared subscription group")
     server.add_argument("--worker-id", help="this worker's name (default: host-pid)")
     server.set_defaults(run=serve)

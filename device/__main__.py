@@ -15,7 +15,7 @@ from device.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
 from schemas.audio import encode_opus
 from schemas.errors import ProtocolError
 from schemas.logfmt import configure_logging
-from schemas.mqtt import BrokerSettings, BrokerUnavailable, MqttLink
+from schemas.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, broker_from_arguments
 from schemas.status import DeviceState
 from schemas.topics import check_identifier
 from schemas.utterance import UploadReason, Utterance, new_utterance_id
@@ -27,7 +27,7 @@ def send(args: argparse.Namespace) -> int:
     """Upload each file as an utterance, wait for the cloud's answer, print one JSON line per file."""
     device_id = check_identifier("device_id", args.device_id)
     presence = Presence(device_id, model_version=None)
-    broker = BrokerSettings(host=args.host, port=args.port)
+    broker = broker_from_arguments(args)
     failures = 0
     with MqttLink(device_id, broker, will=presence.last_will()) as link:
         link.send(presence.status(DeviceState.ONLINE))
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sender.add_argument("files", nargs="+", type=Path, metavar="FILE")
     sender.add_argument("--device-id", required=True, help="this device's id (letters, digits, '_', '-', '.')")
-    sender.add_argument("--host", default="127.0.0.1", help="MQTT broker host")
-    sender.add_argument("--port", type=int, default=1883, help="MQTT broker port")
+    add_broker_arguments(sender)
     sender.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
     sender.set_defaults(run=send)
 

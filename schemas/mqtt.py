@@ -6,6 +6,7 @@ message, so a sender always knows whether its message is in the broker's hands.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import socket
 import threading
@@ -44,6 +45,17 @@ class BrokerSettings:
     """MQTT keep-alive (seconds); the Last Will fires after about 1.5 times this without traffic."""
     connect_timeout_s: float = 10.0
     """How long to wait for CONNACK (seconds)."""
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of BrokerSettings, for every entry point that connects."""
+    parser.add_argument("--host", default=BrokerSettings.host, help="MQTT broker host (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=BrokerSettings.port, help="MQTT broker port (default: %(default)s)")
+
+
+def broker_from_arguments(args: argparse.Namespace) -> BrokerSettings:
+    """BrokerSettings from options added by add_broker_arguments."""
+    return BrokerSettings(host=args.host, port=args.port)
 
 
 MessageHandler = Callable[[str, Envelope], None]
