@@ -10,12 +10,18 @@ from schemas.errors import ErrorCode, ProtocolError
 from schemas.message import JsonMessage
 from schemas.topics import ERROR
 
-_TEXT_LIMIT = 256
 
+def _clip(text: str | None, limit_bytes: int) -> str | None:
+    """``text`` made safe to report: unprintable characters as '?', cut to ``limit_bytes`` of UTF-8.
 
-def _clip(text: str | None, limit: int) -> str | None:
-    # The refused message may carry anything; never let it make the report itself invalid.
-    return None if text is None else text[:limit]
+    The refused message may carry anything. Unprintable characters would be escaped
+    six-fold in JSON; with them gone and every field cut by bytes, a report always
+    fits its schema and the error topic's 8 KiB.
+    """
+    if text is None:
+        return None
+    printable = "".join(char if char.isprintable() else "?" for char in text)
+    return printable.encode("utf-8")[:limit_bytes].decode("utf-8", errors="ignore")
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,10 @@ class ErrorReport(JsonMessage):
         return cls(
             code=error.code,
             message=_clip(str(error), 1024) or str(error.code),
-            reporter=reporter[:128],
+            reporter=_clip(reporter, 128) or "unknown",
             topic_name=_clip(topic, 1024),
-            device_id=_clip(device_id, _TEXT_LIMIT),
-            utterance_id=_clip(utterance_id, _TEXT_LIMIT),
+            device_id=_clip(device_id, 256),
+            utterance_id=_clip(utterance_id, 256),
         )
 
     def topic(self) -> str:

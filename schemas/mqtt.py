@@ -30,7 +30,7 @@ class BrokerUnavailable(ConnectionError):
 
 
 class PublishRefused(RuntimeError):
-    """The broker answered a publish with a failure reason code (e.g. payload over its size limit)."""
+    """A publish or subscription the broker refused, or one refused before sending because the broker would."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def broker_from_arguments(args: argparse.Namespace) -> BrokerSettings:
 
 
 MessageHandler = Callable[[str, Envelope], None]
-"""Called with (topic, envelope) for every received message, on paho's network thread."""
+"""Called with (topic, envelope) for each message matching its subscription, on paho's network thread."""
 
 
 class MqttLink:
@@ -190,6 +190,8 @@ class MqttLink:
                 raise PublishRefused(f"subscribe to {topic_filter!r} failed: {paho.error_string(rc)}")
             self._subscribed[mid] = (done, outcome)
         if not done.wait(timeout_s):
+            with self._lock:
+                self._subscribed.pop(mid, None)
             raise TimeoutError(f"no SUBACK for {topic_filter!r} within {timeout_s} s")
         if outcome[0].is_failure:
             raise PublishRefused(f"broker refused subscription to {topic_filter!r}: {outcome[0]}")

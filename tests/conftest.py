@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def broker_settings(broker: Broker) -> BrokerSettings:
 def device_id(request: pytest.FixtureRequest) -> str:
     """A device id no other test uses, so retained messages never leak between tests."""
     return f"dev-{os.getpid()}-{next(_ids)}"
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> bool:
+    """Poll ``condition`` until it is true or ``timeout_s`` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
 
 
 class Inbox:

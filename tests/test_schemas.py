@@ -148,3 +148,12 @@ def test_manifest_blob_topic_must_name_its_own_version() -> None:
     with pytest.raises(ProtocolError) as refused:
         ModelManifest.from_dict(document)
     assert refused.value.code == ErrorCode.MISMATCH
+
+
+@pytest.mark.parametrize("junk", ["\x00\x1b\n\t" * 5000, "𝄞é" * 20000, '"\\' * 9000])
+def test_error_reports_of_hostile_input_always_fit_their_topic(junk: str) -> None:
+    error = ProtocolError(ErrorCode.BAD_TOPIC, "topic", f"{junk!r} is not a topic")
+    report = ErrorReport.from_error(error, reporter=junk, topic=junk, device_id=junk, utterance_id=junk)
+    envelope = report.to_wire()  # validates, and enforces the 8 KiB limit
+    assert len(envelope.payload) <= 8 * 1024
+    assert ErrorReport.from_wire(envelope) == report
