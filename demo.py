@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from broker_config.broker import Broker
@@ -102,8 +103,6 @@ def main() -> int:
 
 
 def _wait_for_line(path: Path, text: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if text in path.read_text():

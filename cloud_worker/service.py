@@ -42,10 +42,11 @@ class UtteranceService:
         """Utterances ``answered`` and ``refused`` by this worker since start."""
 
     def start(self) -> UtteranceService:
+        subscription = shared_filter(self.settings.group, UTTERANCE)
         self._link = MqttLink(f"mqvox-worker-{self.settings.worker_id}", self.settings.broker)
         self._thread.start()
-        self._link.subscribe(shared_filter(self.settings.group, UTTERANCE), self._receive, qos=UTTERANCE.qos)
-        log.info("subscribed", extra={"topic": shared_filter(self.settings.group, UTTERANCE)})
+        self._link.subscribe(subscription, self._receive, qos=UTTERANCE.qos)
+        log.info("subscribed", extra={"topic": subscription})
         return self
 
     def stop(self) -> None:
@@ -72,27 +73,23 @@ class UtteranceService:
         started = time.monotonic()
         try:
             utterance = decode(topic, envelope)
-            decoded = time.monotonic()
+            audio_started = time.monotonic()
             samples = decode_opus(utterance.audio, expected_rate=utterance.sample_rate)
             self._check_duration(utterance, samples.size / utterance.sample_rate)
         except ProtocolError as error:
             self._refuse(topic, envelope, error)
             return
         done = time.monotonic()
-        result = Result(
-            device_id=utterance.device_id,
-            utterance_id=utterance.utterance_id,
-            source=Source.CLOUD,
-            transcript=None,
-            intent=None,
-            slots={},
-            confidence=0.0,
+        result = Result.failure(
+            utterance.device_id,
+            utterance.utterance_id,
+            Source.CLOUD,
+            ErrorInfo(ErrorCode.ASR_UNAVAILABLE, "this worker has no speech recogniser configured"),
             timings_ms={
                 "queue": _ms(started - received_at),
-                "decode": _ms(done - decoded),
+                "decode": _ms(done - audio_started),
                 "total": _ms(done - received_at),
             },
-            error=ErrorInfo(ErrorCode.ASR_UNAVAILABLE, "this worker has no speech recogniser configured"),
         )
         self._link.send(result)
         self.counts["answered"] += 1
@@ -126,16 +123,12 @@ class UtteranceService:
             # Answer only on the device's own result topic, never on a topic the request chose.
             if envelope.response_topic != RESULT.topic(device_id=device_id):
                 return
-            answer = Result(
-                device_id=device_id,
-                utterance_id=utterance_id,
-                source=Source.CLOUD,
-                transcript=None,
-                intent=None,
-                slots={},
-                confidence=0.0,
+            answer = Result.failure(
+                device_id,
+                utterance_id,
+                Source.CLOUD,
+                ErrorInfo(error.code, str(error)[:1024]),
                 timings_ms={"total": 0.0},
-                error=ErrorInfo(error.code, str(error)[:1024]),
             )
             self._link.send(answer)
         except ProtocolError:

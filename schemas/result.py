@@ -69,6 +69,23 @@ class Result(JsonMessage):
     sent_at: float = field(default_factory=time.time)
     """Unix time (seconds) of publication."""
 
+    @classmethod
+    def failure(
+        cls, device_id: str, utterance_id: str, source: Source, error: ErrorInfo, timings_ms: Mapping[str, float]
+    ) -> Self:
+        """A result that understood nothing, and says why: no transcript, no intent, confidence 0."""
+        return cls(
+            device_id=device_id,
+            utterance_id=utterance_id,
+            source=source,
+            transcript=None,
+            intent=None,
+            slots={},
+            confidence=0.0,
+            timings_ms=timings_ms,
+            error=error,
+        )
+
     def topic(self) -> str:
         return RESULT.topic(device_id=self.device_id)
 
