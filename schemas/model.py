@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 from schemas.envelope import Envelope
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.message import JsonMessage
 from schemas.topics import MANIFEST, META_PROPERTY, MODEL_BLOB, KiB
-from schemas.validation import canonical_json, decode_json, encode_json
+from schemas.validation import canonical_json, decode_json, encode_json, validate
 
 MAX_BLOB_META_BYTES = 1 * KiB
 """Largest ``mqvox-meta`` user property accepted on a model blob."""
+MAX_PACKAGE_MANIFEST_BYTES = 64 * KiB
+"""Largest model package manifest.json read from disk."""
 
 
 def parse_version(version: str) -> tuple[int, int, int]:
@@ -49,6 +54,42 @@ class Frontend:
     """Pre-emphasis coefficient."""
     frames: int
     """Frames in one model input window."""
+    window: str = "hamming"
+    """Analysis window applied to each frame: 'hamming', 'hann' or 'rectangular'."""
+    energy_floor: float = 1.0
+    """Filterbank energies (16-bit PCM units) are floored at this before the log, so silence stays finite."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How a device turns the model's scores into decisions; tuned at training time, shipped with the model."""
+
+    wake_label: str
+    """The label whose score is the wake score."""
+    wake_threshold: float
+    """A smoothed wake score at or above this wakes the device (0-1)."""
+    stride_frames: int
+    """Feature frames between two runs of the model on the always-on path."""
+    smoothing_windows: int
+    """The wake score is the mean over this many consecutive runs."""
+    refractory_s: float
+    """After a wake, no other wake for this long (seconds)."""
+    command_threshold: float
+    """A command scored at or above this is decided on the device; below it, the cloud decides (0-1)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -81,6 +122,8 @@ class ModelManifest(JsonMessage):
     """Feature front end the model needs."""
     labels: tuple[str, ...]
     """Output classes, in output order."""
+    detection: Detection
+    """Thresholds, stride, smoothing and refractory period the model was tuned for."""
     min_device_version: str
     """Oldest device software that can run it."""
     stage: RolloutStage
@@ -111,27 +154,15 @@ class ModelManifest(JsonMessage):
         return canonical_json(unsigned)
 
     def to_dict(self) -> dict[str, Any]:
-        front = self.frontend
         return {
             "channel": self.channel,
             "version": self.version,
             "sha256": self.sha256,
             "size_bytes": self.size_bytes,
             "blob_topic": self.blob_topic,
-            "frontend": {
-                "kind": front.kind,
-                "sample_rate": front.sample_rate,
-                "window_s": front.window_s,
-                "step_s": front.step_s,
-                "num_filters": front.num_filters,
-                "num_features": front.num_features,
-                "fft_size": front.fft_size,
-                "low_hz": front.low_hz,
-                "high_hz": front.high_hz,
-                "preemphasis": front.preemphasis,
-                "frames": front.frames,
-            },
+            "frontend": self.frontend.to_dict(),
             "labels": list(self.labels),
+            "detection": self.detection.to_dict(),
             "min_device_version": self.min_device_version,
             "created_at": self.created_at,
             "release_notes": self.release_notes,
@@ -149,8 +180,9 @@ class ModelManifest(JsonMessage):
             version=data["version"],
             sha256=data["sha256"],
             size_bytes=data["size_bytes"],
-            frontend=Frontend(**data["frontend"]),
+            frontend=Frontend.from_dict(data["frontend"]),
             labels=tuple(data["labels"]),
+            detection=Detection.from_dict(data["detection"]),
             min_device_version=data["min_device_version"],
             stage=RolloutStage(stage["name"], tuple(stage["devices"]), stage["percent"]),
             key_id=data["key_id"],
@@ -216,3 +248,66 @@ class ModelBlob:
         if blob.sha256 != meta["sha256"]:
             raise ProtocolError(ErrorCode.MISMATCH, MODEL_BLOB.name, "payload SHA-256 does not match its metadata")
         return blob
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """``manifest.json`` beside a model's .tflite file on the device (schema ``model_package``)."""
+
+    version: str
+    """Model version (MAJOR.MINOR.PATCH)."""
+    model_file: str
+    """The .tflite file, relative to the manifest."""
+    sha256: str
+    """SHA-256 of the .tflite file, hex."""
+    size_bytes: int
+    """Size of the .tflite file (bytes)."""
+    frontend: Frontend
+    """Feature front end the model needs."""
+    labels: tuple[str, ...]
+    """Output classes, in output order."""
+    detection: Detection
+    """Thresholds, stride, smoothing and refractory period."""
+    vocabulary_sha256: str
+    """SHA-256 of the vocabulary file the model was trained on."""
+    created_at: float
+    """Unix time (seconds) the model was built."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["labels"] = list(self.labels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls(
+            version=data["version"],
+            model_file=data["model_file"],
+            sha256=data["sha256"],
+            size_bytes=data["size_bytes"],
+            frontend=Frontend.from_dict(data["frontend"]),
+            labels=tuple(data["labels"]),
+            detection=Detection.from_dict(data["detection"]),
+            vocabulary_sha256=data["vocabulary_sha256"],
+            created_at=data["created_at"],
+        )
+
+    def to_json(self) -> str:
+        """Validated, indented JSON for the file."""
+        data = self.to_dict()
+        validate("model_package", data)
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Self:
+        """Read and validate ``manifest.json`` in ``directory``; raises ProtocolError on a bad one."""
+        path = Path(directory) / "manifest.json"
+        return cls.from_dict(decode_json("model_package", path.read_bytes(), max_bytes=MAX_PACKAGE_MANIFEST_BYTES))
+
+    def model_path(self, directory: str | Path) -> Path:
+        """The .tflite file of this package in ``directory``, after checking its size and digest."""
+        path = Path(directory) / self.model_file
+        data = path.read_bytes()
+        if len(data) != self.size_bytes or hashlib.sha256(data).hexdigest() != self.sha256:
+            raise ProtocolError(ErrorCode.MISMATCH, "model_package", f"{path} does not match its manifest's digest")
+        return path

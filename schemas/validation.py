@@ -18,7 +18,17 @@ from referencing import Registry, Resource
 
 from schemas.errors import ErrorCode, ProtocolError
 
-SCHEMA_NAMES = ("common", "utterance", "result", "status", "error", "manifest", "model_blob", "vocabulary")
+SCHEMA_NAMES = (
+    "common",
+    "utterance",
+    "result",
+    "status",
+    "error",
+    "manifest",
+    "model_blob",
+    "vocabulary",
+    "model_package",
+)
 """Every schema file, as ``json/<name>.schema.json``."""
 
 
