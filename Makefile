@@ -6,11 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= .run
 BROKER_PORT ?= 0
-# Debian packages: the broker and its command-line clients, speech for training, PortAudio for microphones.
-APT_PACKAGES := mosquitto mosquitto-clients espeak-ng libportaudio2
+# Debian packages: the broker and its command-line clients, speech engines and voices for training and
+# evaluation (espeak-ng, flite, festival with kal, ked and the held-out slt), PortAudio for microphones.
+APT_PACKAGES := mosquitto mosquitto-clients espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
+	festvox-us-slt-hts libportaudio2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages demo test bench lint format broker broker-stop clean
+.PHONY: setup system-packages demo test bench train evaluate lint format broker broker-stop clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -35,6 +37,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The shipped model (device/models/default) from scratch: render, augment, features, train, quantize, package.
+train: setup
+	$(PY) -m firmware_tools train-all --recipe default
+
+# Held-out evaluation of the shipped model against the peer wake word models; writes evaluation.json and plots.
+evaluate: setup
+	$(PY) -m firmware_tools evaluate --model device/models/default
 
 bench: setup
 	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

@@ -52,6 +52,11 @@ def frame_step(frontend: Frontend) -> int:
     return int(sigproc.round_half_up(frontend.step_s * frontend.sample_rate))
 
 
+def window_samples(frontend: Frontend) -> int:
+    """Samples that give exactly ``frontend.frames`` frames: one model input window."""
+    return frame_length(frontend) + (frontend.frames - 1) * frame_step(frontend)
+
+
 def complete_frames(frontend: Frontend, num_samples: int) -> int:
     """Frames whose whole window lies inside ``num_samples`` samples."""
     length = frame_length(frontend)

@@ -1,0 +1,309 @@
+"""Stages 7 and 8, evaluate and compare: the packaged model, and the peer wake word models, on held-out audio.
+
+Everything is measured on the same audio: held-out voices (never trained on), mixed
+with noise the model never heard at 10 dB and 5 dB SNR, and a long negative stream
+of read speech and noise. Writes ``evaluation.json``, ``confusion_matrix.png`` and
+``det_curve.png`` into the model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from device.detector import count_wakes, decide_command, utterance_window, wake_scores
+from device.features import StreamingFrontend, window_samples
+from device.inference import TfliteClassifier
+from firmware_tools.augment import NOISE_KINDS, make_noise, mix_at_snr
+from firmware_tools.heldout import HeldOutSet, HeldOutSettings, load_or_build
+from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
+from schemas.model import ModelPackage
+from schemas.vocabulary import Vocabulary
+
+log = logging.getLogger("mqvox.evaluate")
+
+SAMPLE_RATE = 16000
+"""Rate (hertz) of all evaluation audio."""
+SNRS_DB = (10.0, 5.0)
+"""Noise conditions; the first is the one the targets are stated at."""
+WAKE_PADDING_S = (1.0, 1.0)
+"""Silence (then noise) before and after each wake clip, so the detector sees the phrase start and end."""
+FALSE_ACCEPT_RATES = (0.5, 1.0)
+"""False accepts per hour at which recall is reported."""
+CPU_SAMPLE_S = 120.0
+"""Seconds of the negative stream on which the always-on path's CPU cost is measured."""
+
+
+@dataclass(frozen=True)
+class WakeCurve:
+    """A detector's recall against false accepts per hour, over a sweep of thresholds."""
+
+    thresholds: list[float]
+    """Thresholds swept."""
+    recall: list[float]
+    """Share of wake clips detected at each threshold."""
+    false_accepts_per_hour: list[float]
+    """False accepts per hour of the negative stream at each threshold."""
+
+    def recall_at(self, rate: float) -> float:
+        """Best recall among thresholds with at most ``rate`` false accepts per hour."""
+        allowed = [r for r, fa in zip(self.recall, self.false_accepts_per_hour, strict=True) if fa <= rate]
+        return round(max(allowed, default=0.0), 4)
+
+
+def sweep(positive_max: np.ndarray, negative_scores: np.ndarray, step_s: float, refractory_s: float) -> WakeCurve:
+    """Recall (a clip is detected when its best score reaches the threshold) against false accepts per hour."""
+    hours = len(negative_scores) * step_s / 3600
+    candidates = np.unique(np.concatenate((positive_max, np.quantile(negative_scores, np.linspace(0.9, 1, 200)))))
+    thresholds = np.unique(np.clip(np.concatenate((candidates, [1.0001])), 0, 1.0001))
+    recall, rates = [], []
+    for threshold in thresholds:
+        recall.append(float((positive_max >= threshold).mean()))
+        rates.append(count_wakes(negative_scores, threshold, step_s, refractory_s) / hours)
+    return WakeCurve([float(t) for t in thresholds], recall, rates)
+
+
+def _noisy(audio: np.ndarray, snr_db: float, rng: np.random.Generator, babble: list[np.ndarray]) -> np.ndarray:
+    kind = NOISE_KINDS[rng.integers(len(NOISE_KINDS))]
+    return mix_at_snr(audio, make_noise(kind, len(audio), rng, babble_sources=babble), snr_db).astype(np.float32)
+
+
+def _padded(clip: np.ndarray) -> np.ndarray:
+    before, after = (np.zeros(round(s * SAMPLE_RATE), np.float32) for s in WAKE_PADDING_S)
+    return np.concatenate((before, clip, after))
+
+
+def _command_windows(package: ModelPackage, clips: list[np.ndarray], snr_db: float, rng, babble) -> list[np.ndarray]:
+    windows = []
+    for clip in clips:
+        length = window_samples(package.frontend)
+        canvas = np.zeros(max(length, len(clip)), np.float32)
+        offset = (len(canvas) - len(clip)) // 2
+        canvas[offset : offset + len(clip)] = clip
+        noisy = _noisy(canvas, snr_db, rng, babble)
+        windows.append(utterance_window(package, noisy, offset, offset + len(clip)))
+    return windows
+
+
+def _command_metrics(package, model, windows, labels, oov_windows) -> dict[str, Any]:
+    decisions = [decide_command(model, package, w) for w in windows]
+    oov_decisions = [decide_command(model, package, w) for w in oov_windows]
+    predicted = [d.alternatives[0][0] for d in decisions]
+    correct = np.array([p == t for p, t in zip(predicted, labels, strict=True)])
+    per_class = {
+        label: round(float(correct[[t == label for t in labels]].mean()), 4) for label in dict.fromkeys(labels)
+    }
+    local = np.array([d.local for d in decisions])
+    local_right = np.array([d.local and d.label == t for d, t in zip(decisions, labels, strict=True)])
+    oov_local = sum(d.local for d in oov_decisions)
+    decided = int(local.sum()) + oov_local
+    return {
+        "command_top1": round(float(correct.mean()), 4),
+        "command_top1_per_class": per_class,
+        "local_precision": round(float(local_right.sum() / decided), 4) if decided else None,
+        "local_coverage": round(float(local.mean()), 4),
+        "out_of_vocabulary_decided_locally": round(oov_local / max(1, len(oov_decisions)), 4),
+        "commands": len(labels),
+        "out_of_vocabulary_utterances": len(oov_decisions),
+        "predicted": predicted,
+    }
+
+
+def always_on_cpu(model: TfliteClassifier, package: ModelPackage, audio: np.ndarray) -> dict[str, float]:
+    """CPU of the always-on path (streaming features in 100 ms chunks + the model every stride), per audio second."""
+    from device.detector import WakeDetector
+
+    detector = WakeDetector(model, package)
+    chunk = SAMPLE_RATE // 10
+    started = time.process_time()
+    for start in range(0, len(audio), chunk):
+        detector.push(audio[start : start + chunk])
+    cpu_s = time.process_time() - started
+    frontend = StreamingFrontend(package.frontend)
+    started = time.process_time()
+    for start in range(0, len(audio), chunk):
+        frontend.push(audio[start : start + chunk])
+    features_s = time.process_time() - started
+    window = np.zeros(model.input_shape, np.float32)
+    timings = []
+    for _ in range(300):
+        begun = time.perf_counter()
+        model(window)
+        timings.append(time.perf_counter() - begun)
+    seconds = len(audio) / SAMPLE_RATE
+    return {
+        "cpu_ms_per_audio_s": round(1000 * cpu_s / seconds, 3),
+        "features_cpu_ms_per_audio_s": round(1000 * features_s / seconds, 3),
+        "inference_us_per_window_median": round(1e6 * float(np.median(timings)), 1),
+        "model_runs_per_audio_s": round(detector.runs / seconds, 2),
+    }
+
+
+def evaluate(
+    model_dir: Path,
+    vocabulary: Vocabulary,
+    settings: HeldOutSettings,
+    cache_root: Path,
+    float_model: Path | None = None,
+    peers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measure everything; returns the report (also written to ``model_dir/evaluation.json``) and draws the plots."""
+    package = ModelPackage.load(model_dir)
+    model = TfliteClassifier(package.model_path(model_dir))
+    heldout: HeldOutSet = load_or_build(settings, vocabulary, cache_root)
+    rng = np.random.default_rng(settings.seed + 1)
+    babble = heldout.babble
+    detection = package.detection
+    step_s = detection.stride_frames * package.frontend.step_s
+
+    log.info("wake: negative stream (%.1f min)", len(heldout.negative_stream) / SAMPLE_RATE / 60)
+    negative_scores = wake_scores(model, package, heldout.negative_stream)
+    negative_hours = len(heldout.negative_stream) / SAMPLE_RATE / 3600
+    wake_audio = {snr: [_noisy(_padded(c), snr, rng, babble) for c in heldout.wake] for snr in SNRS_DB}
+    report: dict[str, Any] = {}
+    curves: dict[str, dict[float, WakeCurve]] = {"mqvox": {}}
+    for snr in SNRS_DB:
+        positive_max = np.array([wake_scores(model, package, a).max() for a in tqdm(wake_audio[snr], desc="wake")])
+        curves["mqvox"][snr] = sweep(positive_max, negative_scores, step_s, detection.refractory_s)
+        shipped = {
+            "recall": round(float((positive_max >= detection.wake_threshold).mean()), 4),
+            "false_accepts_per_hour": round(
+                count_wakes(negative_scores, detection.wake_threshold, step_s, detection.refractory_s) / negative_hours,
+                3,
+            ),
+        }
+        report[f"wake_{int(snr)}db"] = {
+            "recall_at_0p5_fa_per_hour": curves["mqvox"][snr].recall_at(0.5),
+            "recall_at_1_fa_per_hour": curves["mqvox"][snr].recall_at(1.0),
+            "at_shipped_threshold": shipped,
+        }
+
+    command_labels = [label for label, _ in heldout.commands]
+    command_clips = [clip for _, clip in heldout.commands]
+    per_snr = {}
+    windows_10db = None
+    for snr in SNRS_DB:
+        windows = _command_windows(package, command_clips, snr, rng, babble)
+        oov = _command_windows(package, heldout.out_of_vocabulary, snr, rng, babble)
+        per_snr[snr] = _command_metrics(package, model, windows, command_labels, oov)
+        if windows_10db is None:
+            windows_10db = windows
+    first = SNRS_DB[0]
+    int8_top1 = per_snr[first]["command_top1"]
+    report.update(
+        {
+            "wake_recall_at_0p5_fa_per_hour": report[f"wake_{int(first)}db"]["recall_at_0p5_fa_per_hour"],
+            "wake_recall_at_1_fa_per_hour": report[f"wake_{int(first)}db"]["recall_at_1_fa_per_hour"],
+            "command_top1": int8_top1,
+            "command_top1_per_class": per_snr[first]["command_top1_per_class"],
+            "local_precision": per_snr[first]["local_precision"],
+            "local_coverage": per_snr[first]["local_coverage"],
+            "commands_5db": {k: v for k, v in per_snr[SNRS_DB[1]].items() if k != "predicted"},
+            "snr_db": first,
+        }
+    )
+    if float_model is not None and float_model.exists():
+        reference = TfliteClassifier(float_model)
+        float_top1 = np.mean(
+            [
+                decide_command(reference, package, w).alternatives[0][0] == t
+                for w, t in zip(windows_10db, command_labels, strict=True)
+            ]
+        )
+        report["int8_vs_float"] = {"command_top1_int8": int8_top1, "command_top1_float": round(float(float_top1), 4)}
+    cpu_audio = heldout.negative_stream[: round(CPU_SAMPLE_S * SAMPLE_RATE)]
+    report["cost"] = always_on_cpu(model, package, cpu_audio) | {"model_bytes": package.size_bytes}
+    report["cpu_ms_per_audio_s"] = report["cost"]["cpu_ms_per_audio_s"]
+
+    report["peers"] = {}
+    for name, peer in (peers or {}).items():
+        log.info("peer %s", name)
+        stream = peer.score(heldout.negative_stream)
+        curves[name] = {}
+        for snr in SNRS_DB:
+            positive_max = np.array([peer.score(a).scores.max() for a in wake_audio[snr]])
+            curves[name][snr] = sweep(positive_max, stream.scores, stream.step_s, detection.refractory_s)
+        seconds = len(heldout.negative_stream) / SAMPLE_RATE
+        report["peers"][name] = {
+            "name": peer.name,
+            "wake_recall_at_0p5_fa_per_hour": curves[name][first].recall_at(0.5),
+            "wake_recall_at_1_fa_per_hour": curves[name][first].recall_at(1.0),
+            "wake_recall_at_0p5_fa_per_hour_5db": curves[name][SNRS_DB[1]].recall_at(0.5),
+            "cpu_ms_per_audio_s": round(1000 * stream.cpu_s / seconds, 3),
+        }
+    report["heldout"] = {
+        "voices": [f"{v.engine}:{v.voice} speed {v.speed} pitch {v.pitch}" for v in settings.voices],
+        "wake_clips": len(heldout.wake),
+        "command_clips": len(heldout.commands),
+        "out_of_vocabulary_utterances": len(heldout.out_of_vocabulary),
+        "negative_minutes": round(len(heldout.negative_stream) / SAMPLE_RATE / 60, 2),
+        "settings": asdict(settings) | {"voices": len(settings.voices)},
+        "refractory_s": detection.refractory_s,
+    }
+    report["model"] = {"version": package.version, "sha256": package.sha256, "detection": detection.to_dict()}
+    (model_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot_confusion(model_dir / "confusion_matrix.png", package, command_labels, per_snr[first]["predicted"], first)
+    _plot_det(model_dir / "det_curve.png", curves)
+    return report
+
+
+def _plot_confusion(path: Path, package: ModelPackage, truth: list[str], predicted: list[str], snr: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = [label for label in package.labels if label != WAKE_LABEL]
+    index = {label: i for i, label in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)))
+    for t, p in zip(truth, predicted, strict=True):
+        matrix[index[t], index.get(p, index[UNKNOWN_LABEL])] += 1
+    rows = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    shown = [i for i, label in enumerate(classes) if rows[i, 0] > 0 or label in (SILENCE_LABEL, UNKNOWN_LABEL)]
+    figure, axes = plt.subplots(figsize=(11, 9))
+    image = axes.imshow(shares[np.ix_(shown, shown)], cmap="Blues", vmin=0, vmax=1)
+    names = [classes[i] for i in shown]
+    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("said (held-out voices)")
+    axes.set_title(f"Command confusion, held-out voices at {snr:g} dB SNR (row-normalised)")
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_det(path: Path, curves: dict[str, dict[float, WakeCurve]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 6))
+    for (name, by_snr), colour in zip(curves.items(), ("C0", "C1", "C2", "C3"), strict=False):
+        for snr, style in zip(sorted(by_snr, reverse=True), ("-", "--"), strict=False):
+            curve = by_snr[snr]
+            rates = np.maximum(np.array(curve.false_accepts_per_hour), 0.01)
+            miss = 1 - np.array(curve.recall)
+            order = np.argsort(rates)
+            axes.step(rates[order], miss[order], style, color=colour, where="post", label=f"{name} {snr:g} dB")
+    axes.set_xscale("log")
+    axes.set_xlabel("false accepts per hour (negative stream; 0 drawn at 0.01)")
+    axes.set_ylabel("miss rate (held-out wake clips)")
+    axes.set_ylim(0, 1)
+    axes.axvline(0.5, color="grey", linewidth=0.8)
+    axes.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    axes.set_title("Wake word DET: mqvox and peers on the same held-out audio")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

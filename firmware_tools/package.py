@@ -1,0 +1,112 @@
+"""Stage 6, package: thresholds tuned on validation, then the model directory a device loads.
+
+Writes ``model.tflite``, ``manifest.json`` (schema ``model_package``), ``MODEL_CARD.md``
+and ``training.json`` into the output directory (``device/models/default`` for the
+shipped model). Thresholds are chosen on the validation windows, never on the
+held-out evaluation sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from device.inference import TfliteClassifier
+from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
+from firmware_tools.recipe import Recipe
+from firmware_tools.train import load_split
+from schemas.model import Detection, ModelPackage
+
+log = logging.getLogger("mqvox.package")
+
+MODEL_FILE = "model.tflite"
+"""Name of the model inside a package."""
+THRESHOLD_GRID = np.round(np.arange(0.30, 0.996, 0.005), 3)
+"""Thresholds tried when tuning."""
+
+
+def vocabulary_sha256(path: str | Path | None = None) -> str:
+    """Digest of the vocabulary file a model is trained on."""
+    data = Path(path).read_bytes() if path else resources.files("schemas").joinpath("vocabulary.toml").read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def tune_command_threshold(scores: np.ndarray, labels: np.ndarray, names: list[str], target: float) -> float:
+    """Lowest threshold whose local decisions (a command scored at or above it) reach ``target`` precision."""
+    best = scores.argmax(axis=1)
+    confidence = scores.max(axis=1)
+    is_command = np.array([names[i] not in (SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL) for i in best])
+    for threshold in THRESHOLD_GRID:
+        local = is_command & (confidence >= threshold)
+        if local.sum() and (best[local] == labels[local]).mean() >= target:
+            return float(threshold)
+    return float(THRESHOLD_GRID[-1])
+
+
+def tune_wake_threshold(scores: np.ndarray, labels: np.ndarray, wake: int, quantile: float) -> float:
+    """The ``quantile`` of the wake score over validation windows without the wake phrase (at least 0.5)."""
+    others = scores[labels != wake, wake]
+    return float(np.clip(np.round(np.quantile(others, quantile), 3), 0.5, 0.99))
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy."""
+    return float((scores.argmax(axis=1) == labels).mean())
+
+
+def run_package(recipe: Recipe, work_dir: Path, out_dir: Path, vocabulary_path: str | Path | None = None) -> Path:
+    """Tune, then write the package into ``out_dir``; returns it."""
+    labels = json.loads((work_dir / "features" / "labels.json").read_text())
+    quantized_path = work_dir / "quantize" / MODEL_FILE
+    int8 = TfliteClassifier(quantized_path)
+    float_model = TfliteClassifier(work_dir / "quantize" / "model_float.tflite")
+    features, targets = load_split(work_dir, "validation")
+    int8_scores = int8.scores(features)
+    float_scores = float_model.scores(features)
+    tuning = recipe.detection
+    wake_index = labels.index(WAKE_LABEL)
+    detection = Detection(
+        wake_label=WAKE_LABEL,
+        wake_threshold=tune_wake_threshold(int8_scores, targets, wake_index, tuning.wake_false_accept_quantile),
+        stride_frames=tuning.stride_frames,
+        smoothing_windows=tuning.smoothing_windows,
+        refractory_s=tuning.refractory_s,
+        command_threshold=tune_command_threshold(int8_scores, targets, labels, tuning.local_precision_target),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(quantized_path, out_dir / MODEL_FILE)
+    data = (out_dir / MODEL_FILE).read_bytes()
+    package = ModelPackage(
+        version=recipe.version,
+        model_file=MODEL_FILE,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        frontend=recipe.frontend,
+        labels=tuple(labels),
+        detection=detection,
+        vocabulary_sha256=vocabulary_sha256(vocabulary_path),
+        created_at=round(time.time(), 3),
+    )
+    (out_dir / "manifest.json").write_text(package.to_json())
+    history = json.loads((work_dir / "train" / "history.json").read_text())
+    report = {
+        "recipe": recipe.name,
+        "seed": recipe.seed,
+        "parameters": history["parameters"],
+        "train_seconds": history["seconds"],
+        "size_bytes": len(data),
+        "validation_windows": len(targets),
+        "validation_accuracy_float": round(accuracy(float_scores, targets), 4),
+        "validation_accuracy_int8": round(accuracy(int8_scores, targets), 4),
+        "detection": detection.to_dict(),
+    }
+    (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("packaged %s: %s", out_dir, report)
+    return out_dir
