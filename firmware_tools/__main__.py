@@ -59,6 +59,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from firmware_tools.heldout import HeldOutSettings
     from firmware_tools.peers import load_peers
     from firmware_tools.pipeline import DEFAULT_WORK_ROOT
+    from firmware_tools.recipe import load_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     settings = HeldOutSettings(negative_minutes=args.negative_minutes, max_phrases=args.max_phrases)
@@ -70,6 +71,7 @@ def evaluate(args: argparse.Namespace) -> int:
         cache_root=args.cache,
         float_model=float_model,
         peers=None if args.no_peers else load_peers(),
+        recipe=load_recipe(args.recipe),
     )
     headline = (
         "wake_recall_at_0p5_fa_per_hour",
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "det_curve.png into the model directory.",
     )
     evaluation.add_argument("--model", type=Path, default=Path("device/models/default"), help="package directory")
+    evaluation.add_argument("--recipe", default="default", help="recipe that built the model (for the model card)")
     evaluation.add_argument("--negative-minutes", type=float, default=40.0, help="length of the negative stream")
     evaluation.add_argument("--max-phrases", type=int, default=0, help="only this many command phrases (0: all)")
     evaluation.add_argument("--no-peers", action="store_true", help="skip microWakeWord and openWakeWord")

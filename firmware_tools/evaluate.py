@@ -23,7 +23,9 @@ from device.features import StreamingFrontend, window_samples
 from device.inference import TfliteClassifier
 from firmware_tools.augment import NOISE_KINDS, make_noise, mix_at_snr
 from firmware_tools.heldout import HeldOutSet, HeldOutSettings, load_or_build
+from firmware_tools.model_card import write_model_card
 from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
+from firmware_tools.recipe import Recipe
 from schemas.model import ModelPackage
 from schemas.vocabulary import Vocabulary
 
@@ -37,6 +39,8 @@ WAKE_PADDING_S = (1.0, 1.0)
 """Silence (then noise) before and after each wake clip, so the detector sees the phrase start and end."""
 FALSE_ACCEPT_RATES = (0.5, 1.0)
 """False accepts per hour at which recall is reported."""
+NOISE_DRAWS = 2
+"""Each held-out clip is mixed with this many different noises per SNR."""
 CPU_SAMPLE_S = 120.0
 """Seconds of the negative stream on which the always-on path's CPU cost is measured."""
 
@@ -153,8 +157,12 @@ def evaluate(
     cache_root: Path,
     float_model: Path | None = None,
     peers: dict[str, Any] | None = None,
+    recipe: Recipe | None = None,
 ) -> dict[str, Any]:
-    """Measure everything; returns the report (also written to ``model_dir/evaluation.json``) and draws the plots."""
+    """Measure everything; returns the report (also written to ``model_dir/evaluation.json``) and draws the plots.
+
+    With ``recipe`` (the one that built the model), the model card is rewritten with the new figures.
+    """
     package = ModelPackage.load(model_dir)
     model = TfliteClassifier(package.model_path(model_dir))
     heldout: HeldOutSet = load_or_build(settings, vocabulary, cache_root)
@@ -166,7 +174,9 @@ def evaluate(
     log.info("wake: negative stream (%.1f min)", len(heldout.negative_stream) / SAMPLE_RATE / 60)
     negative_scores = wake_scores(model, package, heldout.negative_stream)
     negative_hours = len(heldout.negative_stream) / SAMPLE_RATE / 3600
-    wake_audio = {snr: [_noisy(_padded(c), snr, rng, babble) for c in heldout.wake] for snr in SNRS_DB}
+    wake_audio = {
+        snr: [_noisy(_padded(c), snr, rng, babble) for c in heldout.wake for _ in range(NOISE_DRAWS)] for snr in SNRS_DB
+    }
     report: dict[str, Any] = {}
     curves: dict[str, dict[float, WakeCurve]] = {"mqvox": {}}
     for snr in SNRS_DB:
@@ -185,13 +195,14 @@ def evaluate(
             "at_shipped_threshold": shipped,
         }
 
-    command_labels = [label for label, _ in heldout.commands]
-    command_clips = [clip for _, clip in heldout.commands]
+    command_labels = [label for label, _ in heldout.commands for _ in range(NOISE_DRAWS)]
+    command_clips = [clip for _, clip in heldout.commands for _ in range(NOISE_DRAWS)]
     per_snr = {}
     windows_10db = None
     for snr in SNRS_DB:
         windows = _command_windows(package, command_clips, snr, rng, babble)
-        oov = _command_windows(package, heldout.out_of_vocabulary, snr, rng, babble)
+        oov_clips = [clip for clip in heldout.out_of_vocabulary for _ in range(NOISE_DRAWS)]
+        oov = _command_windows(package, oov_clips, snr, rng, babble)
         per_snr[snr] = _command_metrics(package, model, windows, command_labels, oov)
         if windows_10db is None:
             windows_10db = windows
@@ -243,6 +254,7 @@ def evaluate(
         "wake_clips": len(heldout.wake),
         "command_clips": len(heldout.commands),
         "out_of_vocabulary_utterances": len(heldout.out_of_vocabulary),
+        "noise_draws_per_clip": NOISE_DRAWS,
         "negative_minutes": round(len(heldout.negative_stream) / SAMPLE_RATE / 60, 2),
         "settings": asdict(settings) | {"voices": len(settings.voices)},
         "refractory_s": detection.refractory_s,
@@ -251,6 +263,8 @@ def evaluate(
     (model_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot_confusion(model_dir / "confusion_matrix.png", package, command_labels, per_snr[first]["predicted"], first)
     _plot_det(model_dir / "det_curve.png", curves)
+    if recipe is not None:
+        write_model_card(model_dir, recipe)
     return report
 
 

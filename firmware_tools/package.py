@@ -19,10 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from device.inference import TfliteClassifier
+from firmware_tools.clips import ClipBank
+from firmware_tools.model_card import write_model_card
 from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
 from firmware_tools.recipe import Recipe
+from firmware_tools.synth import describe_voices, plan_renders
 from firmware_tools.train import load_split
+from firmware_tools.voices import espeak_variants
 from schemas.model import Detection, ModelPackage
+from schemas.vocabulary import load_vocabulary
 
 log = logging.getLogger("mqvox.package")
 
@@ -102,11 +107,26 @@ def run_package(recipe: Recipe, work_dir: Path, out_dir: Path, vocabulary_path: 
         "parameters": history["parameters"],
         "train_seconds": history["seconds"],
         "size_bytes": len(data),
+        "train_windows": len(np.load(work_dir / "features" / "train_labels.npy", mmap_mode="r")),
         "validation_windows": len(targets),
         "validation_accuracy_float": round(accuracy(float_scores, targets), 4),
         "validation_accuracy_int8": round(accuracy(int8_scores, targets), 4),
         "detection": detection.to_dict(),
+        "data": _data_summary(recipe, work_dir, vocabulary_path),
     }
     (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_model_card(out_dir, recipe)
     log.info("packaged %s: %s", out_dir, report)
     return out_dir
+
+
+def _data_summary(recipe: Recipe, work_dir: Path, vocabulary_path: str | Path | None) -> dict:
+    """What the model was trained on, for the card."""
+    bank = ClipBank(work_dir / "synth")
+    jobs = plan_renders(recipe, load_vocabulary(vocabulary_path))
+    return {
+        "rendered_clips": len(jobs),
+        "world_speakers": sum(1 for r in bank.records if r.f0_factor != 1.0 or r.formant_factor != 1.0),
+        "renders_by_voice": describe_voices(jobs),
+        "espeak_variants": len(recipe.synth.espeak_variants or espeak_variants()),
+    }

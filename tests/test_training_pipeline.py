@@ -135,6 +135,7 @@ def test_evaluate_reports_every_required_figure_and_draws_the_plots(tiny_run, tm
     for figures in report["peers"].values():
         assert 0 <= figures["wake_recall_at_0p5_fa_per_hour"] <= 1 and figures["cpu_ms_per_audio_s"] > 0
     assert report["heldout"]["command_clips"] == 3 * len(settings.voices)
+    assert report["heldout"]["noise_draws_per_clip"] >= 1
     assert report["heldout"]["negative_minutes"] >= 0.45
     assert json.loads((out / "evaluation.json").read_text())["command_top1"] == report["command_top1"]
     for plot in ("confusion_matrix.png", "det_curve.png"):

@@ -1,0 +1,182 @@
+"""MODEL_CARD.md of a packaged model: data, engines and voices, augmentations, metrics and intended use.
+
+Written by the package stage from the recipe and the training report, and again by
+evaluate with the held-out figures; every number in it comes from those JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from firmware_tools.augment import Augmenter
+from firmware_tools.recipe import Recipe
+from firmware_tools.voices import HELD_OUT_VOICES
+from schemas.model import ModelPackage
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def render_model_card(model_dir: Path, recipe: Recipe) -> str:
+    """The card's Markdown."""
+    package = ModelPackage.load(model_dir)
+    training: dict[str, Any] = json.loads((model_dir / "training.json").read_text())
+    evaluation_path = model_dir / "evaluation.json"
+    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
+    augment = Augmenter(recipe.dataset.augment, np.random.default_rng(0)).describe()
+    data = training["data"]
+    detection = package.detection
+    front = package.frontend
+    lines = [
+        f"# mqvox device model {package.version} ({recipe.name} recipe)",
+        "",
+        "One int8 TFLite network both spots the wake phrase and recognises the commands of "
+        "`schemas/vocabulary.toml`. It reads one window of "
+        f"{package.frontend.frames} log-mel frames ({package.frontend.frames * package.frontend.step_s:.2f} s) and "
+        f"scores {len(package.labels)} classes: `_silence_`, `_unknown_`, `wake` and each command.",
+        "",
+        "## Why one model for wake and commands",
+        "- The over-the-air protocol (issue 2) ships one signed blob with one front end and one label list; one model "
+        "keeps that contract, and the wake threshold and command threshold travel in the same manifest.",
+        "- The always-on path runs it every "
+        f"{detection.stride_frames * package.frontend.step_s * 1000:.0f} ms and reads only the `wake` score; after a "
+        "wake the device runs it once more on the window centred on the captured utterance. Inference costs "
+        "tens of microseconds, so a second, smaller wake model would save little and double what can go wrong "
+        "in a rollout.",
+        "- The classes compete in one softmax, so a command, a confusable phrase or the start of a sentence pulls "
+        "the wake score down, and the wake phrase pulls command scores down.",
+        "",
+        "## Intended use",
+        "- Wake phrase and a fixed command vocabulary, English, on low-power devices (Raspberry Pi, industrial "
+        "controllers), 16 kHz mono microphones.",
+        "- A command is decided on the device only when its score reaches the command threshold; anything else "
+        "goes to the cloud worker (Whisper). The threshold was tuned for precision, not coverage.",
+        "- Not for: open-vocabulary speech, speaker identification, safety-critical control without a confirmation "
+        "step, languages other than English. Trained on synthetic speech only: validate on real voices and rooms "
+        "of the deployment before relying on it.",
+        "",
+        "## Training data (all synthetic; rendered, never committed)",
+        f"- {data['rendered_clips']} rendered clips plus {data['world_speakers']} WORLD-transformed speakers "
+        f"(pitch x{recipe.synth.world_f0_range[0]}-{recipe.synth.world_f0_range[1]}, vocal tract "
+        f"x{recipe.synth.world_formant_range[0]}-{recipe.synth.world_formant_range[1]}).",
+        f"- Speaking rate x{recipe.synth.speed_range[0]}-{recipe.synth.speed_range[1]}; pitch "
+        f"x{recipe.synth.pitch_range[0]}-{recipe.synth.pitch_range[1]} (espeak-ng, flite).",
+        "- Engines and voices (renders):",
+        *[f"  - `{voice}`: {count}" for voice, count in data["renders_by_voice"].items()],
+        f"  - espeak-ng voice variants drawn from: {data['espeak_variants']} installed variants.",
+        "  - piper: length, noise and noise_w scales drawn per render.",
+        "- Held out, never trained on: " + ", ".join(f"{e} `{v}`" for e, v in sorted(HELD_OUT_VOICES)) + ".",
+        '- Negatives: confusable phrases (e.g. "hey travis", "hey jar", "lights out", "one more"), everyday '
+        "words, sentences, commands inside other speech, the wake phrase and commands cut short, speech that "
+        "follows the wake phrase, silence and noise.",
+        f"- Windows: {training['train_windows']} training, {training['validation_windows']} validation "
+        "(validation windows come from renders kept apart).",
+        "",
+        "## Augmentations (applied in this order)",
+        f"- speed: p={augment['speed']['probability']}, x{augment['speed']['factor_range']}",
+        f"- pitch: p={augment['pitch']['probability']}, {augment['pitch']['semitones_range']} semitones",
+        f"- reverb: p={augment['reverb']['probability']}, synthetic room impulse responses, RT60 "
+        f"{augment['reverb']['rt60_s_range']} s",
+        f"- noise: p={augment['noise']['probability']}, SNR {augment['noise']['snr_db_range']} dB, kinds (weight) "
+        + ", ".join(f"{kind} ({weight:g})" for kind, weight in recipe.dataset.augment.noise_kinds)
+        + "; babble is made of other training clips, hum is mains/motor harmonics plus fan noise",
+        f"- band limit to {augment['band_limit']['cutoff_hz']:g} Hz: p={augment['band_limit']['probability']}",
+        f"- gain: {augment['gain']['gain_db_range']} dB",
+        "- time shift: every clip is placed at a random offset in its window",
+        f"- SpecAugment on {recipe.dataset.spec_augment_probability:.0%} of training windows: "
+        f"{recipe.dataset.spec_augment.time_masks} time masks up to {recipe.dataset.spec_augment.max_time_width} "
+        f"frames, {recipe.dataset.spec_augment.frequency_masks} frequency masks up to "
+        f"{recipe.dataset.spec_augment.max_frequency_width} bins",
+        "",
+        "## Network and front end",
+        f"- DS-CNN, {training['parameters']} parameters, full int8 (int8 input and output), "
+        f"{package.size_bytes} bytes.",
+        f"- Front end (also in manifest.json): {front.kind}, {front.num_filters} mel filters "
+        f"{front.low_hz:g}-{front.high_hz:g} Hz, {front.window_s * 1000:g} ms {front.window} window every "
+        f"{front.step_s * 1000:g} ms, FFT {front.fft_size}, pre-emphasis {front.preemphasis}, energy floor "
+        f"{front.energy_floor}.",
+        f"- Decision settings (tuned on validation): wake threshold {detection.wake_threshold} on the mean of "
+        f"{detection.smoothing_windows} runs, refractory {detection.refractory_s} s, command threshold "
+        f"{detection.command_threshold}.",
+        f"- Validation accuracy: float {_percent(training['validation_accuracy_float'])}, int8 "
+        f"{_percent(training['validation_accuracy_int8'])}. Recipe `{recipe.name}`, seed {recipe.seed}, trained in "
+        f"{training['train_seconds']:.0f} s.",
+        "",
+        "## Held-out evaluation",
+    ]
+    if evaluation is None:
+        lines.append("Not evaluated yet: run `make evaluate`.")
+    else:
+        lines += _evaluation_lines(evaluation)
+    return "\n".join(lines) + "\n"
+
+
+def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    heldout = evaluation["heldout"]
+    lines = [
+        "From `evaluation.json` (`python -m firmware_tools evaluate`), on held-out voices only ("
+        + ", ".join(sorted({v.split(" speed")[0] for v in heldout["voices"]}))
+        + f"), {heldout['wake_clips']} wake clips, {heldout['command_clips']} command clips and "
+        f"{heldout['out_of_vocabulary_utterances']} out-of-vocabulary utterances, each mixed with "
+        f"{heldout['noise_draws_per_clip']} unseen noises at 10 dB and at 5 dB SNR, and "
+        f"{heldout['negative_minutes']:.0f} minutes of read speech and noise without "
+        "the wake phrase.",
+        "",
+        "| figure | mqvox | " + " | ".join(p["name"] for p in evaluation["peers"].values()) + " |",
+        "|---|---|" + "---|" * len(evaluation["peers"]),
+        "| wake recall at 0.5 false accepts/hour, 10 dB | "
+        + _percent(evaluation["wake_recall_at_0p5_fa_per_hour"])
+        + " | "
+        + " | ".join(_percent(p["wake_recall_at_0p5_fa_per_hour"]) for p in evaluation["peers"].values())
+        + " |",
+        "| wake recall at 1 false accept/hour, 10 dB | "
+        + _percent(evaluation["wake_recall_at_1_fa_per_hour"])
+        + " | "
+        + " | ".join(_percent(p["wake_recall_at_1_fa_per_hour"]) for p in evaluation["peers"].values())
+        + " |",
+        "| wake recall at 0.5 false accepts/hour, 5 dB | "
+        + _percent(evaluation["wake_5db"]["recall_at_0p5_fa_per_hour"])
+        + " | "
+        + " | ".join(_percent(p["wake_recall_at_0p5_fa_per_hour_5db"]) for p in evaluation["peers"].values())
+        + " |",
+        "| CPU ms per second of audio | "
+        + f"{evaluation['cpu_ms_per_audio_s']:.2f} | "
+        + " | ".join(f"{p['cpu_ms_per_audio_s']:.2f}" for p in evaluation["peers"].values())
+        + " |",
+        "",
+        f"- Command top-1 at 10 dB: {_percent(evaluation['command_top1'])}; at 5 dB: "
+        f"{_percent(evaluation['commands_5db']['command_top1'])}.",
+        f"- Local decisions at the shipped threshold, 10 dB: precision {_percent(evaluation['local_precision'])}, "
+        f"coverage {_percent(evaluation['local_coverage'])} (5 dB: "
+        f"{_percent(evaluation['commands_5db']['local_precision'])}, "
+        f"{_percent(evaluation['commands_5db']['local_coverage'])}).",
+        f"- At the shipped wake threshold, 10 dB: recall "
+        f"{_percent(evaluation['wake_10db']['at_shipped_threshold']['recall'])}, "
+        f"{evaluation['wake_10db']['at_shipped_threshold']['false_accepts_per_hour']:.2f} false accepts/hour.",
+    ]
+    if "int8_vs_float" in evaluation:
+        pair = evaluation["int8_vs_float"]
+        lines.append(
+            f"- int8 against float, command top-1 at 10 dB: {_percent(pair['command_top1_int8'])} vs "
+            f"{_percent(pair['command_top1_float'])}."
+        )
+    lines.append(
+        f"- Inference: {evaluation['cost']['inference_us_per_window_median']:.0f} µs per window (median, LiteRT, "
+        "one thread, the evaluation machine)."
+    )
+    lines += ["", "Per-class top-1 at 10 dB:", ""]
+    lines += [f"- `{label}`: {_percent(value)}" for label, value in evaluation["command_top1_per_class"].items()]
+    lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![DET curve](det_curve.png)"]
+    return lines
+
+
+def write_model_card(model_dir: Path, recipe: Recipe) -> Path:
+    """Write ``MODEL_CARD.md`` into ``model_dir``."""
+    path = model_dir / "MODEL_CARD.md"
+    path.write_text(render_model_card(model_dir, recipe))
+    return path
