@@ -138,15 +138,13 @@ class WindowComposer:
         return canvas
 
     def _ending_at(self, clip: np.ndarray, end: int, canvas: np.ndarray) -> int:
-        """Place ``clip`` so it ends at sample ``end`` (cropping what falls before the window); its start."""
+        """Place ``clip`` so it ends at sample ``end``; returns where it starts (may be before the window)."""
         start = end - len(clip)
-        canvas[max(0, start) : end] = clip[max(0, -start) :]
+        place(clip, start, canvas)
         return start
 
     def _starting_at(self, clip: np.ndarray, start: int, canvas: np.ndarray) -> None:
-        if start < self.length:
-            piece = clip[: self.length - start]
-            canvas[start : start + len(piece)] = piece
+        place(clip, start, canvas)
 
     def _wake(self) -> np.ndarray:
         canvas = np.zeros(self.length, np.float32)
@@ -196,6 +194,13 @@ class WindowComposer:
         if after:
             self._starting_at(self._pick(self.pools.neighbours), offset + len(command) + gap, canvas)
         return canvas
+
+
+def place(clip: np.ndarray, start: int, canvas: np.ndarray) -> None:
+    """Write ``clip`` into ``canvas`` from sample ``start``; what falls outside the canvas is dropped."""
+    first, last = max(0, start), min(len(canvas), start + len(clip))
+    if last > first:
+        canvas[first:last] = clip[first - start : last - start]
 
 
 @cache

@@ -157,3 +157,17 @@ def test_a_recipe_with_an_unknown_setting_is_refused(tmp_path: Path) -> None:
     recipe.write_text(text.replace("[train]\n", "[train]\nepoch = 3\n"))
     with pytest.raises(RecipeError, match="epoch"):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize("start", [-30, -10, -1, 0, 5, 15, 19, 20, 40])
+def test_a_clip_placed_partly_outside_a_window_keeps_what_fits(start: int) -> None:
+    from firmware_tools.dataset import place
+
+    canvas = np.zeros(20, np.float32)
+    clip = np.arange(1, 11, dtype=np.float32)
+    place(clip, start, canvas)
+    expected = np.zeros(20, np.float32)
+    for i, value in enumerate(clip):
+        if 0 <= start + i < 20:
+            expected[start + i] = value
+    np.testing.assert_array_equal(canvas, expected)
