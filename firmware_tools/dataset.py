@@ -42,14 +42,6 @@ CHUNK = 500
 """Windows built per task; each chunk has its own seed, so results do not depend on scheduling."""
 SPLITS = ("train", "validation")
 """The two sets of windows."""
-UNKNOWN_KINDS = (
-    ("other_speech", 0.45),
-    ("command_in_context", 0.2),
-    ("wake_cut_short", 0.12),
-    ("after_wake", 0.13),
-    ("command_cut_short", 0.1),
-)
-"""How ``_unknown_`` windows are made, and how often."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +151,7 @@ class WindowComposer:
         return canvas
 
     def _unknown(self) -> np.ndarray:
-        kinds, weights = zip(*UNKNOWN_KINDS, strict=True)
+        kinds, weights = zip(*self.recipe.dataset.unknown_kinds, strict=True)
         kind = kinds[self.rng.choice(len(kinds), p=np.array(weights) / sum(weights))]
         if kind == "other_speech":
             return self._alone(self._pick(self.pools.negatives))

@@ -22,7 +22,13 @@ def build_network(settings: ModelSettings, frontend: Frontend, num_labels: int, 
 
     layers = tf.keras.layers
     features = layers.Input((frontend.frames, frontend.num_features), name="features")
-    x = layers.Reshape((frontend.frames, frontend.num_features, 1))(features)
+    x = features
+    if settings.window_mean_normalization:
+        # Built from stock layers (mean over time, repeated, subtracted) so it converts to int8 TFLite kernels.
+        mean = layers.RepeatVector(frontend.frames)(layers.GlobalAveragePooling1D()(x))
+        x = layers.Subtract()([x, mean])
+        mean, std = 0.0, std
+    x = layers.Reshape((frontend.frames, frontend.num_features, 1))(x)
     x = layers.Rescaling(scale=1.0 / std, offset=-mean / std)(x)
     x = layers.Conv2D(
         settings.first_filters, settings.first_kernel, strides=settings.first_stride, padding="same", use_bias=False

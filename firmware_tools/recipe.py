@@ -73,6 +73,15 @@ class DatasetSettings:
     """Share of windows of other speech: confusables, words, sentences, commands in context or cut short."""
     silence_share: float = 0.07
     """Share of windows of silence or noise only; the rest are commands, shared equally."""
+    unknown_kinds: tuple[tuple[str, float], ...] = (
+        ("other_speech", 0.45),
+        ("command_in_context", 0.2),
+        ("wake_cut_short", 0.12),
+        ("after_wake", 0.13),
+        ("command_cut_short", 0.1),
+    )
+    """How ``_unknown_`` windows are made, with weights: other speech alone, a command with other words next to it,
+    the wake phrase or a multi-word command cut short, and speech that follows the wake phrase."""
     context_probability: float = 0.4
     """Chance that a wake window has other speech before the wake phrase."""
     wake_tail_s: tuple[float, float] = (0.0, 0.3)
@@ -101,6 +110,9 @@ class ModelSettings:
     """Depthwise-separable blocks: (filters, time stride, frequency stride)."""
     dropout: float = 0.2
     """Dropout before the classifier."""
+    window_mean_normalization: bool = False
+    """Subtract each filter's mean over the window from the features (cepstral mean normalisation in the
+    log-mel domain), so a voice's or microphone's spectral tilt matters less."""
 
 
 @dataclass(frozen=True)
