@@ -96,7 +96,11 @@ class WakeDetector:
 def wake_scores(classifier: TfliteClassifier, package: ModelPackage, audio: np.ndarray) -> np.ndarray:
     """Smoothed wake scores over a whole recording, one per stride, as :class:`WakeDetector` computes them."""
     frontend, detection = package.frontend, package.detection
-    features = batch_features(frontend, audio)
+    # Streaming in 10 s chunks gives the batch features (a test holds them equal) without hours in memory at once.
+    stream = StreamingFrontend(frontend)
+    chunk = 10 * frontend.sample_rate
+    pieces = [stream.push(audio[start : start + chunk]) for start in range(0, len(audio), chunk)]
+    features = np.concatenate(pieces) if pieces else np.zeros((0, frontend.num_features), np.float32)
     ends = np.arange(frontend.frames, len(features) + 1, detection.stride_frames)
     wake_index = package.labels.index(detection.wake_label)
     raw = np.array([classifier(features[end - frontend.frames : end])[wake_index] for end in ends], np.float32)

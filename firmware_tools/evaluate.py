@@ -306,10 +306,13 @@ def _plot_det(path: Path, curves: dict[str, dict[float, WakeCurve]]) -> None:
     for (name, by_snr), colour in zip(curves.items(), ("C0", "C1", "C2", "C3"), strict=False):
         for snr, style in zip(sorted(by_snr, reverse=True), ("-", "--"), strict=False):
             curve = by_snr[snr]
-            rates = np.maximum(np.array(curve.false_accepts_per_hour), 0.01)
-            miss = 1 - np.array(curve.recall)
-            order = np.argsort(rates)
-            axes.step(rates[order], miss[order], style, color=colour, where="post", label=f"{name} {snr:g} dB")
+            # One point per false-accept rate: the best recall any threshold reaches at that rate.
+            all_rates = np.array(curve.false_accepts_per_hour)
+            rates = np.unique(all_rates)
+            miss = np.array([1 - max(np.array(curve.recall)[all_rates == rate]) for rate in rates])
+            miss = np.minimum.accumulate(miss)
+            shown = np.maximum(rates, 0.01)
+            axes.step(shown, miss, style, color=colour, where="post", label=f"{name} {snr:g} dB")
     axes.set_xscale("log")
     axes.set_xlabel("false accepts per hour (negative stream; 0 drawn at 0.01)")
     axes.set_ylabel("miss rate (held-out wake clips)")
