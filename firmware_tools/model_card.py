@@ -209,6 +209,21 @@ def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
         f"- Inference: {evaluation['cost']['inference_us_per_window_median']:.0f} µs per window (median, LiteRT, "
         "one thread, the evaluation machine)."
     )
+    lines += ["", "Targets (issue 3), at 10 dB on held-out voices:", ""]
+    best_peer = max((p["wake_recall_at_0p5_fa_per_hour"] for p in evaluation["peers"].values()), default=0.0)
+    targets = (
+        ("wake recall at 0.5 false accepts/hour", evaluation["wake_recall_at_0p5_fa_per_hour"], 0.95),
+        ("wake recall, against the best peer", evaluation["wake_recall_at_0p5_fa_per_hour"], best_peer),
+        ("command top-1", evaluation["command_top1"], 0.95),
+        ("local precision", evaluation["local_precision"] or 0.0, 0.99),
+        ("local coverage", evaluation["local_coverage"], 0.80),
+    )
+    for name, value, target in targets:
+        verdict = "met" if value >= target else f"missed by {100 * (target - value):.1f} points"
+        lines.append(f"- {name}: {_percent(value)} against {_percent(target)}: {verdict}")
+    size, inference = evaluation["cost"]["model_bytes"], evaluation["cost"]["inference_us_per_window_median"]
+    lines.append(f"- int8 model size: {size} bytes against 100000: {'met' if size <= 100_000 else 'missed'}")
+    lines.append(f"- inference per window: {inference:.0f} µs against 200 µs: {'met' if inference <= 200 else 'missed'}")
     lines += ["", "Per-class top-1 at 10 dB:", ""]
     lines += [f"- `{label}`: {_percent(value)}" for label, value in evaluation["command_top1_per_class"].items()]
     lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![DET curve](det_curve.png)"]

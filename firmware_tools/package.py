@@ -58,7 +58,8 @@ def tune_command_threshold(scores: np.ndarray, labels: np.ndarray, names: list[s
 def tune_wake_threshold(scores: np.ndarray, labels: np.ndarray, wake: int, quantile: float) -> float:
     """The ``quantile`` of the wake score over validation windows without the wake phrase (at least 0.5)."""
     others = scores[labels != wake, wake]
-    return float(np.clip(np.round(np.quantile(others, quantile), 3), 0.5, 0.99))
+    # float(), then round: the float32 quantile would otherwise write 0.984000027179718 into the manifest.
+    return round(float(np.clip(np.quantile(others, quantile), 0.5, 0.99)), 3)
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
