@@ -223,7 +223,8 @@ def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
         lines.append(f"- {name}: {_percent(value)} against {_percent(target)}: {verdict}")
     size, inference = evaluation["cost"]["model_bytes"], evaluation["cost"]["inference_us_per_window_median"]
     lines.append(f"- int8 model size: {size} bytes against 100000: {'met' if size <= 100_000 else 'missed'}")
-    lines.append(f"- inference per window: {inference:.0f} µs against 200 µs: {'met' if inference <= 200 else 'missed'}")
+    met = "met" if inference <= 200 else "missed"
+    lines.append(f"- inference per window: {inference:.0f} µs against 200 µs: {met}")
     lines += ["", "Per-class top-1 at 10 dB:", ""]
     lines += [f"- `{label}`: {_percent(value)}" for label, value in evaluation["command_top1_per_class"].items()]
     lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![DET curve](det_curve.png)"]
