@@ -19,7 +19,7 @@ import numpy as np
 
 from device.features import batch_features
 from device.inference import TfliteClassifier
-from firmware_tools.evaluate import _command_windows
+from firmware_tools.evaluate import command_windows
 from firmware_tools.heldout import HeldOutSettings, load_or_build
 from schemas.model import ModelPackage
 from schemas.vocabulary import load_vocabulary
@@ -43,7 +43,7 @@ def main() -> None:
         voice = settings.voices[index % len(settings.voices)]
         name = f"{voice.engine}:{voice.voice} speed {voice.speed} pitch {voice.pitch}"
         for condition, snr in (("clean", 200.0), ("10db", 10.0)):
-            window = _command_windows(package, [clip], snr, rng, heldout.babble)[0]
+            window = command_windows(package, [clip], snr, rng, heldout.babble)[0]
             scores = model(batch_features(package.frontend, window)[: package.frontend.frames])
             best = labels[int(np.argmax(scores))]
             best_command = labels[commands[int(np.argmax(scores[commands]))]]

@@ -18,14 +18,13 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
-from device.detector import WakeDetector
 from device.inference import TfliteClassifier
 from device.recording import read_recording
+from firmware_tools.evaluate import always_on_cpu
 from firmware_tools.peers import load_peers
 from schemas.model import ModelPackage
 
@@ -42,14 +41,6 @@ def test_audio(seconds: float) -> np.ndarray:
     return (audio + rng.standard_normal(len(audio)).astype(np.float32) * 0.003).astype(np.float32)
 
 
-def always_on_cpu_ms(package: ModelPackage, model: TfliteClassifier, audio: np.ndarray) -> float:
-    detector = WakeDetector(model, package)
-    started = time.process_time()
-    for start in range(0, len(audio), 1600):
-        detector.push(audio[start : start + 1600])
-    return 1000 * (time.process_time() - started) / (len(audio) / 16000)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -57,19 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     package = ModelPackage.load(MODEL_DIR)
     model = TfliteClassifier(package.model_path(MODEL_DIR))
-    window = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32) * 4 + 10
-    for _ in range(100):
-        model(window)
-    inference = []
-    for _ in range(args.repeats):
-        times = []
-        for _ in range(1000):
-            begun = time.perf_counter()
-            model(window)
-            times.append(time.perf_counter() - begun)
-        inference.append(1e6 * statistics.median(times))
     audio = test_audio(args.seconds)
-    ours = statistics.median(always_on_cpu_ms(package, model, audio) for _ in range(args.repeats))
+    # The same measurement evaluate reports: the always-on path in 100 ms chunks, and single-window inference.
+    runs = [always_on_cpu(model, package, audio) for _ in range(args.repeats)]
+    ours = statistics.median(run["cpu_ms_per_audio_s"] for run in runs)
+    inference = [run["inference_us_per_window_median"] for run in runs]
     peers = {}
     for name, peer in load_peers().items():
         per_second = [1000 * peer.score(audio).cpu_s / args.seconds for _ in range(args.repeats)]

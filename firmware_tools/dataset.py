@@ -58,6 +58,12 @@ class ClipPools:
     """Everything else that was said."""
     neighbours: tuple[int, ...]
     """Short negatives, put next to a phrase as context."""
+    all_commands: tuple[int, ...] = ()
+    """Every command clip, all labels together."""
+    after_wake: tuple[int, ...] = ()
+    """What may follow the wake phrase in a wake window: negatives, then multi-word commands."""
+    after_wake_later: tuple[int, ...] = ()
+    """What may be under way well after the wake phrase: negatives, then every command."""
 
 
 def clip_pools(bank: ClipBank, vocabulary: Vocabulary, split: str) -> ClipPools:
@@ -70,12 +76,17 @@ def clip_pools(bank: ClipBank, vocabulary: Vocabulary, split: str) -> ClipPools:
         raise ValueError(f"the {split} clips miss classes: {missing or [WAKE_LABEL]}; render more")
     negatives = tuple(i for i in indices if records[i].label == UNKNOWN_LABEL)
     short = set(CONTEXT_WORDS)
+    multiword = tuple(i for label in commands for i in commands[label] if " " in records[i].text)
+    all_commands = tuple(i for label in commands for i in commands[label])
     return ClipPools(
         wake=tuple(i for i in indices if records[i].label == WAKE_LABEL),
         commands=commands,
-        multiword_commands=tuple(i for label in commands for i in commands[label] if " " in records[i].text),
+        multiword_commands=multiword,
         negatives=negatives,
         neighbours=tuple(i for i in negatives if records[i].text in short or records[i].length < 0.6 * SAMPLE_RATE),
+        all_commands=all_commands,
+        after_wake=negatives + multiword,
+        after_wake_later=negatives + all_commands,
     )
 
 
@@ -146,7 +157,7 @@ class WindowComposer:
         if self.rng.random() < self.recipe.dataset.context_probability and start > 0:
             self._ending_at(self._pick(self.pools.negatives), start - self._seconds((0.05, 0.3)), canvas)
         if self.rng.random() < 0.5:
-            following = self._pick(self.pools.negatives + self.pools.multiword_commands)
+            following = self._pick(self.pools.after_wake)
             self._starting_at(following, end + self._seconds((0.05, 0.2)), canvas)
         return canvas
 
@@ -169,11 +180,11 @@ class WindowComposer:
             wake = self._pick(self.pools.wake)
             wake_end = self.length - self._seconds((0.55, 1.2))
             self._ending_at(wake, wake_end, canvas)
-            following = self._pick(self.pools.negatives + tuple(i for p in self.pools.commands.values() for i in p))
+            following = self._pick(self.pools.after_wake_later)
             self._starting_at(following, wake_end + self._seconds((0.05, 0.3)), canvas)
             return canvas
         # command_in_context: a command with other words before, after, or both.
-        command = self._pick(tuple(i for p in self.pools.commands.values() for i in p))
+        command = self._pick(self.pools.all_commands)
         before, after = self.rng.random() < 0.6, False
         after = not before or self.rng.random() < 0.4
         gap = self._seconds((0.03, 0.25))

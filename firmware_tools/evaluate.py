@@ -21,8 +21,7 @@ from tqdm import tqdm
 from device.detector import count_wakes, decide_command, utterance_window, wake_scores
 from device.features import StreamingFrontend, window_samples
 from device.inference import TfliteClassifier
-from firmware_tools.augment import NOISE_KINDS, make_noise, mix_at_snr
-from firmware_tools.heldout import HeldOutSet, HeldOutSettings, load_or_build
+from firmware_tools.heldout import HeldOutSet, HeldOutSettings, in_noise, load_or_build
 from firmware_tools.model_card import write_model_card
 from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
 from firmware_tools.recipe import Recipe
@@ -74,24 +73,20 @@ def sweep(positive_max: np.ndarray, negative_scores: np.ndarray, step_s: float, 
     return WakeCurve([float(t) for t in thresholds], recall, rates)
 
 
-def _noisy(audio: np.ndarray, snr_db: float, rng: np.random.Generator, babble: list[np.ndarray]) -> np.ndarray:
-    kind = NOISE_KINDS[rng.integers(len(NOISE_KINDS))]
-    return mix_at_snr(audio, make_noise(kind, len(audio), rng, babble_sources=babble), snr_db).astype(np.float32)
-
-
 def _padded(clip: np.ndarray) -> np.ndarray:
     before, after = (np.zeros(round(s * SAMPLE_RATE), np.float32) for s in WAKE_PADDING_S)
     return np.concatenate((before, clip, after))
 
 
-def _command_windows(package: ModelPackage, clips: list[np.ndarray], snr_db: float, rng, babble) -> list[np.ndarray]:
+def command_windows(package: ModelPackage, clips: list[np.ndarray], snr_db: float, rng, babble) -> list[np.ndarray]:
+    """Each clip centred in a window-sized stretch of silence, the whole in noise, cut as the device would."""
     windows = []
     for clip in clips:
         length = window_samples(package.frontend)
         canvas = np.zeros(max(length, len(clip)), np.float32)
         offset = (len(canvas) - len(clip)) // 2
         canvas[offset : offset + len(clip)] = clip
-        noisy = _noisy(canvas, snr_db, rng, babble)
+        noisy = in_noise(canvas, snr_db, rng, babble)
         windows.append(utterance_window(package, noisy, offset, offset + len(clip)))
     return windows
 
@@ -174,9 +169,8 @@ def evaluate(
     log.info("wake: negative stream (%.1f min)", len(heldout.negative_stream) / SAMPLE_RATE / 60)
     negative_scores = wake_scores(model, package, heldout.negative_stream)
     negative_hours = len(heldout.negative_stream) / SAMPLE_RATE / 3600
-    wake_audio = {
-        snr: [_noisy(_padded(c), snr, rng, babble) for c in heldout.wake for _ in range(NOISE_DRAWS)] for snr in SNRS_DB
-    }
+    wake_clips = [_padded(clip) for clip in heldout.wake for _ in range(NOISE_DRAWS)]
+    wake_audio = {snr: [in_noise(clip, snr, rng, babble) for clip in wake_clips] for snr in SNRS_DB}
     report: dict[str, Any] = {}
     curves: dict[str, dict[float, WakeCurve]] = {"mqvox": {}}
     for snr in SNRS_DB:
@@ -200,9 +194,9 @@ def evaluate(
     per_snr = {}
     windows_10db = None
     for snr in SNRS_DB:
-        windows = _command_windows(package, command_clips, snr, rng, babble)
+        windows = command_windows(package, command_clips, snr, rng, babble)
         oov_clips = [clip for clip in heldout.out_of_vocabulary for _ in range(NOISE_DRAWS)]
-        oov = _command_windows(package, oov_clips, snr, rng, babble)
+        oov = command_windows(package, oov_clips, snr, rng, babble)
         per_snr[snr] = _command_metrics(package, model, windows, command_labels, oov)
         if windows_10db is None:
             windows_10db = windows

@@ -193,6 +193,13 @@ def _negative_stream(
     return np.clip(stream, -1.0, 1.0)
 
 
+def in_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator, babble: Sequence[np.ndarray]) -> np.ndarray:
+    """``audio`` in one of the noise kinds, drawn at random, at ``snr_db``."""
+    kind = NOISE_KINDS[rng.integers(len(NOISE_KINDS))]
+    noise = make_noise(kind, len(audio), rng, babble_sources=babble)
+    return mix_at_snr(audio, noise, snr_db).astype(np.float32)
+
+
 def load_or_build(settings: HeldOutSettings, vocabulary: Vocabulary, cache_root: Path) -> HeldOutSet:
     """The held-out sets for ``settings``, from the cache when they were rendered before."""
     path = cache_root / f"heldout-{settings.key()}.npz"
