@@ -28,8 +28,19 @@ def parse_version(version: str) -> tuple[int, int, int]:
     return major, minor, patch
 
 
+class FlatRecord:
+    """A dataclass of plain fields whose JSON object is exactly its fields (nested in a message, validated there)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class Frontend:
+class Frontend(FlatRecord):
     """The feature front end a model was trained with (python_speech_features parameters)."""
 
     kind: str
@@ -59,16 +70,9 @@ class Frontend:
     energy_floor: float = 1.0
     """Filterbank energies (16-bit PCM units) are floored at this before the log, so silence stays finite."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        return cls(**data)
-
 
 @dataclass(frozen=True)
-class Detection:
+class Detection(FlatRecord):
     """How a device turns the model's scores into decisions; tuned at training time, shipped with the model."""
 
     wake_label: str
@@ -83,13 +87,6 @@ class Detection:
     """After a wake, no other wake for this long (seconds)."""
     command_threshold: float
     """A command scored at or above this is decided on the device; below it, the cloud decides (0-1)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
