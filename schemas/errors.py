@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     ASR_UNAVAILABLE = "asr_unavailable"
     ASR_FAILED = "asr_failed"
     CLOUD_TIMEOUT = "cloud_timeout"
+    NOT_UNDERSTOOD = "not_understood"
     INTERNAL_ERROR = "internal_error"
 
 
