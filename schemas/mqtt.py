@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,29 @@ class PublishRefused(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """TLS towards the broker: the CA that signed the broker's certificate, and this client's own certificate."""
+
+    ca_file: str
+    """PEM file of the CA certificate(s) the broker's certificate must chain to."""
+    cert_file: str | None = None
+    """PEM file of this client's certificate, for brokers that require one (its CN is the client's identity)."""
+    key_file: str | None = None
+    """PEM file of the private key of ``cert_file``; None when the key is inside ``cert_file``."""
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: the broker's certificate and host name verified, TLS 1.2 at least."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file is not None:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as error:
+            raise BrokerUnavailable(f"cannot use the TLS files {self}: {error}") from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+
+@dataclass(frozen=True)
 class BrokerSettings:
     """Where the broker is and how long to wait for it."""
 
@@ -45,6 +69,8 @@ class BrokerSettings:
     """MQTT keep-alive (seconds); the Last Will fires after about 1.5 times this without traffic."""
     connect_timeout_s: float = 10.0
     """How long to wait for CONNACK (seconds)."""
+    tls: TlsSettings | None = None
+    """TLS settings; None for a plain TCP connection (the loopback development broker)."""
 
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +115,8 @@ class MqttLink:
             self._client.will_set(
                 topic, envelope.payload, qos=will.spec.qos, retain=will.spec.retain, properties=envelope.properties()
             )
+        if broker.tls is not None:
+            self._client.tls_set_context(broker.tls.context())
         connect_properties = Properties(PacketTypes.CONNECT)
         connect_properties.SessionExpiryInterval = session_expiry_s
         try:
