@@ -7,7 +7,10 @@ import logging
 import sys
 import time
 
-CONTEXT_FIELDS = ("device_id", "utterance_id", "topic", "code", "port")
+CONTEXT_FIELDS = (
+    "device_id", "utterance_id", "topic", "code", "port",
+    "intent", "confidence", "score", "time_s", "detail", "duration_ms",
+)  # fmt: skip
 """``extra=`` keys copied into each line when a log call gives them."""
 
 

@@ -1,0 +1,351 @@
+"""The device's settings: frozen dataclasses grouped by concern, read from one TOML file.
+
+Every field has a default, so an empty file is a working configuration (the shipped
+model, the default microphone, the loopback broker). ``device/config.example.toml``
+documents each field; a test keeps it loadable and in step with these classes.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import dacite
+
+from schemas.audio import MAX_UTTERANCE_S
+from schemas.errors import ProtocolError
+from schemas.mqtt import BrokerSettings, TlsSettings
+from schemas.topics import check_identifier
+
+
+class SettingsError(ValueError):
+    """A configuration that cannot be used; the message names the file and the setting."""
+
+
+class AudioSourceKind(StrEnum):
+    """Where the device's audio comes from."""
+
+    MICROPHONE = "microphone"
+    """A sound card input, through sounddevice (PortAudio)."""
+    FILE = "file"
+    """Recordings (WAV, FLAC, OGG), played one after the other as one stream."""
+    STDIN = "stdin"
+    """Raw signed 16-bit little-endian mono PCM on standard input."""
+
+
+class DenoiseMode(StrEnum):
+    """Where RNNoise runs."""
+
+    OFF = "off"
+    """Never."""
+    UTTERANCE = "utterance"
+    """On each captured utterance, before the command model: no cost while idle."""
+    ALWAYS = "always"
+    """On the whole stream, before the wake detector too: helps in steady noise, costs CPU all day."""
+
+
+class UploadPolicy(StrEnum):
+    """Whether audio may leave the device."""
+
+    UNCERTAIN = "uncertain"
+    """Utterances the device is unsure of are sent to the cloud as Opus."""
+    NEVER = "never"
+    """No audio ever leaves the device; unsure utterances are reported as not understood."""
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """The audio input."""
+
+    source: AudioSourceKind = AudioSourceKind.MICROPHONE
+    """microphone, file or stdin."""
+    input_device: str | int | None = None
+    """Microphone: an input's index, or a case-insensitive part of its name; None for the system default."""
+    files: tuple[str, ...] = ()
+    """File source: the recordings to play, in order (paths relative to the config file)."""
+    stdin_sample_rate: int = 16000
+    """Stdin source: sample rate (hertz) of the raw PCM; resampled to 16 kHz when different."""
+    block_ms: int = 30
+    """Audio is read in blocks of this many milliseconds."""
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.block_ms <= 1000:
+            raise SettingsError(f"audio.block_ms must be between 10 and 1000, not {self.block_ms}")
+        if self.source == AudioSourceKind.FILE and not self.files:
+            raise SettingsError("audio.files must name at least one recording when audio.source is 'file'")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The on-device model and the decisions it makes."""
+
+    directory: str | None = None
+    """Model package directory (model.tflite + manifest.json); None for the model shipped with mqvox."""
+    vocabulary: str | None = None
+    """Vocabulary TOML the model's labels come from; None for the one shipped with mqvox."""
+    wake_threshold: float | None = None
+    """Smoothed wake score needed to wake, in (0, 1]; None for the threshold tuned with the model."""
+    command_threshold: float | None = None
+    """Command score needed to decide on the device, in (0, 1]; None for the model's own."""
+    num_threads: int = 1
+    """TFLite interpreter threads; one keeps a small device's other cores free."""
+
+    def __post_init__(self) -> None:
+        for name in ("wake_threshold", "command_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise SettingsError(f"model.{name} must be in (0, 1], not {value}")
+        if self.num_threads < 1:
+            raise SettingsError(f"model.num_threads must be at least 1, not {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """Capturing the utterance after the wake word, with webrtcvad endpointing."""
+
+    vad_aggressiveness: int = 2
+    """webrtcvad mode, 0 (keeps most audio as speech) to 3 (most aggressive filtering of non-speech)."""
+    vad_frame_ms: int = 30
+    """webrtcvad frame length: 10, 20 or 30 milliseconds."""
+    speech_onset_ms: int = 90
+    """Speech starts after this much consecutive voiced audio."""
+    wake_gap_ms: int = 60
+    """The wake fires before the wake phrase is over: voiced audio right after it is the phrase's tail, up to the
+    first pause of this length."""
+    max_wake_tail_ms: int = 600
+    """A wake phrase tail longer than this is taken to run straight into the command, which starts there."""
+    pre_roll_ms: int = 300
+    """Audio kept from before the detected onset, so the first syllable is not cut (never from before the wake)."""
+    trailing_silence_ms: int = 600
+    """The utterance ends after this much consecutive unvoiced audio."""
+    max_utterance_s: float = 5.0
+    """The utterance ends after this long, speaking or not."""
+    speech_timeout_s: float = 4.0
+    """After a wake, give up if no speech starts within this many seconds."""
+
+    def __post_init__(self) -> None:
+        if self.vad_aggressiveness not in (0, 1, 2, 3):
+            raise SettingsError(f"capture.vad_aggressiveness must be 0, 1, 2 or 3, not {self.vad_aggressiveness}")
+        if self.vad_frame_ms not in (10, 20, 30):
+            raise SettingsError(f"capture.vad_frame_ms must be 10, 20 or 30, not {self.vad_frame_ms}")
+        for name in ("speech_onset_ms", "trailing_silence_ms", "wake_gap_ms"):
+            if getattr(self, name) < self.vad_frame_ms:
+                raise SettingsError(f"capture.{name} must be at least one VAD frame ({self.vad_frame_ms} ms)")
+        if self.max_wake_tail_ms < 0:
+            raise SettingsError(f"capture.max_wake_tail_ms must not be negative, not {self.max_wake_tail_ms}")
+        if self.pre_roll_ms < 0:
+            raise SettingsError(f"capture.pre_roll_ms must not be negative, not {self.pre_roll_ms}")
+        if not 0.5 <= self.max_utterance_s <= MAX_UTTERANCE_S:
+            raise SettingsError(
+                f"capture.max_utterance_s must be between 0.5 and {MAX_UTTERANCE_S:.0f} (the protocol's limit),"
+                f" not {self.max_utterance_s}"
+            )
+        if self.speech_timeout_s <= 0:
+            raise SettingsError(f"capture.speech_timeout_s must be positive, not {self.speech_timeout_s}")
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """Asking the cloud about utterances the device is unsure of."""
+
+    upload: UploadPolicy = UploadPolicy.UNCERTAIN
+    """uncertain: send unsure utterances as Opus; never: keep all audio on the device."""
+    timeout_s: float = 10.0
+    """How long to wait for the cloud's result before publishing a cloud_timeout result."""
+    max_in_flight: int = 4
+    """Cloud requests waiting for an answer at once; further unsure utterances wait their turn."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise SettingsError(f"cloud.timeout_s must be positive, not {self.timeout_s}")
+        if self.max_in_flight < 1:
+            raise SettingsError(f"cloud.max_in_flight must be at least 1, not {self.max_in_flight}")
+
+
+_ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+@dataclass(frozen=True)
+class ActionSettings:
+    """What to run when an intent is recognised: a shell command or a Python entry point, not both."""
+
+    command: str | None = None
+    """Shell command, run by /bin/sh with MQVOX_INTENT, MQVOX_SLOTS (JSON), MQVOX_SLOT_<NAME>, MQVOX_SOURCE,
+    MQVOX_CONFIDENCE, MQVOX_DEVICE_ID and MQVOX_UTTERANCE_ID in its environment."""
+    entry_point: str | None = None
+    """Python callable as ``package.module:function``, called as ``function(intent=..., slots=...)``."""
+    timeout_s: float = 10.0
+    """A shell command still running after this many seconds is killed and counted as failed."""
+
+    def __post_init__(self) -> None:
+        if (self.command is None) == (self.entry_point is None):
+            raise SettingsError("an action needs exactly one of 'command' or 'entry_point'")
+        if self.entry_point is not None and not _ENTRY_POINT.fullmatch(self.entry_point):
+            raise SettingsError(f"action entry_point must read 'package.module:function', not {self.entry_point!r}")
+        if self.timeout_s <= 0:
+            raise SettingsError(f"action timeout_s must be positive, not {self.timeout_s}")
+
+
+ANY_INTENT = "*"
+"""Key of the action run for intents that have no action of their own."""
+
+
+def _default_device_id() -> str:
+    # The host name is what an installer sees on a fleet; characters topics cannot carry become '-'.
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "mqvox-device"
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Everything ``python -m device run`` needs."""
+
+    device_id: str = field(default_factory=_default_device_id)
+    """This device's id, in its topics (letters, digits, '_', '-', '.'); defaults to the host name."""
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    """The MQTT broker, with [broker.tls] for TLS and a client certificate."""
+    audio: AudioSettings = field(default_factory=AudioSettings)
+    """The audio input."""
+    model: ModelSettings = field(default_factory=ModelSettings)
+    """The model and its thresholds."""
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
+    """Utterance capture after the wake word."""
+    denoise: DenoiseMode = DenoiseMode.UTTERANCE
+    """RNNoise: off, utterance (on each captured utterance) or always (on the whole stream)."""
+    cloud: CloudSettings = field(default_factory=CloudSettings)
+    """Upload policy and the cloud's timeout."""
+    actions: Mapping[str, ActionSettings] = field(default_factory=dict)
+    """Action per intent name; the key "*" is the action for every intent without its own."""
+    status_interval_s: float = 60.0
+    """The retained status (uptime, counters) is refreshed this often."""
+
+    def __post_init__(self) -> None:
+        try:
+            check_identifier("device_id", self.device_id)
+        except ProtocolError as error:
+            raise SettingsError(f"device_id: {error.reason}") from None
+        if self.status_interval_s <= 0:
+            raise SettingsError(f"status_interval_s must be positive, not {self.status_interval_s}")
+
+
+def _number(value: Any) -> float:
+    # TOML writes 10 for 10.0; accept both, but never a string.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise dacite.WrongTypeError(float, value)
+    return float(value)
+
+
+class _NotAChoice(dacite.DaciteFieldError):
+    """A string outside an enum's values; dacite adds the field's dotted path."""
+
+    def __init__(self, choices: type[StrEnum], value: Any) -> None:
+        super().__init__()
+        self.choices = choices
+        self.value = value
+
+    def __str__(self) -> str:
+        allowed = ", ".join(repr(str(choice)) for choice in self.choices)
+        return f'"{self.field_path}" must be one of {allowed}, not {self.value!r}'
+
+
+def _choice(choices: type[StrEnum]):
+    def convert(value: Any) -> StrEnum:
+        try:
+            return choices(value)
+        except ValueError:
+            raise _NotAChoice(choices, value) from None
+
+    return convert
+
+
+_DACITE = dacite.Config(
+    strict=True,
+    type_hooks={float: _number} | {kind: _choice(kind) for kind in (AudioSourceKind, DenoiseMode, UploadPolicy)},
+    cast=[tuple],
+)
+
+
+def _unknown_keys(cls: type, table: Mapping[str, Any], where: str) -> list[str]:
+    """Dotted names of keys in ``table`` that ``cls`` has no field for, at any depth."""
+    hints = typing.get_type_hints(cls)
+    known = {item.name for item in fields(cls)}
+    unknown = [f"{where}{key}" for key in table if key not in known]
+    for key in known & set(table):
+        kind, value = hints[key], table[key]
+        if not isinstance(value, Mapping):
+            continue  # a wrong type, which dacite reports
+        if typing.get_origin(kind) is Mapping:
+            item_class = typing.get_args(kind)[1]
+            for name, item in value.items():
+                if isinstance(item, Mapping):
+                    unknown += _unknown_keys(item_class, item, f"{where}{key}.{name}.")
+        else:
+            # A nested settings class, or an optional one (TlsSettings | None).
+            nested = [arg for arg in (kind, *typing.get_args(kind)) if is_dataclass(arg)]
+            if nested:
+                unknown += _unknown_keys(nested[0], value, f"{where}{key}.")
+    return unknown
+
+
+def settings_from_dict(data: Mapping[str, Any], where: str = "settings") -> DeviceSettings:
+    """Build and check DeviceSettings from a parsed TOML document; SettingsError names what is wrong."""
+    unknown = _unknown_keys(DeviceSettings, data, "")
+    if unknown:
+        raise SettingsError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    data = dict(data)
+    actions = data.pop("actions", {})
+    if not isinstance(actions, Mapping):
+        raise SettingsError(f"{where}: actions must be a table of intent = {{command or entry_point}}")
+    try:
+        # Built one by one, so an error names its intent.
+        built = {intent: _build(ActionSettings, action, f"actions.{intent}") for intent, action in actions.items()}
+        return replace(_build(DeviceSettings, data, ""), actions=built)
+    except SettingsError as error:
+        raise SettingsError(f"{where}: {error}") from None
+
+
+def _build(cls: type, data: Any, path: str):
+    if not isinstance(data, Mapping):
+        raise SettingsError(f"{path} must be a table, not {data!r}")
+    try:
+        return dacite.from_dict(cls, dict(data), _DACITE)
+    except dacite.DaciteError as error:
+        raise SettingsError(str(error)) from None
+    except SettingsError as error:
+        raise SettingsError(f"{path}: {error}" if path else str(error)) from None
+
+
+def load_settings(path: str | Path) -> DeviceSettings:
+    """Read a device config file. Relative file paths in it are taken relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SettingsError(f"cannot read config {path}: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise SettingsError(f"config {path} is not valid TOML: {error}") from None
+    settings = settings_from_dict(data, str(path))
+    return _resolve_paths(settings, path.parent)
+
+
+def _resolve_paths(settings: DeviceSettings, base: Path) -> DeviceSettings:
+    def resolve(value: str | None) -> str | None:
+        return None if value is None else str((base / Path(value).expanduser()).resolve())
+
+    tls = settings.broker.tls
+    if tls is not None:
+        tls = TlsSettings(resolve(tls.ca_file), resolve(tls.cert_file), resolve(tls.key_file))
+    return replace(
+        settings,
+        broker=replace(settings.broker, tls=tls),
+        audio=replace(settings.audio, files=tuple(resolve(name) for name in settings.audio.files)),
+        model=replace(
+            settings.model, directory=resolve(settings.model.directory), vocabulary=resolve(settings.model.vocabulary)
+        ),
+    )
