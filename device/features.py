@@ -12,10 +12,8 @@ import numpy as np
 import python_speech_features
 from python_speech_features import sigproc
 
+from device.recording import PCM_SCALE
 from schemas.model import Frontend
-
-PCM_SCALE = 32768.0
-"""Float samples in [-1, 1] are scaled to 16-bit PCM units before analysis, so energies do not depend on the dtype."""
 
 WINDOWS = {"hamming": np.hamming, "hann": np.hanning, "rectangular": np.ones}
 """Analysis windows a front end may name."""
@@ -116,6 +114,7 @@ class StreamingFrontend:
 
     def push(self, audio: np.ndarray) -> np.ndarray:
         """Add samples (float in [-1, 1]); return the newly completed frames, [n, num_features] float32."""
+        # Scaled to PCM units (as in training), so energies do not depend on the sample dtype.
         samples = np.asarray(audio, np.float64) * PCM_SCALE
         if samples.size == 0:
             return np.zeros((0, self.frontend.num_features), np.float32)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from math import gcd
 from pathlib import Path
 
 import numpy as np
 import soundfile
+import soxr
 
 DEVICE_SAMPLE_RATE = 16000
 """Rate (hertz) the device's front end and uploads use."""
+
+PCM_SCALE = 32768.0
+"""Full scale of signed 16-bit PCM: float samples in [-1, 1] times this are PCM units."""
 
 
 class RecordingError(ValueError):
@@ -28,8 +31,6 @@ def read_recording(path: str | Path, sample_rate: int = DEVICE_SAMPLE_RATE) -> n
     if not np.all(np.isfinite(mono)):
         raise RecordingError(f"{path} holds NaN or infinite samples")
     if rate != sample_rate:
-        from scipy.signal import resample_poly  # only when a file is not at the device rate
-
-        divisor = gcd(rate, sample_rate)
-        mono = resample_poly(mono, sample_rate // divisor, rate // divisor).astype(np.float32)
+        # soxr, as the streaming sources in audio_sources.py use, so a file reads the same either way.
+        mono = soxr.resample(mono, rate, sample_rate)
     return mono
