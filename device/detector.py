@@ -74,7 +74,9 @@ class WakeDetector:
         events = []
         detection = self.package.detection
         step_s = self.package.frontend.step_s
-        for frame in self.frontend.push(audio):
+        frames = self.frontend.push(audio)
+        first_frame = self.frontend.frames_emitted - len(frames)
+        for index, frame in enumerate(frames):
             self._frames = np.roll(self._frames, -1, axis=0)
             self._frames[-1] = frame
             self._filled = min(self._filled + 1, len(self._frames))
@@ -86,7 +88,8 @@ class WakeDetector:
             self._recent = [*self._recent, float(self.classifier(self._frames)[self.wake_index])]
             self._recent = self._recent[-detection.smoothing_windows :]
             score = self.last_score = float(np.mean(self._recent))
-            now = self.frontend.frames_emitted * step_s
+            # The time of this frame, not of the end of the pushed audio: wakes do not depend on block size.
+            now = (first_frame + index + 1) * step_s
             if score >= detection.wake_threshold and now - self._last_wake_s >= detection.refractory_s:
                 self._last_wake_s = now
                 events.append(WakeEvent(time_s=round(now, 3), score=round(score, 4)))

@@ -98,3 +98,15 @@ def make_utterance(device_id: str, path: Path = IN_VOCABULARY_SAMPLE, **changes)
         "audio": encode_opus(samples, 16000),
     }
     return Utterance(**(fields | changes))
+
+
+@pytest.fixture(scope="session")
+def local_model():
+    """The shipped model, loaded and checked as a device loads it."""
+    from device.local_model import load_local_model
+
+    return load_local_model()
+
+
+COMMAND_START_S = 1.8
+"""In IN_VOCABULARY_SAMPLE, the wake phrase is over and the request not yet begun here (samples/render.py)."""
