@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.detector import WakeDetector, decide_command, utterance_window, wake_scores
+from device.detector import WakeDetector, count_wakes, decide_command, utterance_window, wake_scores
 from device.inference import TfliteClassifier
 from device.recording import read_recording
 from firmware_tools.package import vocabulary_sha256
@@ -71,21 +71,23 @@ def _padded(sample: str) -> tuple[np.ndarray, int]:
     return np.concatenate((padding, speech, padding)), len(padding) + len(speech)
 
 
-def test_the_wake_score_peaks_where_a_held_out_voice_says_the_wake_phrase(
+def test_a_held_out_voice_wakes_it_once_where_it_says_the_wake_phrase(
     package: ModelPackage, model: TfliteClassifier
 ) -> None:
-    # Both recordings start with "hey jarvis" (about 0.9 s) after 1 s of padding. The shipped threshold is not
-    # asserted here: at it, recall on held-out voices is what evaluation.json says, and these two clips score below.
+    # Both recordings (samples/render.py) say "hey jarvis" from 0.5 s to about 1.6 s, then pause for 0.4 s; with
+    # 1 s of padding the phrase ends near 2.6 s. At the shipped threshold the model wakes on it, once.
+    threshold = package.detection.wake_threshold
     for sample in ("hey_jarvis_turn_on_the_lights.flac", "hey_jarvis_weather_tomorrow.flac"):
         audio, _ = _padded(sample)
         scores = wake_scores(model, package, audio)
         step_s = package.detection.stride_frames * package.frontend.step_s
         window_s = package.frontend.frames * package.frontend.step_s
         ends = window_s + step_s * np.arange(len(scores))
-        around_phrase = scores[(ends > 1.7) & (ends < 2.4)]
-        elsewhere = scores[(ends < 1.5) | (ends > 3.0)]
-        assert around_phrase.max() > 0.8, around_phrase
+        around_phrase = scores[(ends > 2.1) & (ends < 2.9)]
+        assert around_phrase.max() >= threshold, around_phrase
+        elsewhere = scores[(ends < 2.0) | (ends > 3.5)]
         assert elsewhere.max() < 0.2, elsewhere
+        assert count_wakes(scores, threshold, step_s, package.detection.refractory_s) == 1
 
 
 @pytest.mark.parametrize(
