@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from device.audio_sources import AudioSourceError, FileSource, open_configured_source
+from device.capture import NoSpeech
 from device.cloud_client import CloudClient
+from device.detector import WakeEvent
+from device.local_model import LocalModel, ModelUnavailable, load_local_model
+from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
 from device.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
+from device.settings import DenoiseMode, DeviceSettings, SettingsError, load_settings
 from schemas.audio import encode_opus
 from schemas.errors import ProtocolError
 from schemas.logfmt import configure_logging
@@ -19,6 +27,7 @@ from schemas.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, brok
 from schemas.status import DeviceState
 from schemas.topics import check_identifier
 from schemas.utterance import UploadReason, Utterance, new_utterance_id
+from schemas.vocabulary import load_vocabulary
 
 log = logging.getLogger("device")
 
@@ -69,6 +78,102 @@ def send(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _settings(args: argparse.Namespace) -> DeviceSettings:
+    return load_settings(args.config) if args.config is not None else DeviceSettings()
+
+
+def _model(settings: DeviceSettings) -> LocalModel:
+    model = settings.model
+    vocabulary = load_vocabulary(model.vocabulary) if model.vocabulary is not None else None
+    return load_local_model(
+        model.directory,
+        vocabulary,
+        wake_threshold=model.wake_threshold,
+        command_threshold=model.command_threshold,
+        num_threads=model.num_threads,
+    )
+
+
+def event_line(path: Path, event: WakeEvent | CommandEvent) -> dict:
+    """The JSON line ``detect`` prints for one event.
+
+    A command the device is not sure of (decision ``cloud``) has intent null: the
+    device did not recognise it, and its guesses are in ``alternatives``.
+    """
+    if isinstance(event, WakeEvent):
+        return {"event": "wake", "file": str(path), "time_s": event.time_s, "score": event.score}
+    return {
+        "event": "command",
+        "file": str(path),
+        "time_s": round(event.time_s, 3),
+        "intent": event.intent if event.local else None,
+        "slots": dict(event.slots) if event.local else {},
+        "confidence": event.decision.confidence,
+        "alternatives": [
+            {"label": best.label, "intent": best.intent, "slots": dict(best.slots), "score": best.score}
+            for best in event.alternatives
+        ],
+        "decision": "edge" if event.local else "cloud",
+    }
+
+
+def detect(args: argparse.Namespace) -> int:
+    """Run the device pipeline over each file with no broker; print one line per wake and command."""
+    settings = _settings(args)
+    if args.model is not None:
+        settings = replace(settings, model=replace(settings.model, directory=str(args.model)))
+    denoise = DenoiseMode(args.denoise) if args.denoise is not None else settings.denoise
+    model = _model(settings)
+    block_samples = model.package.frontend.sample_rate * settings.audio.block_ms // 1000
+    failures = 0
+    for path in args.files:
+        pipeline = ListeningPipeline(model, settings.capture, denoise, skip_wake=args.skip_wake)
+        events: list = []
+        try:
+            with FileSource(path, block_samples) as source:
+                for block in source.blocks():
+                    events += pipeline.push(block)
+        except AudioSourceError as error:
+            failures += 1
+            _print(args, {"event": "error", "file": str(path), "error": str(error)})
+            continue
+        events += pipeline.finish()
+        for event in events:
+            if not isinstance(event, NoSpeech):
+                _print(args, event_line(path, event))
+    return 1 if failures else 0
+
+
+def _print(args: argparse.Namespace, line: dict) -> None:
+    if args.json:
+        print(json.dumps(line), flush=True)
+    elif line["event"] == "wake":
+        print(f"{line['file']}  {line['time_s']:7.2f} s  wake      score {line['score']:.4f}", flush=True)
+    elif line["event"] == "command":
+        slots = f" {line['slots']}" if line["slots"] else ""
+        print(
+            f"{line['file']}  {line['time_s']:7.2f} s  command   {line['intent']}{slots}"
+            f"  confidence {line['confidence']:.4f}  -> {line['decision']}",
+            flush=True,
+        )
+    else:
+        print(f"{line['file']}  error: {line['error']}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the device online, as configured, until its audio ends or it is told to stop."""
+    from device.runtime import DeviceRuntime  # only the online path needs MQTT and the actions
+
+    settings = load_settings(args.config)
+    model = _model(settings)
+    source = open_configured_source(settings.audio, stdin=sys.stdin.buffer)
+    runtime = DeviceRuntime(settings, model)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: runtime.stop())
+    runtime.run(source)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m device", description="The mqvox device.")
     parser.add_argument("--log-level", default="WARNING", help="log level (logs are JSON lines on stderr)")
@@ -87,11 +192,40 @@ def main(argv: list[str] | None = None) -> int:
     sender.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
     sender.set_defaults(run=send)
 
+    detector = commands.add_parser(
+        "detect",
+        help="run the device pipeline over recordings, offline, and print its wake and command events",
+        description="Run the same pipeline as the device (streaming features, wake model, VAD capture, RNNoise, "
+        "command model, edge/cloud decision) over each recording, with no broker. Prints one line per event; "
+        "with --json: {event: wake, file, time_s, score} and {event: command, file, time_s, intent, slots, "
+        "confidence, alternatives, decision} where decision is edge or cloud.",
+    )
+    detector.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    detector.add_argument(
+        "--skip-wake",
+        action="store_true",
+        help="no wake stage: each file is one utterance for the command model (one command event per file)",
+    )
+    detector.add_argument("--json", action="store_true", help="one JSON object per line")
+    detector.add_argument("--config", type=Path, help="device config TOML (capture, denoise, model settings)")
+    detector.add_argument("--model", type=Path, help="model package directory (default: the shipped model)")
+    detector.add_argument("--denoise", choices=[str(mode) for mode in DenoiseMode], help="override the RNNoise mode")
+    detector.set_defaults(run=detect)
+
+    runner = commands.add_parser(
+        "run",
+        help="run the device online: listen, wake, decide, publish results, ask the cloud when unsure",
+        description="Run the device as configured (see device/config.example.toml) until its audio ends "
+        "or it receives SIGTERM/SIGINT. Logs are JSON lines on stderr.",
+    )
+    runner.add_argument("--config", type=Path, required=True, help="device config TOML")
+    runner.set_defaults(run=run)
+
     args = parser.parse_args(argv)
     configure_logging("device", args.log_level)
     try:
         return args.run(args)
-    except (BrokerUnavailable, ProtocolError) as error:
+    except (BrokerUnavailable, ProtocolError, SettingsError, ModelUnavailable, AudioSourceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,12 @@ def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     ("package", "subcommands"),
-    [("device", ["send"]), ("cloud_worker", ["serve"]), ("firmware_tools", ["vocab"]), ("broker_config", ["start"])],
+    [
+        ("device", ["send", "detect", "run"]),
+        ("cloud_worker", ["serve"]),
+        ("firmware_tools", ["vocab"]),
+        ("broker_config", ["start"]),
+    ],
 )
 def test_entry_points_have_help(package: str, subcommands: list[str]) -> None:
     shown = python_m(package, "--help")

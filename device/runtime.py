@@ -1,0 +1,220 @@
+"""The device online: the listening pipeline, connected to the broker, acting on what it understands.
+
+A confident command becomes an edge result at once, then its local action. An
+uncertain or out-of-vocabulary utterance goes to the cloud as Opus over MQTT 5
+request/response, on a pool of threads so that listening never waits for the
+cloud; the answer (or a ``cloud_timeout`` result) follows. With ``upload = never``
+no audio leaves the device, and the utterance is reported as ``not_understood``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from device.actions import ActionRequest, ActionRunner
+from device.audio_sources import AudioSource
+from device.capture import NoSpeech
+from device.cloud_client import CloudClient
+from device.detector import WakeEvent
+from device.local_model import LocalModel
+from device.pipeline import CommandEvent, ListeningPipeline
+from device.presence import Presence
+from device.settings import DeviceSettings, UploadPolicy
+from schemas.audio import encode_opus
+from schemas.errors import ErrorCode, ProtocolError
+from schemas.mqtt import MqttLink, PublishRefused
+from schemas.protocol import Message
+from schemas.result import ErrorInfo, Result, Source
+from schemas.status import DeviceState
+from schemas.utterance import Hypothesis, UploadReason, Utterance, new_utterance_id
+
+log = logging.getLogger(__name__)
+
+
+class DeviceRuntime:
+    """One device process: ``run(source)`` listens until the source ends or ``stop()`` is called."""
+
+    def __init__(self, settings: DeviceSettings, model: LocalModel) -> None:
+        self.settings = settings
+        self.model = model
+        self.device_id = settings.device_id
+        self.presence = Presence(settings.device_id, model.version)
+        self.actions = ActionRunner(settings.actions)
+        self.pipeline = ListeningPipeline(model, settings.capture, settings.denoise)
+        self._stopping = threading.Event()
+        self._counter_lock = threading.Lock()
+        self._link: MqttLink | None = None
+        self._cloud: CloudClient | None = None
+        self._source: AudioSource | None = None
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to one of the counters that the status reports."""
+        with self._counter_lock:
+            self.presence.counters[name] += amount
+
+    def stop(self) -> None:
+        """Stop listening (from a signal handler or another thread); ``run`` then finishes and returns."""
+        self._stopping.set()
+        if self._source is not None:
+            self._source.close()
+
+    def run(self, source: AudioSource) -> None:
+        """Connect, announce online, listen to ``source`` until it ends or stop(), then announce offline."""
+        self._source = source
+        settings = self.settings
+        with MqttLink(self.device_id, settings.broker, will=self.presence.last_will()) as link:
+            self._link = link
+            if settings.cloud.upload == UploadPolicy.UNCERTAIN:
+                self._cloud = CloudClient(link, self.device_id)
+            self._send(self._status(DeviceState.ONLINE))
+            log.info("listening", extra={"device_id": self.device_id})
+            status_thread = threading.Thread(target=self._refresh_status, name="status", daemon=True)
+            status_thread.start()
+            cloud_pool = ThreadPoolExecutor(settings.cloud.max_in_flight, thread_name_prefix="cloud")
+            try:
+                for block in source.blocks():
+                    if self._stopping.is_set():
+                        break
+                    for event in self.pipeline.push(block):
+                        self._handle(event, cloud_pool)
+                for event in self.pipeline.finish():
+                    self._handle(event, cloud_pool)
+            finally:
+                # Answers already asked for are still awaited (at most cloud.timeout_s), and their actions run.
+                cloud_pool.shutdown(wait=True)
+                self.actions.close(wait=True)
+                self._stopping.set()
+                status_thread.join()
+                self._send(self._status(DeviceState.OFFLINE))
+                log.info("stopped", extra={"device_id": self.device_id})
+
+    def _status(self, state: DeviceState):
+        with self._counter_lock:
+            self.presence.counters.update(self.actions.counts)
+            self.actions.counts.clear()
+            for name in ("dropped_blocks", "input_overflows"):
+                if hasattr(self._source, name):
+                    self.presence.counters[f"audio_{name}"] = getattr(self._source, name)
+            return self.presence.status(state)
+
+    def _refresh_status(self) -> None:
+        while not self._stopping.wait(self.settings.status_interval_s):
+            self._send(self._status(DeviceState.ONLINE))
+
+    def _send(self, message: Message) -> bool:
+        assert self._link is not None
+        try:
+            self._link.send(message)
+            return True
+        except (PublishRefused, TimeoutError, ProtocolError) as error:
+            # Kept for the outbox of a later version; for now the loss is logged and counted.
+            self.count("publish_failures")
+            log.error("publish failed: %s", error, extra={"device_id": self.device_id})
+            return False
+
+    def _handle(self, event: WakeEvent | NoSpeech | CommandEvent, cloud_pool: ThreadPoolExecutor) -> None:
+        if isinstance(event, WakeEvent):
+            self.count("wakes")
+            log.info("wake", extra={"device_id": self.device_id, "time_s": event.time_s, "score": event.score})
+        elif isinstance(event, NoSpeech):
+            self.count("no_speech")
+            log.info("wake without speech", extra={"device_id": self.device_id})
+        elif event.local:
+            self._answer_locally(event)
+        elif self._cloud is None:
+            self._not_understood(event)
+        else:
+            cloud_pool.submit(self._ask_cloud, event, new_utterance_id())
+
+    def _answer_locally(self, event: CommandEvent) -> None:
+        utterance_id = new_utterance_id()
+        result = Result(
+            device_id=self.device_id,
+            utterance_id=utterance_id,
+            source=Source.EDGE,
+            transcript=None,
+            intent=event.intent,
+            slots=dict(event.slots),
+            confidence=event.decision.confidence,
+            timings_ms=event.timings_ms | {"total": _ms_since(event.utterance.endpointed_at)},
+        )
+        if self._send(result):
+            self.count("edge_results")
+        log.info("edge result", extra=self._context(utterance_id, event))
+        self._act(event.intent, event.slots, Source.EDGE, event.decision.confidence, utterance_id)
+
+    def _not_understood(self, event: CommandEvent) -> None:
+        utterance_id = new_utterance_id()
+        guess, score = event.decision.alternatives[0]
+        error = ErrorInfo(
+            ErrorCode.NOT_UNDERSTOOD,
+            f"the device was unsure (best guess {guess} at {score:.2f}) and its upload policy is never",
+        )
+        timings = event.timings_ms | {"total": _ms_since(event.utterance.endpointed_at)}
+        if self._send(Result.failure(self.device_id, utterance_id, Source.EDGE, error, timings)):
+            self.count("not_understood")
+        log.info("not understood, audio kept on the device", extra=self._context(utterance_id, event))
+
+    def _ask_cloud(self, event: CommandEvent, utterance_id: str) -> None:
+        assert self._cloud is not None
+        captured = event.utterance
+        try:
+            utterance = Utterance(
+                device_id=self.device_id,
+                utterance_id=utterance_id,
+                sample_rate=captured.sample_rate,
+                duration_s=round(captured.duration_s, 3),
+                hypotheses=tuple(
+                    Hypothesis(guess.intent, dict(guess.slots), guess.score) for guess in event.alternatives
+                ),
+                model_version=self.model.version,
+                reason=UploadReason.OUT_OF_VOCABULARY if event.intent is None else UploadReason.LOW_CONFIDENCE,
+                audio=encode_opus(captured.audio, captured.sample_rate),
+            )
+            self.count("cloud_requests")
+            log.info("asking the cloud", extra=self._context(utterance_id, event))
+            result = self._cloud.ask(utterance, timeout_s=self.settings.cloud.timeout_s)
+        except (ProtocolError, PublishRefused, TimeoutError) as error:
+            self.count("cloud_failures")
+            log.error(
+                "cannot ask the cloud: %s", error, extra={"device_id": self.device_id, "utterance_id": utterance_id}
+            )
+            return
+        if result is None:
+            self.count("cloud_timeouts")
+            timeout = ErrorInfo(
+                ErrorCode.CLOUD_TIMEOUT, f"no answer from the cloud within {self.settings.cloud.timeout_s:g} s"
+            )
+            timings = {"total": _ms_since(captured.endpointed_at)}
+            self._send(Result.failure(self.device_id, utterance_id, Source.EDGE, timeout, timings))
+            log.warning("cloud timeout", extra=self._ids(utterance_id))
+            return
+        self.count("cloud_results")
+        log.info(
+            "cloud result", extra={"device_id": self.device_id, "utterance_id": utterance_id, "intent": result.intent}
+        )
+        if result.intent is not None and result.error is None:
+            self._act(result.intent, result.slots, Source.CLOUD, result.confidence, utterance_id)
+
+    def _act(self, intent: str | None, slots, source: Source, confidence: float, utterance_id: str) -> None:
+        if intent is None:
+            return
+        request = ActionRequest(intent, dict(slots), str(source), confidence, self.device_id, utterance_id)
+        self.actions.submit(request)
+
+    def _ids(self, utterance_id: str) -> dict:
+        return {"device_id": self.device_id, "utterance_id": utterance_id}
+
+    def _context(self, utterance_id: str, event: CommandEvent) -> dict:
+        return self._ids(utterance_id) | {
+            "intent": event.intent,
+            "confidence": event.decision.confidence,
+            "time_s": round(event.time_s, 3),
+        }
+
+
+def _ms_since(moment: float) -> float:
+    return round(1000 * (time.perf_counter() - moment), 3)
