@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.features import StreamingFrontend, batch_features, window_samples
+from device.features import StreamingFrontend, frame_step, window_features, window_samples
 from device.inference import TfliteClassifier
 from schemas.model import ModelPackage
 
@@ -55,41 +55,57 @@ class WakeDetector:
         self.package = package
         self.frontend = StreamingFrontend(package.frontend)
         self.wake_index = package.labels.index(package.detection.wake_label)
+        # Audio waits until it completes a stride: the model runs no more often than that, and a few larger
+        # feature computations cost less than many small ones (numpy's per-call overhead dominates at 30 ms).
+        self._batch_samples = package.detection.stride_frames * frame_step(package.frontend)
         self.reset()
 
     def reset(self) -> None:
         """Forget the stream."""
         frontend = self.package.frontend
         self.frontend.reset()
-        self._frames = np.zeros((frontend.frames, frontend.num_features), np.float32)
-        self._filled = 0
-        self._since_run = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_samples = 0
+        self._frames = np.zeros((0, frontend.num_features), np.float32)  # the last frames, oldest first
         self._recent: list[float] = []
         self._last_wake_s = -np.inf
         self.runs = 0
         self.last_score = 0.0
 
+    @property
+    def samples_pending(self) -> int:
+        """Audio pushed but not yet analysed (less than one stride)."""
+        return self._pending_samples
+
     def push(self, audio: np.ndarray) -> list[WakeEvent]:
         """Add audio; return the wakes it completes."""
+        self._pending.append(audio)
+        self._pending_samples += len(audio)
+        if self._pending_samples < self._batch_samples:
+            return []
+        batch = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_samples = [], 0
+        new_frames = self.frontend.push(batch)
+        if len(new_frames) == 0:
+            return []
+        frontend, detection = self.package.frontend, self.package.detection
+        total = self.frontend.frames_emitted  # frames of the whole stream so far
+        self._frames = np.concatenate((self._frames[-frontend.frames :], new_frames))
+        first = total - len(self._frames)  # stream index of self._frames[0]
         events = []
-        detection = self.package.detection
-        step_s = self.package.frontend.step_s
-        frames = self.frontend.push(audio)
-        first_frame = self.frontend.frames_emitted - len(frames)
-        for index, frame in enumerate(frames):
-            self._frames = np.roll(self._frames, -1, axis=0)
-            self._frames[-1] = frame
-            self._filled = min(self._filled + 1, len(self._frames))
-            self._since_run += 1
-            if self._filled < len(self._frames) or self._since_run < detection.stride_frames:
-                continue
-            self._since_run = 0
+        # The model runs once the window is full, then every stride: after frames n = F, F + s, F + 2s, ...
+        due = max(frontend.frames, total - len(new_frames) + 1)
+        offset = (due - frontend.frames) % detection.stride_frames
+        if offset:
+            due += detection.stride_frames - offset
+        for end in range(due, total + 1, detection.stride_frames):
+            window = self._frames[end - frontend.frames - first : end - first]
             self.runs += 1
-            self._recent = [*self._recent, float(self.classifier(self._frames)[self.wake_index])]
+            self._recent = [*self._recent, float(self.classifier(window)[self.wake_index])]
             self._recent = self._recent[-detection.smoothing_windows :]
             score = self.last_score = float(np.mean(self._recent))
             # The time of this frame, not of the end of the pushed audio: wakes do not depend on block size.
-            now = (first_frame + index + 1) * step_s
+            now = end * frontend.step_s
             if score >= detection.wake_threshold and now - self._last_wake_s >= detection.refractory_s:
                 self._last_wake_s = now
                 events.append(WakeEvent(time_s=round(now, 3), score=round(score, 4)))
@@ -139,7 +155,7 @@ def utterance_window(package: ModelPackage, audio: np.ndarray, start: int, end: 
 
 def decide_command(classifier: TfliteClassifier, package: ModelPackage, window_audio: np.ndarray) -> CommandDecision:
     """Classify one utterance window (from :func:`utterance_window`) and decide edge or cloud."""
-    features = batch_features(package.frontend, window_audio)
+    features = window_features(package.frontend, window_audio)
     scores = classifier(features[: package.frontend.frames])
     order = np.argsort(scores)[::-1]
     best = package.labels[order[0]]

@@ -1,16 +1,23 @@
 """The feature front end: log mel filterbank energies, in one batch or streaming chunk by chunk.
 
-Training computes :func:`batch_features` over whole clips; the device computes
-:class:`StreamingFrontend` as audio arrives. Both read their parameters from the
-model's :class:`~schemas.model.Frontend`, so the manifest is the only place they
-are written, and a test holds the two equal.
+Training computes :func:`batch_features` over whole clips with python_speech_features;
+the device computes :class:`StreamingFrontend` as audio arrives. Both read their
+parameters from the model's :class:`~schemas.model.Frontend`, so the manifest is the
+only place they are written, and tests hold the two equal.
+
+The device side does not import python_speech_features: importing it imports
+scipy.fftpack (for a DCT that log filterbanks never use), which costs 28 MB of
+resident memory on a device whose budget is 100 MB. The three pieces the stream
+needs (the mel filterbank, the power spectrum, half-up rounding) are written here
+in numpy, the same formulas; tests/test_features.py holds them equal to the library's.
 """
 
 from __future__ import annotations
 
+import decimal
+from functools import cache
+
 import numpy as np
-import python_speech_features
-from python_speech_features import sigproc
 
 from device.recording import PCM_SCALE
 from schemas.model import Frontend
@@ -40,14 +47,48 @@ def check_frontend(frontend: Frontend) -> None:
         raise UnsupportedFrontend("the analysis window is longer than the FFT")
 
 
+def _round_half_up(number: float) -> int:
+    # As python_speech_features.sigproc.round_half_up: 0.5 rounds up, not to even.
+    return int(decimal.Decimal(number).quantize(decimal.Decimal("1"), rounding=decimal.ROUND_HALF_UP))
+
+
 def frame_length(frontend: Frontend) -> int:
     """Samples in one analysis window."""
-    return int(sigproc.round_half_up(frontend.window_s * frontend.sample_rate))
+    return _round_half_up(frontend.window_s * frontend.sample_rate)
 
 
 def frame_step(frontend: Frontend) -> int:
     """Samples between the starts of consecutive windows."""
-    return int(sigproc.round_half_up(frontend.step_s * frontend.sample_rate))
+    return _round_half_up(frontend.step_s * frontend.sample_rate)
+
+
+def _hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
+    return 2595 * np.log10(1 + np.asarray(hz) / 700.0)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    return 700 * (10 ** (mel / 2595.0) - 1)
+
+
+@cache
+def mel_filterbank(frontend: Frontend) -> np.ndarray:
+    """Triangular mel filters, [num_filters, fft_size // 2 + 1], as python_speech_features.get_filterbanks."""
+    points = np.linspace(_hz_to_mel(frontend.low_hz), _hz_to_mel(frontend.high_hz), frontend.num_filters + 2)
+    bins = np.floor((frontend.fft_size + 1) * _mel_to_hz(points) / frontend.sample_rate)
+    filters = np.zeros((frontend.num_filters, frontend.fft_size // 2 + 1))
+    for index in range(frontend.num_filters):
+        left, centre, right = bins[index : index + 3]
+        rising = np.arange(int(left), int(centre))
+        falling = np.arange(int(centre), int(right))
+        filters[index, rising] = (rising - left) / (centre - left)
+        filters[index, falling] = (right - falling) / (right - centre)
+    filters.flags.writeable = False
+    return filters
+
+
+def power_spectrum(frames: np.ndarray, fft_size: int) -> np.ndarray:
+    """Power spectrum of each row, as python_speech_features.sigproc.powspec."""
+    return np.square(np.abs(np.fft.rfft(frames, fft_size))) / fft_size
 
 
 def window_samples(frontend: Frontend) -> int:
@@ -63,6 +104,8 @@ def complete_frames(frontend: Frontend, num_samples: int) -> int:
 
 def batch_features(frontend: Frontend, audio: np.ndarray) -> np.ndarray:
     """Features of a whole clip, [complete frames, num_features] float32 (python_speech_features.fbank)."""
+    import python_speech_features  # training only: see the module's docstring
+
     check_frontend(frontend)
     count = complete_frames(frontend, len(audio))
     if count == 0:
@@ -101,9 +144,7 @@ class StreamingFrontend:
         self._length = frame_length(frontend)
         self._step = frame_step(frontend)
         self._window = WINDOWS[frontend.window](self._length)
-        self._filterbank = python_speech_features.get_filterbanks(
-            frontend.num_filters, frontend.fft_size, frontend.sample_rate, frontend.low_hz, frontend.high_hz
-        ).T
+        self._filterbank = mel_filterbank(frontend).T
         self.reset()
 
     def reset(self) -> None:
@@ -133,7 +174,12 @@ class StreamingFrontend:
             self._pending = pending
             return np.zeros((0, self.frontend.num_features), np.float32)
         windows = np.lib.stride_tricks.sliding_window_view(pending, self._length)[:: self._step][:count]
-        power = sigproc.powspec(windows * self._window, self.frontend.fft_size)
+        power = power_spectrum(windows * self._window, self.frontend.fft_size)
         self._pending = pending[count * self._step :]
         self.frames_emitted += count
         return _log(self.frontend, power @ self._filterbank)
+
+
+def window_features(frontend: Frontend, audio: np.ndarray) -> np.ndarray:
+    """Features of one stretch of audio, computed as the device streams them (no python_speech_features)."""
+    return StreamingFrontend(frontend).push(audio)

@@ -14,6 +14,11 @@ from device.features import (
     batch_features,
     check_frontend,
     complete_frames,
+    frame_length,
+    frame_step,
+    mel_filterbank,
+    power_spectrum,
+    window_features,
 )
 from device.recording import read_recording
 from schemas.model import Frontend
@@ -82,3 +87,40 @@ def test_too_short_input_gives_no_frames() -> None:
 def test_a_front_end_the_device_cannot_compute_is_refused(change: dict, reason: str) -> None:
     with pytest.raises(UnsupportedFrontend, match=reason):
         check_frontend(dataclasses.replace(FRONTEND, **change))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"num_filters": 20, "num_features": 20}, {"low_hz": 300.0, "high_hz": 3800.0}, {"fft_size": 1024}],
+)
+def test_the_device_front_end_is_python_speech_features_written_in_numpy(changes: dict) -> None:
+    import python_speech_features
+    from python_speech_features import sigproc
+
+    frontend = dataclasses.replace(FRONTEND, **changes)
+    reference = python_speech_features.get_filterbanks(
+        frontend.num_filters, frontend.fft_size, frontend.sample_rate, frontend.low_hz, frontend.high_hz
+    )
+    np.testing.assert_array_equal(mel_filterbank(frontend), reference)
+    frames = np.random.default_rng(1).standard_normal((7, frame_length(frontend)))
+    np.testing.assert_allclose(power_spectrum(frames, frontend.fft_size), sigproc.powspec(frames, frontend.fft_size))
+    for seconds in (0.025, 0.0125, 0.0155, 0.01):  # half-up rounding, not to even
+        assert frame_length(dataclasses.replace(frontend, window_s=seconds)) == sigproc.round_half_up(seconds * 16000)
+    assert frame_step(frontend) == sigproc.round_half_up(frontend.step_s * 16000)
+
+
+def test_window_features_equal_training_features(speech: np.ndarray) -> None:
+    window = speech[16000 : 16000 + 24240]
+    np.testing.assert_allclose(window_features(FRONTEND, window), batch_features(FRONTEND, window), atol=1e-4)
+
+
+def test_the_device_front_end_does_not_load_scipy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from device.local_model import load_local_model; from device.pipeline import *;"
+        "m = load_local_model(); print('scipy' in sys.modules, 'python_speech_features' in sys.modules)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == ["False", "False"]
