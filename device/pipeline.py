@@ -10,6 +10,7 @@ online runtime both drive this class, so offline results are the device's result
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -155,6 +156,11 @@ class ListeningPipeline:
         self.detector = WakeDetector(model.classifier, model.package)
         self._stream_denoiser = StreamDenoiser(self.sample_rate) if denoise == DenoiseMode.ALWAYS else None
         self._samples = 0
+        # The last blocks, so that a capture starts at the wake's own sample even though the detector reports
+        # the wake up to a stride (and a block) later.
+        self._recent: deque[np.ndarray] = deque()
+        self._recent_samples = 0
+        self._history_samples = self.sample_rate  # 1 s: well over a stride plus a block
         self._stage: CommandStage | None = self._new_stage(0.0) if skip_wake else None
 
     def _new_stage(self, start_s: float) -> CommandStage:
@@ -177,23 +183,33 @@ class ListeningPipeline:
         return self._process(audio)
 
     def _process(self, audio: np.ndarray) -> list[WakeEvent | NoSpeech | CommandEvent]:
-        block_start = self._samples
         self._samples += len(audio)
+        if self.skip_wake:
+            return self._feed(audio) if self._stage is not None else []
+        self._remember(audio)
         events: list[WakeEvent | NoSpeech | CommandEvent] = []
-        fed = False
-        if not self.skip_wake:
-            # The detector hears everything, capture or not, so a wake right after a command is not missed;
-            # wakes during a capture are part of that utterance and are not reported.
-            for wake in self.detector.push(audio):
-                if self._stage is None:
-                    events.append(wake)
-                    self._stage = self._new_stage(wake.time_s)
-                    start = min(max(round(wake.time_s * self.sample_rate) - block_start, 0), len(audio))
-                    events += self._feed(audio[start:])
-                    fed = True
-        if self._stage is not None and not fed:
+        capturing_before = self._stage is not None
+        # The detector hears everything, capture or not, so a wake right after a command is not missed;
+        # wakes during a capture are part of that utterance and are not reported.
+        for wake in self.detector.push(audio):
+            if self._stage is None:
+                events.append(wake)
+                self._stage = self._new_stage(wake.time_s)
+                events += self._feed(self._since(round(wake.time_s * self.sample_rate)))
+        if capturing_before and self._stage is not None:
             events += self._feed(audio)
         return events
+
+    def _remember(self, audio: np.ndarray) -> None:
+        self._recent.append(audio)
+        self._recent_samples += len(audio)
+        while self._recent_samples - len(self._recent[0]) >= self._history_samples:
+            self._recent_samples -= len(self._recent.popleft())
+
+    def _since(self, sample: int) -> np.ndarray:
+        """The stream's audio from ``sample`` to now (from as far back as the history reaches)."""
+        history = np.concatenate(self._recent)
+        return history[max(0, len(history) - (self._samples - sample)) :]
 
     def _feed(self, audio: np.ndarray) -> list[NoSpeech | CommandEvent]:
         assert self._stage is not None
@@ -207,9 +223,7 @@ class ListeningPipeline:
         """The stream ended: decide on an utterance still being captured."""
         events: list[WakeEvent | NoSpeech | CommandEvent] = []
         if self._stream_denoiser is not None:
-            events += [
-                event for event in self._process(self._stream_denoiser.flush()) if not isinstance(event, WakeEvent)
-            ]
+            events += self._process(self._stream_denoiser.flush())
         stage, self._stage = self._stage, None
         if stage is not None and (event := stage.finish(whole_if_silent=self.skip_wake)) is not None:
             events.append(event)
