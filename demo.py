@@ -1,9 +1,10 @@
 """make demo: a broker, a cloud worker and a device fed with the recordings in samples/, then a summary.
 
-At this stage the loop is the protocol round trip: the device uploads each recording
-as an utterance (Opus in OGG over MQTT 5 request/response), the worker checks and
-decodes it and answers on the device's result topic. The worker has no speech
-recogniser yet, and its answer says so.
+The device (python -m device run) listens to the recordings as one stream: it wakes
+on "hey jarvis", decides "turn on the lights" on its own (an edge result, then its
+local action), and sends the sentence it does not know to the cloud as Opus over
+MQTT 5 request/response. The worker checks and decodes it and answers on the
+device's result topic; it has no speech recogniser yet, and its answer says so.
 """
 
 from __future__ import annotations
@@ -64,38 +65,49 @@ def main() -> int:
             [sys.executable, "-m", "cloud_worker", "serve", "--port", str(broker.port), "--worker-id", "demo-worker"],
             stderr=open(RUN_DIR / "worker.log", "w"),  # noqa: SIM115 - closed with the process
         )
+        config = RUN_DIR / "device.toml"
+        config.write_text(
+            f'device_id = "{DEVICE_ID}"\n'
+            f"[broker]\nport = {broker.port}\n"
+            f'[audio]\nsource = "file"\nfiles = {json.dumps([str(s) for s in samples])}\n'
+            "[cloud]\ntimeout_s = 20\n"
+            f'[actions."*"]\ncommand = \'echo "$MQVOX_SOURCE action: $MQVOX_INTENT" >> {RUN_DIR / "actions.log"}\'\n'
+        )
         try:
             _wait_for_line(RUN_DIR / "worker.log", '"event": "ready"', worker)
             print("worker     python -m cloud_worker serve (shared subscription $share/mqvox-workers/...)")
-            print(f"device     python -m device send {' '.join(f'samples/{s.name}' for s in samples)}\n")
+            print(f"device     python -m device run --config {config.relative_to(REPO)}")
+            print(f"           listening to {', '.join(f'samples/{s.name}' for s in samples)}\n")
             device = subprocess.run(
-                [sys.executable, "-m", "device", "send", *map(str, samples), "--device-id", DEVICE_ID,
-                 "--port", str(broker.port), "--timeout", "20"],
+                [sys.executable, "-m", "device", "--log-level", "INFO", "run", "--config", str(config)],
                 capture_output=True, text=True, timeout=120,
             )  # fmt: skip
+            (RUN_DIR / "device.log").write_text(device.stderr)
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(20)
             observer.close()
-    answers = [json.loads(line) for line in device.stdout.splitlines()]
     print("traffic seen on mqvox/v1/#:")
     for line in traffic:
         print(f"  {line}")
-    print("\nround trips:")
-    for answer in answers:
-        name = Path(answer["file"]).name
-        if "result" in answer:
-            result = answer["result"]
-            outcome = result["error"]["code"] if result["error"] else f"intent {result['intent']}"
-            print(f"  {name}: answered in {answer['round_trip_ms']} ms by the {result['source']}: {outcome}")
-        else:
-            print(f"  {name}: FAILED: {answer['error']}")
-    ok = device.returncode == 0 and len(answers) == len(samples)
+    events = [json.loads(line) for line in device.stderr.splitlines() if line.startswith("{")]
+    print("\nwhat the device did (from its log):")
+    for event in events:
+        if event["event"] in ("wake", "edge result", "asking the cloud", "cloud result", "cloud timeout", "action ran"):
+            detail = {key: event[key] for key in ("intent", "score", "confidence", "time_s") if key in event}
+            print(f"  {event['event']:<17} {json.dumps(detail)}")
+    actions = (RUN_DIR / "actions.log").read_text().splitlines() if (RUN_DIR / "actions.log").exists() else []
+    print("\nlocal actions run:", *(f"  {action}" for action in actions), sep="\n")
+    results = [line for line in traffic if "Result:" in line]
+    edge = any("source=edge intent=lights_on" in line for line in results)
+    cloud = any("source=cloud" in line for line in results)
+    ok = device.returncode == 0 and edge and cloud
     if not ok:
         print(device.stderr, file=sys.stderr)
     print(
-        "\nEvery utterance was answered over MQTT 5 request/response. The worker has no speech recogniser yet,"
-        "\nso its answer is 'asr_unavailable'; logs are in .run/demo/."
+        "\nThe device decided 'turn on the lights' on its own (no audio left it) and asked the cloud about the"
+        "\nsentence outside its vocabulary. The worker has no speech recogniser yet, so its answer is"
+        "\n'asr_unavailable'; logs are in .run/demo/."
         if ok
         else "\ndemo FAILED"
     )
