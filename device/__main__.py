@@ -20,13 +20,12 @@ from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
 from device.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
 from device.settings import DenoiseMode, DeviceSettings, SettingsError, load_settings
-from schemas.audio import encode_opus
 from schemas.errors import ProtocolError
 from schemas.logfmt import configure_logging
 from schemas.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, broker_from_arguments
 from schemas.status import DeviceState
 from schemas.topics import check_identifier
-from schemas.utterance import UploadReason, Utterance, new_utterance_id
+from schemas.utterance import UploadReason, Utterance
 from schemas.vocabulary import load_vocabulary
 
 log = logging.getLogger("device")
@@ -44,16 +43,13 @@ def send(args: argparse.Namespace) -> int:
         for path in args.files:
             line: dict = {"file": str(path)}
             try:
-                samples = read_recording(path, DEVICE_SAMPLE_RATE)
-                utterance = Utterance(
-                    device_id=device_id,
-                    utterance_id=new_utterance_id(),
-                    sample_rate=DEVICE_SAMPLE_RATE,
-                    duration_s=round(samples.size / DEVICE_SAMPLE_RATE, 3),
+                utterance = Utterance.from_samples(
+                    device_id,
+                    read_recording(path, DEVICE_SAMPLE_RATE),
+                    DEVICE_SAMPLE_RATE,
                     hypotheses=(),
                     model_version=None,
                     reason=UploadReason.FORCED,
-                    audio=encode_opus(samples, DEVICE_SAMPLE_RATE),
                 )
             except (RecordingError, ProtocolError) as error:
                 failures += 1

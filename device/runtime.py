@@ -23,7 +23,6 @@ from device.local_model import LocalModel
 from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
 from device.settings import DeviceSettings, UploadPolicy
-from schemas.audio import encode_opus
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.mqtt import MqttLink, PublishRefused
 from schemas.protocol import Message
@@ -162,17 +161,14 @@ class DeviceRuntime:
         assert self._cloud is not None
         captured = event.utterance
         try:
-            utterance = Utterance(
-                device_id=self.device_id,
-                utterance_id=utterance_id,
-                sample_rate=captured.sample_rate,
-                duration_s=round(captured.duration_s, 3),
-                hypotheses=tuple(
-                    Hypothesis(guess.intent, dict(guess.slots), guess.score) for guess in event.alternatives
-                ),
+            utterance = Utterance.from_samples(
+                self.device_id,
+                captured.audio,
+                captured.sample_rate,
+                hypotheses=tuple(Hypothesis(best.intent, dict(best.slots), best.score) for best in event.alternatives),
                 model_version=self.model.version,
                 reason=UploadReason.OUT_OF_VOCABULARY if event.intent is None else UploadReason.LOW_CONFIDENCE,
-                audio=encode_opus(captured.audio, captured.sample_rate),
+                utterance_id=utterance_id,
             )
             self.count("cloud_requests")
             log.info("asking the cloud", extra=self._context(utterance_id, event))

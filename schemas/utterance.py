@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self
 
+import numpy as np
+
+from schemas.audio import encode_opus
 from schemas.envelope import Envelope
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.result import SlotValue
@@ -77,6 +80,30 @@ class Utterance:
     """The audio, Opus in OGG (see schemas.audio)."""
     captured_at: float = field(default_factory=time.time)
     """Unix time (seconds) the utterance ended."""
+
+    @classmethod
+    def from_samples(
+        cls,
+        device_id: str,
+        samples: np.ndarray,
+        sample_rate: int,
+        *,
+        hypotheses: tuple[Hypothesis, ...],
+        model_version: str | None,
+        reason: UploadReason,
+        utterance_id: str | None = None,
+    ) -> Self:
+        """An utterance of mono float ``samples``: encoded as Opus, its duration taken from them, a fresh id."""
+        return cls(
+            device_id=device_id,
+            utterance_id=utterance_id or new_utterance_id(),
+            sample_rate=sample_rate,
+            duration_s=round(len(samples) / sample_rate, 3),
+            hypotheses=hypotheses,
+            model_version=model_version,
+            reason=reason,
+            audio=encode_opus(samples, sample_rate),
+        )
 
     def topic(self) -> str:
         return UTTERANCE.topic(device_id=self.device_id)

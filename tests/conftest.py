@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import queue
@@ -13,10 +14,9 @@ import pytest
 
 from broker_config.broker import Broker
 from device.recording import read_recording
-from schemas.audio import encode_opus
 from schemas.envelope import Envelope
 from schemas.mqtt import BrokerSettings, MqttLink
-from schemas.utterance import Hypothesis, UploadReason, Utterance, new_utterance_id
+from schemas.utterance import Hypothesis, UploadReason, Utterance
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -86,18 +86,15 @@ def links(broker_settings: BrokerSettings) -> Iterator:
 
 def make_utterance(device_id: str, path: Path = IN_VOCABULARY_SAMPLE, **changes) -> Utterance:
     """A real utterance of ``path``, as a device would send it."""
-    samples = read_recording(path, 16000)
-    fields = {
-        "device_id": device_id,
-        "utterance_id": new_utterance_id(),
-        "sample_rate": 16000,
-        "duration_s": round(samples.size / 16000, 3),
-        "hypotheses": (Hypothesis("lights_on", {}, 0.41), Hypothesis("digit", {"value": 7}, 0.2)),
-        "model_version": "1.0.0",
-        "reason": UploadReason.LOW_CONFIDENCE,
-        "audio": encode_opus(samples, 16000),
-    }
-    return Utterance(**(fields | changes))
+    utterance = Utterance.from_samples(
+        device_id,
+        read_recording(path, 16000),
+        16000,
+        hypotheses=(Hypothesis("lights_on", {}, 0.41), Hypothesis("digit", {"value": 7}, 0.2)),
+        model_version="1.0.0",
+        reason=UploadReason.LOW_CONFIDENCE,
+    )
+    return dataclasses.replace(utterance, **changes)
 
 
 @pytest.fixture(scope="session")
