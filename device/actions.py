@@ -85,7 +85,9 @@ def resolve_entry_point(spec: str) -> Callable[..., object]:
 class ActionRunner:
     """Runs the action configured for each intent, one at a time, in order, on its own thread."""
 
-    def __init__(self, actions: Mapping[str, ActionSettings]) -> None:
+    def __init__(self, actions: Mapping[str, ActionSettings], count: Callable[[str], None] | None = None) -> None:
+        """``count`` is called with ``actions_run`` or ``actions_failed`` after each action; by default the
+        runner keeps the counts itself, in :attr:`counts`."""
         self.actions = dict(actions)
         # Entry points are imported now, so a typo stops the device at start, not at the first command.
         self._functions = {
@@ -95,8 +97,9 @@ class ActionRunner:
         }
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actions")
         self.counts: Counter[str] = Counter()
-        """``actions_run`` and ``actions_failed``."""
+        """``actions_run`` and ``actions_failed``, when no ``count`` was given."""
         self._lock = threading.Lock()
+        self._count = count or self._count_here
 
     def action_for(self, intent: str) -> tuple[str, ActionSettings] | None:
         """The key and action configured for ``intent`` (its own, else the "*" one), or None."""
@@ -135,8 +138,7 @@ class ActionRunner:
         except Exception as error:  # a user's hook: whatever it raises is its failure, not the device's
             ok, detail = False, f"{type(error).__name__}: {error}"
         outcome = ActionOutcome(request.intent, ok, detail, round(1000 * (time.perf_counter() - started), 3))
-        with self._lock:
-            self.counts["actions_run" if ok else "actions_failed"] += 1
+        self._count("actions_run" if ok else "actions_failed")
         extra = {
             "device_id": request.device_id,
             "utterance_id": request.utterance_id,
@@ -148,6 +150,10 @@ class ActionRunner:
         else:
             log.warning("action failed", extra=extra)
         return outcome
+
+    def _count_here(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] += 1
 
     def close(self, wait: bool = True) -> None:
         """Stop taking actions; with ``wait``, finish those queued."""

@@ -41,10 +41,10 @@ class DeviceRuntime:
         self.model = model
         self.device_id = settings.device_id
         self.presence = Presence(settings.device_id, model.version)
-        self.actions = ActionRunner(settings.actions)
+        self._counter_lock = threading.Lock()
+        self.actions = ActionRunner(settings.actions, count=self.count)
         self.pipeline = ListeningPipeline(model, settings.capture, settings.denoise)
         self._stopping = threading.Event()
-        self._counter_lock = threading.Lock()
         self._link: MqttLink | None = None
         self._cloud: CloudClient | None = None
         self._source: AudioSource | None = None
@@ -92,8 +92,6 @@ class DeviceRuntime:
 
     def _status(self, state: DeviceState):
         with self._counter_lock:
-            self.presence.counters.update(self.actions.counts)
-            self.actions.counts.clear()
             for name in ("dropped_blocks", "input_overflows"):
                 if hasattr(self._source, name):
                     self.presence.counters[f"audio_{name}"] = getattr(self._source, name)
