@@ -1,0 +1,381 @@
+"""What the worker keeps of each utterance: audio, transcript, result and stage timings, in SQLite or PostgreSQL.
+
+The worker acknowledges an MQTT message only after ``Store.save`` returns, so a
+redelivered utterance finds its stored answer (``Store.answer_of``) instead of being
+transcribed again. Idempotency is per device: the key is (device_id, utterance_id),
+so no device can ever read the answer to another device's utterance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    URL,
+    Engine,
+    ForeignKey,
+    LargeBinary,
+    UniqueConstraint,
+    case,
+    create_engine,
+    event,
+    func,
+    make_url,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from cloud_worker.transcript import Transcript
+from schemas.result import Result
+from schemas.utterance import Utterance
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where and what the worker stores."""
+
+    url: str = "sqlite:///.run/worker/mqvox.sqlite3"
+    """SQLAlchemy database URL. The default is an embedded SQLite file, relative to the working directory (its
+    folder is created when missing); ``postgresql+psycopg://user:password@host:5432/name`` for a shared server."""
+    keep_audio: bool = True
+    """Retention: whether the utterances' Opus audio is stored. Without it only its size is kept."""
+    connect_timeout_s: int = 5
+    """How long (seconds) to wait for a PostgreSQL server to accept a connection; libpq's minimum is 2."""
+    busy_timeout_s: float = 5.0
+    """How long (seconds) to wait for another worker to finish writing a shared SQLite file."""
+
+
+@dataclass(frozen=True)
+class StoredUtterance:
+    """One handled utterance, as the worker hands it over to be stored."""
+
+    utterance: Utterance
+    """The request, as received (audio included)."""
+    received_at: float
+    """Unix time (seconds) the worker received it."""
+    transcript: Transcript | None
+    """What the recogniser heard; None when the utterance failed before speech recognition."""
+    result: Result
+    """The answer published to the device."""
+
+    def __post_init__(self) -> None:
+        asked = (self.utterance.device_id, self.utterance.utterance_id)
+        answered = (self.result.device_id, self.result.utterance_id)
+        if asked != answered:
+            raise ValueError(f"result for {answered} stored with utterance {asked}")
+
+
+class StorageUnavailable(ConnectionError):
+    """The database cannot be reached, or went away; ``str(error)`` names it (password masked) and says why."""
+
+
+class TableBase(DeclarativeBase):
+    """The worker's tables."""
+
+    type_annotation_map = {dict[str, Any]: JSON, list[dict[str, Any]]: JSON, bytes: LargeBinary}  # noqa: RUF012
+
+
+class DeviceRow(TableBase):
+    """A device that has sent at least one stored utterance."""
+
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(primary_key=True)
+    first_seen_at: Mapped[float]
+    """Unix time (seconds) its earliest stored utterance was received."""
+    last_seen_at: Mapped[float]
+    """Unix time (seconds) its latest stored utterance was received."""
+    utterance_count: Mapped[int]
+    """How many of its utterances are stored."""
+
+
+class UtteranceRow(TableBase):
+    """An utterance a device was unsure of, with its metadata and (when retained) its audio."""
+
+    __tablename__ = "utterances"
+    __table_args__ = (UniqueConstraint("device_id", "utterance_id", name="utterances_device_utterance_key"),)
+
+    row_id: Mapped[int] = mapped_column(primary_key=True)
+    """This database's key for the row; ``utterance_id`` is the device's own id, unique per device only."""
+    device_id: Mapped[str] = mapped_column(ForeignKey(DeviceRow.device_id))
+    utterance_id: Mapped[str]
+    received_at: Mapped[float]
+    """Unix time (seconds) the worker received it."""
+    captured_at: Mapped[float]
+    """Unix time (seconds) the device says the utterance ended."""
+    sample_rate: Mapped[int]
+    """Sample rate (hertz) of the audio before encoding."""
+    duration_s: Mapped[float]
+    reason: Mapped[str]
+    """Why the device asked the cloud (schemas.utterance.UploadReason)."""
+    model_version: Mapped[str | None]
+    """The device model that made the hypotheses; None when none ran."""
+    hypotheses: Mapped[list[dict[str, Any]]]
+    """The device's guesses, best first, as in the utterance metadata."""
+    audio: Mapped[bytes | None]
+    """Opus in OGG, as received; None when the settings do not keep audio."""
+    audio_bytes: Mapped[int]
+    """Size of the audio as received, stored or not."""
+
+    transcript: Mapped[TranscriptRow | None] = relationship()
+    """None when the utterance failed before speech recognition."""
+    result: Mapped[ResultRow] = relationship()
+    timings: Mapped[list[TimingRow]] = relationship()
+
+
+class TranscriptRow(TableBase):
+    """What the recogniser heard in one utterance."""
+
+    __tablename__ = "transcripts"
+
+    utterance_row_id: Mapped[int] = mapped_column(ForeignKey(UtteranceRow.row_id), primary_key=True)
+    text: Mapped[str]
+    confidence: Mapped[float]
+    """Transcript.confidence, in [0, 1]."""
+    model: Mapped[str]
+    """Which recogniser made it."""
+
+    segments: Mapped[list[SegmentRow]] = relationship(order_by="SegmentRow.index")
+
+
+class SegmentRow(TableBase):
+    """One segment of a transcript."""
+
+    __tablename__ = "segments"
+
+    utterance_row_id: Mapped[int] = mapped_column(ForeignKey(TranscriptRow.utterance_row_id), primary_key=True)
+    index: Mapped[int] = mapped_column(primary_key=True)
+    """Position in the transcript, from 0, in time order."""
+    start_s: Mapped[float]
+    end_s: Mapped[float]
+    text: Mapped[str]
+    avg_logprob: Mapped[float]
+    no_speech_prob: Mapped[float]
+
+
+class ResultRow(TableBase):
+    """The answer published for one utterance: its main fields for queries, and the whole of it for replay."""
+
+    __tablename__ = "results"
+
+    utterance_row_id: Mapped[int] = mapped_column(ForeignKey(UtteranceRow.row_id), primary_key=True)
+    intent: Mapped[str | None]
+    slots: Mapped[dict[str, Any]]
+    confidence: Mapped[float]
+    error_code: Mapped[str | None]
+    """schemas.errors.ErrorCode of a failure; None on success."""
+    error_message: Mapped[str | None]
+    published: Mapped[dict[str, Any]]
+    """Result.to_dict() of the answer as published: a redelivery is answered with an equal Result."""
+
+
+class TimingRow(TableBase):
+    """How long one stage took on one utterance (Result.timings_ms)."""
+
+    __tablename__ = "timings"
+
+    utterance_row_id: Mapped[int] = mapped_column(ForeignKey(UtteranceRow.row_id), primary_key=True)
+    stage: Mapped[str] = mapped_column(primary_key=True)
+    """Stage name, e.g. ``decode``, ``asr`` or ``total``."""
+    milliseconds: Mapped[float]
+
+
+class Store:
+    """The worker's database: saves handled utterances in batches and answers redeliveries from them."""
+
+    def __init__(self, settings: StorageSettings | None = None) -> None:
+        self.settings = settings or StorageSettings()
+        url = make_url(self.settings.url)
+        self.database = url.render_as_string(hide_password=True)
+        """The database URL with its password masked, for messages and logs."""
+        try:
+            self._engine = _create_engine(url, self.settings)
+        except OSError as error:  # The SQLite file's folder could not be made.
+            raise StorageUnavailable(f"database {self.database} is unavailable ({error})") from error
+        dialect = self._engine.dialect.name
+        if dialect not in _INSERTS:
+            self._engine.dispose()
+            raise ValueError(
+                f"database {self.database}: dialect {dialect!r} is not supported, only SQLite and PostgreSQL"
+            )
+        self._insert = _INSERTS[dialect]
+        try:
+            with self._unavailable_as_error("create the tables"):
+                TableBase.metadata.create_all(self._engine)
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def answer_of(self, device_id: str, utterance_id: str) -> Result | None:
+        """The Result stored for this device's utterance, or None when it is not stored."""
+        query = (
+            select(ResultRow.published)
+            .join(UtteranceRow, UtteranceRow.row_id == ResultRow.utterance_row_id)
+            .where(UtteranceRow.device_id == device_id, UtteranceRow.utterance_id == utterance_id)
+        )
+        with self._unavailable_as_error("read an answer"), Session(self._engine) as session:
+            published = session.scalar(query)
+        return None if published is None else Result.from_dict(published)
+
+    def save(self, records: Sequence[StoredUtterance]) -> None:
+        """Store every record in one transaction; one whose (device_id, utterance_id) is stored already is skipped.
+
+        A duplicate, even one another worker inserts at the same moment, is skipped by the
+        database itself (INSERT ... ON CONFLICT DO NOTHING) and never aborts the others.
+        """
+        # One order for every worker, so two batches touching the same devices lock them in the same order.
+        ordered = sorted(records, key=lambda record: (record.utterance.device_id, record.utterance.utterance_id))
+        with self._unavailable_as_error("save utterances"), Session(self._engine) as session, session.begin():
+            for record in ordered:
+                self._save_one(session, record)
+
+    def counts(self) -> dict[str, int]:
+        """Rows in each table, by table name."""
+        with self._unavailable_as_error("count rows"), Session(self._engine) as session:
+            return {
+                table.name: session.scalar(select(func.count()).select_from(table)) or 0
+                for table in TableBase.metadata.sorted_tables
+            }
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _save_one(self, session: Session, record: StoredUtterance) -> None:
+        utterance, result, received_at = record.utterance, record.result, record.received_at
+        session.execute(
+            self._insert(DeviceRow)
+            .values(
+                device_id=utterance.device_id, first_seen_at=received_at, last_seen_at=received_at, utterance_count=0
+            )
+            .on_conflict_do_nothing(index_elements=[DeviceRow.device_id])
+        )
+        meta = utterance.meta()
+        row_id = session.execute(
+            self._insert(UtteranceRow)
+            .values(
+                device_id=utterance.device_id,
+                utterance_id=utterance.utterance_id,
+                received_at=received_at,
+                captured_at=utterance.captured_at,
+                sample_rate=utterance.sample_rate,
+                duration_s=utterance.duration_s,
+                reason=str(utterance.reason),
+                model_version=utterance.model_version,
+                hypotheses=meta["hypotheses"],
+                audio=utterance.audio if self.settings.keep_audio else None,
+                audio_bytes=len(utterance.audio),
+            )
+            .on_conflict_do_nothing(index_elements=[UtteranceRow.device_id, UtteranceRow.utterance_id])
+            .returning(UtteranceRow.row_id)
+        ).scalar_one_or_none()
+        if row_id is None:
+            return  # Stored already, by this worker or another: its first answer stands.
+        session.execute(
+            update(DeviceRow)
+            .where(DeviceRow.device_id == utterance.device_id)
+            .values(
+                utterance_count=DeviceRow.utterance_count + 1,
+                first_seen_at=case((DeviceRow.first_seen_at > received_at, received_at), else_=DeviceRow.first_seen_at),
+                last_seen_at=case((DeviceRow.last_seen_at < received_at, received_at), else_=DeviceRow.last_seen_at),
+            )
+        )
+        rows: list[TableBase] = []
+        if record.transcript is not None:
+            transcript = record.transcript
+            segments = [
+                SegmentRow(
+                    index=index,
+                    start_s=segment.start_s,
+                    end_s=segment.end_s,
+                    text=segment.text,
+                    avg_logprob=segment.avg_logprob,
+                    no_speech_prob=segment.no_speech_prob,
+                )
+                for index, segment in enumerate(transcript.segments)
+            ]
+            rows.append(
+                TranscriptRow(
+                    utterance_row_id=row_id,
+                    text=transcript.text,
+                    confidence=transcript.confidence,
+                    model=transcript.model,
+                    segments=segments,
+                )
+            )
+        rows.append(
+            ResultRow(
+                utterance_row_id=row_id,
+                intent=result.intent,
+                slots=dict(result.slots),
+                confidence=result.confidence,
+                error_code=str(result.error.code) if result.error else None,
+                error_message=result.error.message if result.error else None,
+                published=result.to_dict(),
+            )
+        )
+        rows.extend(
+            TimingRow(utterance_row_id=row_id, stage=stage, milliseconds=milliseconds)
+            for stage, milliseconds in result.timings_ms.items()
+        )
+        session.add_all(rows)
+
+    @contextlib.contextmanager
+    def _unavailable_as_error(self, action: str) -> Iterator[None]:
+        """Turn the driver's ways of saying 'cannot reach the database' into StorageUnavailable."""
+        try:
+            yield
+        except (OperationalError, InterfaceError, PoolTimeoutError) as error:
+            raise StorageUnavailable(self._unavailable_message(action, error)) from error
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            raise StorageUnavailable(self._unavailable_message(action, error)) from error
+
+    def _unavailable_message(self, action: str, error: Exception) -> str:
+        cause = getattr(error, "orig", None) or error
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        return f"cannot {action}: database {self.database} is unavailable ({reason})"
+
+
+_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+"""The INSERT with ON CONFLICT of each supported dialect."""
+
+
+def _create_engine(url: URL, settings: StorageSettings) -> Engine:
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        connect_args["timeout"] = settings.busy_timeout_s
+    elif url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = max(settings.connect_timeout_s, 2)
+    engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _prepare_sqlite_connection)
+    return engine
+
+
+def _prepare_sqlite_connection(dbapi_connection: Any, _connection_record: Any) -> None:
+    """WAL, so one worker reads while another writes the same file; and foreign keys, off by default in SQLite."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()

@@ -1,0 +1,306 @@
+"""cloud_worker.storage on a SQLite file and on the real PostgreSQL, each test in its own schema there."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, make_url, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from cloud_worker.storage import (
+    DeviceRow,
+    ResultRow,
+    SegmentRow,
+    StorageSettings,
+    StorageUnavailable,
+    Store,
+    StoredUtterance,
+    TimingRow,
+    UtteranceRow,
+)
+from cloud_worker.transcript import Segment, Transcript
+from device.recording import read_recording
+from schemas.errors import ErrorCode
+from schemas.result import ErrorInfo, Result, Source
+from schemas.utterance import Hypothesis, UploadReason, Utterance
+from tests.conftest import OUT_OF_VOCABULARY_SAMPLE
+
+POSTGRES_URL = os.environ.get("MQVOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+"""The PostgreSQL the tests need (trust auth); each test works in a schema of its own there."""
+
+SAMPLE_RATE = 16000
+
+StoreFactory = Callable[..., Store]
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator:
+    """An engine on the test PostgreSQL; the tests fail (never skip) when it is not there."""
+    engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except OperationalError as error:
+        engine.dispose()
+        pytest.fail(f"PostgreSQL at {make_url(POSTGRES_URL).render_as_string(hide_password=True)} is needed: {error}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a PostgreSQL schema dropped after the test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'worker' / 'mqvox.sqlite3'}"
+        return
+    admin = request.getfixturevalue("postgres_admin")
+    schema = f"mqvox_test_{uuid.uuid4().hex[:8]}"
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture
+def open_store(database_url: str) -> Iterator[StoreFactory]:
+    """Opens Stores on the test database, all closed after the test (before its schema is dropped)."""
+    opened: list[Store] = []
+
+    def open_(**settings) -> Store:
+        store = Store(StorageSettings(url=database_url, **settings))
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def rows(database_url: str, entity) -> list:
+    """Every row of a table, read through an engine of its own."""
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session:
+            return list(session.scalars(select(entity)))
+    finally:
+        engine.dispose()
+
+
+def tone(duration_s: float = 0.5) -> np.ndarray:
+    times = np.arange(int(duration_s * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * 440.0 * times)).astype(np.float32)
+
+
+def utterance(device_id: str = "kitchen", utterance_id: str | None = None, samples: np.ndarray | None = None):
+    return Utterance.from_samples(
+        device_id,
+        tone() if samples is None else samples,
+        SAMPLE_RATE,
+        hypotheses=(Hypothesis("lights_on", {}, 0.41), Hypothesis("digit", {"value": 7}, 0.2)),
+        model_version="1.0.0",
+        reason=UploadReason.OUT_OF_VOCABULARY,
+        utterance_id=utterance_id,
+    )
+
+
+TRANSCRIPT = Transcript(
+    text="What's the weather tomorrow?",
+    segments=(
+        Segment(0.0, 1.2, " What's the weather", -0.21, 0.01),
+        Segment(1.2, 2.05, " tomorrow?", -0.4375, 0.02),
+    ),
+    model="small.en/int8",
+)
+
+
+def answered(spoken: Utterance, transcript: Transcript = TRANSCRIPT, intent: str | None = "weather") -> StoredUtterance:
+    """A successful record of ``spoken``."""
+    result = Result(
+        device_id=spoken.device_id,
+        utterance_id=spoken.utterance_id,
+        source=Source.CLOUD,
+        transcript=transcript.text,
+        intent=intent,
+        slots={"day": "tomorrow", "count": 2},
+        confidence=0.8137,
+        timings_ms={"decode": 3.25, "asr": 412.0625, "total": 420.1},
+    )
+    return StoredUtterance(spoken, received_at=time.time(), transcript=transcript, result=result)
+
+
+def failed(spoken: Utterance) -> StoredUtterance:
+    """A record of ``spoken`` that failed before speech recognition."""
+    error = ErrorInfo(ErrorCode.BAD_AUDIO, "the audio is not Opus")
+    result = Result.failure(spoken.device_id, spoken.utterance_id, Source.CLOUD, error, {"decode": 0.5, "total": 0.7})
+    return StoredUtterance(spoken, received_at=time.time(), transcript=None, result=result)
+
+
+def test_saved_answer_is_returned_equal(open_store: StoreFactory) -> None:
+    store = open_store()
+    record = answered(utterance(samples=read_recording(OUT_OF_VOCABULARY_SAMPLE, SAMPLE_RATE)))
+    store.save([record])
+    answer = store.answer_of("kitchen", record.utterance.utterance_id)
+    assert answer == record.result
+    assert answer is not None and answer.to_dict() == record.result.to_dict()
+    assert store.answer_of("kitchen", "not-stored") is None
+    assert store.answer_of("hall", record.utterance.utterance_id) is None
+
+
+def test_saving_again_stores_nothing_new(open_store: StoreFactory) -> None:
+    store = open_store()
+    record = answered(utterance())
+    store.save([record])
+    before = store.counts()
+    redelivered = dataclasses.replace(record, result=dataclasses.replace(record.result, intent="other"))
+    store.save([redelivered])
+    store.save([record, record])
+    assert store.counts() == before
+    assert store.answer_of("kitchen", record.utterance.utterance_id) == record.result
+
+
+def test_one_utterance_id_from_two_devices_is_two_utterances(open_store: StoreFactory, database_url: str) -> None:
+    store = open_store()
+    kitchen = answered(utterance("kitchen", "same-id"), intent="weather")
+    hall = answered(utterance("hall", "same-id"), intent="lights_on")
+    store.save([kitchen, hall])
+    assert store.counts()["utterances"] == 2
+    assert store.counts()["devices"] == 2
+    assert store.answer_of("kitchen", "same-id") == kitchen.result
+    assert store.answer_of("hall", "same-id") == hall.result
+
+
+def test_audio_is_kept_or_only_its_size(open_store: StoreFactory, database_url: str) -> None:
+    kept, dropped = answered(utterance("kitchen")), answered(utterance("hall"))
+    open_store().save([kept])
+    open_store(keep_audio=False).save([dropped])
+    by_device = {row.device_id: row for row in rows(database_url, UtteranceRow)}
+    assert by_device["kitchen"].audio == kept.utterance.audio
+    assert by_device["hall"].audio is None
+    assert by_device["hall"].audio_bytes == len(dropped.utterance.audio) > 0
+    assert by_device["hall"].hypotheses == dropped.utterance.meta()["hypotheses"]
+    assert by_device["hall"].reason == "out_of_vocabulary"
+
+
+def test_segments_timings_and_result_fields_are_rows(open_store: StoreFactory, database_url: str) -> None:
+    store = open_store()
+    record = answered(utterance())
+    store.save([record])
+    counts = store.counts()
+    assert (counts["transcripts"], counts["segments"], counts["results"], counts["timings"]) == (1, 2, 1, 3)
+    segments = sorted(rows(database_url, SegmentRow), key=lambda row: row.index)
+    assert [(row.index, row.text, row.avg_logprob) for row in segments] == [
+        (0, " What's the weather", -0.21),
+        (1, " tomorrow?", -0.4375),
+    ]
+    assert {row.stage: row.milliseconds for row in rows(database_url, TimingRow)} == record.result.timings_ms
+    (result,) = rows(database_url, ResultRow)
+    assert (result.intent, result.slots, result.error_code) == ("weather", {"day": "tomorrow", "count": 2}, None)
+
+
+def test_failure_without_transcript_is_stored(open_store: StoreFactory, database_url: str) -> None:
+    store = open_store()
+    record = failed(utterance())
+    store.save([record])
+    counts = store.counts()
+    assert (counts["utterances"], counts["transcripts"], counts["segments"], counts["results"]) == (1, 0, 0, 1)
+    assert store.answer_of("kitchen", record.utterance.utterance_id) == record.result
+    (result,) = rows(database_url, ResultRow)
+    assert (result.error_code, result.error_message) == ("bad_audio", "the audio is not Opus")
+
+
+def test_batch_with_one_stored_id_saves_the_others(open_store: StoreFactory, database_url: str) -> None:
+    store = open_store()
+    first = answered(utterance("kitchen"))
+    store.save([first])
+    others = [answered(utterance("kitchen")), failed(utterance("hall"))]
+    store.save([others[0], first, others[1]])
+    assert store.counts()["utterances"] == 3
+    for record in [first, *others]:
+        assert store.answer_of(record.utterance.device_id, record.utterance.utterance_id) == record.result
+    devices = {row.device_id: row for row in rows(database_url, DeviceRow)}
+    assert {name: row.utterance_count for name, row in devices.items()} == {"kitchen": 2, "hall": 1}
+    assert devices["kitchen"].first_seen_at == first.received_at
+    assert devices["kitchen"].last_seen_at == others[0].received_at
+
+
+def test_two_workers_saving_the_same_batch_at_once(open_store: StoreFactory) -> None:
+    records = [answered(utterance(device)) for device in ("kitchen", "hall") for _ in range(10)]
+    workers = [open_store(), open_store()]
+    start = threading.Barrier(len(workers))
+    errors: list[BaseException] = []
+
+    def save(store: Store) -> None:
+        start.wait()
+        try:
+            store.save(records)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=save, args=(store,)) for store in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    counts = workers[0].counts()
+    assert (counts["devices"], counts["utterances"], counts["results"], counts["segments"]) == (2, 20, 20, 40)
+
+
+def test_default_settings_make_a_sqlite_file_in_wal_mode(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with Store() as store:
+        store.save([answered(utterance())])
+        assert store.counts()["utterances"] == 1
+    database = tmp_path / ".run" / "worker" / "mqvox.sqlite3"
+    assert database.is_file()
+    engine = create_engine(f"sqlite:///{database}")
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "sqlite-folder", "postgresql"])
+def test_unreachable_database_is_one_clear_error(dialect: str, tmp_path) -> None:
+    if dialect == "sqlite":
+        url, named = f"sqlite:///{tmp_path}", str(tmp_path)  # A folder, which SQLite cannot open as a file.
+    elif dialect == "sqlite-folder":
+        (tmp_path / "file").write_bytes(b"")
+        url = f"sqlite:///{tmp_path / 'file' / 'worker' / 'mqvox.sqlite3'}"  # Its folder cannot be made.
+        named = str(tmp_path / "file")
+    else:
+        url, named = f"postgresql+psycopg://mqvox:secret@127.0.0.1:{_closed_port()}/test", "127.0.0.1"
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable) as caught:
+        Store(StorageSettings(url=url, connect_timeout_s=2))
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert named in message and "unavailable" in message
+    assert "secret" not in message
+    assert isinstance(caught.value, ConnectionError)
+
+
+def test_a_result_for_another_utterance_is_refused() -> None:
+    record = answered(utterance("kitchen"))
+    with pytest.raises(ValueError, match="hall"):
+        dataclasses.replace(record, utterance=utterance("hall"))
