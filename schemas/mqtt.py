@@ -88,6 +88,22 @@ MessageHandler = Callable[[str, Envelope], None]
 """Called with (topic, envelope) for each message matching its subscription, on paho's network thread."""
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A message received on a link with manual acknowledgement: the broker redelivers it until ``ack()``."""
+
+    topic: str
+    """The topic it was published on."""
+    envelope: Envelope
+    """Its payload and MQTT 5 properties."""
+    ack: Callable[[], None]
+    """Send the PUBACK (QoS 1): call once the message's effects are stored; a no-op for QoS 0."""
+
+
+DeliveryHandler = Callable[[Delivery], None]
+"""Called with each Delivery of a ``consume`` subscription, on paho's network thread."""
+
+
 class MqttLink:
     """One MQTT 5 client connection, started and connected on construction."""
 
@@ -99,9 +115,14 @@ class MqttLink:
         will: Message | None = None,
         clean_start: bool = True,
         session_expiry_s: int = 0,
+        manual_ack: bool = False,
     ) -> None:
+        """``manual_ack``: messages of ``consume`` subscriptions are acknowledged by their Delivery's ``ack``,
+        those of ``subscribe`` ones as soon as their handler returns."""
         self.client_id = client_id
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        self._manual_ack = manual_ack
+        self._client.manual_ack_set(manual_ack)
         self._connected = threading.Event()
         self._connect_reason: str | None = None
         self._lock = threading.RLock()
@@ -159,13 +180,29 @@ class MqttLink:
             waiter[1].extend(reason_codes)
             waiter[0].set()
 
-    @staticmethod
-    def _deliver(handler: MessageHandler, message: paho.MQTTMessage) -> None:
+    def _deliver(self, handler: MessageHandler, message: paho.MQTTMessage) -> None:
         try:
             handler(message.topic, Envelope.from_mqtt(message.payload, message.properties))
         except Exception:
             # A handler bug must not kill paho's network thread and with it the connection.
             log.exception("message handler failed", extra={"topic": message.topic})
+        finally:
+            if self._manual_ack:
+                self._ack(message.mid, message.qos)
+
+    def _hand_over(self, handler: DeliveryHandler, message: paho.MQTTMessage) -> None:
+        mid, qos = message.mid, message.qos
+        delivery = Delivery(
+            message.topic, Envelope.from_mqtt(message.payload, message.properties), lambda: self._ack(mid, qos)
+        )
+        try:
+            handler(delivery)
+        except Exception:
+            log.exception("message handler failed", extra={"topic": message.topic})
+
+    def _ack(self, mid: int, qos: int) -> None:
+        if qos > 0 and self._manual_ack:
+            self._client.ack(mid, qos)
 
     def publish(self, topic: str, envelope: Envelope, *, qos: int, retain: bool, timeout_s: float = 10.0) -> None:
         """Publish and, for QoS > 0, wait for the PUBACK; raise PublishRefused or TimeoutError otherwise.
@@ -207,9 +244,24 @@ class MqttLink:
         Raises PublishRefused if the broker refused the subscription. The handler runs
         on paho's network thread: it must not block, and must not wait for a PUBACK.
         """
+        self._subscribe(topic_filter, lambda client, userdata, message: self._deliver(handler, message), qos, timeout_s)
+
+    def consume(self, topic_filter: str, handler: DeliveryHandler, *, qos: int = 1, timeout_s: float = 10.0) -> None:
+        """Subscribe as ``subscribe`` does, handing each message over as a Delivery to acknowledge later.
+
+        Needs a link made with ``manual_ack=True``: the broker then keeps each message
+        in flight, and redelivers it to a persistent session, until its ``ack()``.
+        """
+        if not self._manual_ack:
+            raise ValueError("consume() needs a link made with manual_ack=True")
+        self._subscribe(
+            topic_filter, lambda client, userdata, message: self._hand_over(handler, message), qos, timeout_s
+        )
+
+    def _subscribe(self, topic_filter: str, callback, qos: int, timeout_s: float) -> None:
         # Messages of a shared subscription arrive on the plain topic, without '$share/<group>/'.
         route = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
-        self._client.message_callback_add(route, lambda client, userdata, message: self._deliver(handler, message))
+        self._client.message_callback_add(route, callback)
         done = threading.Event()
         outcome: list = []
         with self._lock:
