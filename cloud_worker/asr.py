@@ -298,12 +298,23 @@ MIN_AVG_LOGPROB = -1.0
 """A transcript whose tokens average under this log probability is a guess (faster-whisper's threshold)."""
 
 
+MAX_REPEATS = 3
+"""A word or short phrase said more than this many times in a row is a decoding loop ("Eight. Eight. Eight. Eight.")."""
+
+
 def _degenerate(segments: list[Segment]) -> bool:
-    """Whether a transcript looks like a decoding failure: repetitive, or improbable throughout."""
+    """Whether a transcript looks like a decoding failure: looping, repetitive, or improbable throughout."""
     text = " ".join(segment.text.strip() for segment in segments)
     if not text:
         return False
+    words = re.sub(r"[^\w' ]+", " ", text.lower()).split()
+    for size in range(1, 5):
+        for start in range(len(words) - size * (MAX_REPEATS + 1) + 1):
+            phrase = words[start : start + size]
+            if all(words[start + k * size : start + (k + 1) * size] == phrase for k in range(1, MAX_REPEATS + 1)):
+                return True
     encoded = text.encode("utf-8")
+    # gzip's own overhead hides repetition in short texts; the loop check above covers those.
     if len(encoded) / len(zlib.compress(encoded)) > MAX_COMPRESSION_RATIO:
         return True
     return float(np.mean([segment.avg_logprob for segment in segments])) < MIN_AVG_LOGPROB
