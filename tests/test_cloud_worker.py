@@ -2,36 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import itertools
+import json
+import sqlite3
+import urllib.request
 
+import numpy as np
 import pytest
+import soundfile
+from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_worker.service import UtteranceService
-from cloud_worker.settings import WorkerSettings
+from cloud_worker.settings import BatchSettings
+from cloud_worker.storage import StorageSettings
+from schemas.audio import MAX_UTTERANCE_S
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode
 from schemas.protocol import decode
 from schemas.result import Result, Source
-from schemas.topics import ERROR, RESULT, UTTERANCE
+from schemas.topics import ERROR, META_PROPERTY, RESULT, UTTERANCE
 
-from .conftest import OUT_OF_VOCABULARY_SAMPLE, Inbox, make_utterance, wait_until
+from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox, make_utterance, wait_until
 
 _groups = itertools.count()
-
-
-@pytest.fixture
-def worker_factory(broker_settings):
-    started: list[UtteranceService] = []
-
-    def start(group: str, worker_id: str) -> UtteranceService:
-        service = UtteranceService(WorkerSettings(broker=broker_settings, group=group, worker_id=worker_id)).start()
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.stop()
 
 
 @pytest.fixture
@@ -58,18 +54,35 @@ def next_report_about(inbox: Inbox, topic: str) -> ErrorReport:
             return report
 
 
-def test_valid_utterance_is_answered_on_its_response_topic(worker, links, device_id: str) -> None:
+def test_an_out_of_vocabulary_utterance_is_answered_with_its_transcript_and_no_intent(
+    worker, links, device_id: str
+) -> None:
     results = results_of(device_id, links)
     utterance = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE)
     links().send(utterance)
     topic, envelope = results.get(10)
     result = decode(topic, envelope)
     assert envelope.correlation_data == utterance.utterance_id.encode()
-    assert (result.utterance_id, result.source, result.intent) == (utterance.utterance_id, Source.CLOUD, None)
-    # No recogniser yet: said so, not pretended.
-    assert result.error.code == ErrorCode.ASR_UNAVAILABLE
-    assert result.timings_ms["total"] >= result.timings_ms["decode"] > 0
+    assert (result.utterance_id, result.source, result.intent, result.error) == (
+        utterance.utterance_id,
+        Source.CLOUD,
+        None,
+        None,
+    )
+    assert "weather be like tomorrow" in result.transcript.lower()
+    assert 0 < result.confidence <= 1
+    timings = result.timings_ms
+    assert set(timings) == {"queue", "decode", "asr", "total"}
+    assert timings["total"] >= timings["queue"] + timings["asr"] and timings["decode"] > 0
     results.expect_nothing()  # exactly one answer
+
+
+def test_a_command_is_answered_with_its_intent(worker, links, device_id: str) -> None:
+    results = results_of(device_id, links)
+    links().send(make_utterance(device_id))  # "hey jarvis, turn on the lights"
+    result = decode(*results.get(10))
+    assert (result.intent, result.slots, result.error) == ("lights_on", {}, None)
+    assert "turn on the lights" in result.transcript.lower()
 
 
 def test_corrupt_audio_gets_an_error_result_and_a_report(worker, links, device_id: str) -> None:
@@ -148,3 +161,147 @@ def test_workers_of_one_group_split_the_load_and_answer_each_utterance_once(
     assert sorted(a.utterance_id for a in answers) == sorted(u.utterance_id for u in sent)
     assert wait_until(lambda: sum(w.counts["answered"] for w in workers) == len(sent))
     assert all(w.counts["answered"] >= 1 for w in workers), [w.counts for w in workers]
+    assert sum(w.counts["transcribed"] for w in workers) == len(sent)
+
+
+def _with_audio(utterance, samples: np.ndarray) -> Envelope:
+    """The wire form of ``utterance`` carrying other Opus audio than its own (written without encode_opus's checks)."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, 16000, format="OGG", subtype="OPUS")
+    good = utterance.to_wire()
+    return dataclasses.replace(good, payload=buffer.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("audio", "code"),
+    [
+        (np.zeros(0, dtype=np.float32), ErrorCode.BAD_AUDIO),  # an OGG/Opus stream with no samples
+        (np.zeros(int(16000 * (MAX_UTTERANCE_S + 1)), dtype=np.float32), ErrorCode.AUDIO_TOO_LONG),
+    ],
+    ids=["empty", "over-the-limit"],
+)
+def test_unusable_audio_gets_an_error_result_and_the_worker_goes_on(
+    worker, links, device_id: str, audio: np.ndarray, code: ErrorCode
+) -> None:
+    results = results_of(device_id, links)
+    sender = links()
+    refused = make_utterance(device_id)
+    sender.publish(refused.topic(), _with_audio(refused, audio), qos=1, retain=False)
+    answer = decode(*results.get(10))
+    assert (answer.utterance_id, answer.error.code, answer.intent) == (refused.utterance_id, code, None)
+    following = make_utterance(device_id)
+    sender.send(following)
+    answer = decode(*results.get(10))
+    assert (answer.utterance_id, answer.intent) == (following.utterance_id, "lights_on")
+    assert worker.store.answer_of(device_id, refused.utterance_id) is None  # refused input is reported, not stored
+
+
+def test_metadata_that_breaks_the_schema_is_refused(worker, links, device_id: str) -> None:
+    results, reports = results_of(device_id, links), error_reports(links)
+    utterance = make_utterance(device_id)
+    good = utterance.to_wire()
+    meta = json.loads(dict(good.user_properties)[META_PROPERTY]) | {"sample_rate": 44100}
+    broken = dataclasses.replace(good, user_properties=((META_PROPERTY, json.dumps(meta)),))
+    links().publish(utterance.topic(), broken, qos=1, retain=False)
+    report = next_report_about(reports, utterance.topic())
+    assert report.code == ErrorCode.SCHEMA_VIOLATION and "sample_rate" in report.message
+    assert decode(*results.get(10)).error.code == ErrorCode.SCHEMA_VIOLATION
+
+
+def test_a_redelivered_utterance_is_answered_from_storage_not_transcribed_again(worker, links, device_id: str) -> None:
+    results = results_of(device_id, links)
+    sender = links()
+    utterance = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE)
+    sender.send(utterance)
+    first = decode(*results.get(10))
+    # What a QoS 1 redelivery or a device's retry puts on the wire: the same request again.
+    sender.send(utterance)
+    again = decode(*results.get(10))
+    assert again == first  # the stored answer, as published the first time
+    # Counted once the broker has the answer, which may be just after the answer arrives here.
+    assert wait_until(lambda: worker.counts["answered"] == 2)
+    assert (worker.counts["transcribed"], worker.counts["replayed"]) == (1, 1)
+    assert worker.store.counts()["transcripts"] == 1
+
+
+def test_the_same_utterance_twice_in_one_batch_is_transcribed_once(worker_factory, links, device_id: str) -> None:
+    worker = worker_factory(f"g{next(_groups)}", "batch", batching=BatchSettings(max_batch=8, window_ms=500))
+    results = results_of(device_id, links)
+    sender = links()
+    utterance = make_utterance(device_id)
+    sender.send(utterance)
+    sender.send(utterance)
+    answers = [decode(*results.get(10)) for _ in range(2)]
+    assert answers[0] == answers[1] and answers[0].intent == "lights_on"
+    assert wait_until(lambda: worker.counts["answered"] == 2)
+    assert worker.counts["transcribed"] == 1
+
+
+def test_a_batch_answers_each_utterance_with_its_own_words(worker_factory, links, device_id: str) -> None:
+    worker = worker_factory(f"g{next(_groups)}", "batch", batching=BatchSettings(max_batch=8, window_ms=1000))
+    results = results_of(device_id, links)
+    sender = links()
+    sent = {}
+    for index in range(6):
+        path = OUT_OF_VOCABULARY_SAMPLE if index % 2 else IN_VOCABULARY_SAMPLE
+        utterance = make_utterance(device_id, path)
+        sent[utterance.utterance_id] = path
+        sender.send(utterance)
+    answers = [decode(*results.get(15)) for _ in sent]
+    for answer in answers:
+        expected = "lights_on" if sent[answer.utterance_id] == IN_VOCABULARY_SAMPLE else None
+        assert answer.intent == expected, answer
+    assert worker.metrics.batch_size.collect()[0].samples  # observed
+    assert max(_batch_sizes(worker)) > 1  # they were transcribed together
+
+
+def _batch_sizes(worker) -> list[float]:
+    """Upper bounds of the batch-size histogram buckets that counted at least one batch."""
+    buckets = [s for s in worker.metrics.batch_size.collect()[0].samples if s.name.endswith("_bucket")]
+    sizes, below = [], 0.0
+    for sample in buckets:
+        if sample.value > below:
+            sizes.append(float(sample.labels["le"]))
+        below = sample.value
+    return sizes
+
+
+def test_nothing_is_answered_or_acknowledged_while_the_database_is_locked(
+    worker_factory, links, device_id: str, tmp_path
+) -> None:
+    database = tmp_path / "locked.sqlite3"
+    storage = StorageSettings(url=f"sqlite:///{database}", busy_timeout_s=0.2)
+    worker = worker_factory(f"g{next(_groups)}", "locked", storage=storage)
+    results = results_of(device_id, links)
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer holds the file: every write of the worker times out
+    try:
+        links().send(make_utterance(device_id))
+        assert wait_until(lambda: worker.counts["unstored"] == 1, timeout_s=10)
+        results.expect_nothing()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    following = make_utterance(device_id)
+    links().send(following)
+    assert decode(*results.get(10)).utterance_id == following.utterance_id
+    assert wait_until(lambda: worker.counts["answered"] == 1)
+
+
+def test_metrics_are_served_for_prometheus(worker_factory, links, device_id: str) -> None:
+    worker = worker_factory(f"g{next(_groups)}", "metrics", metrics_port=0)
+    results = results_of(device_id, links)
+    links().send(make_utterance(device_id))
+    results.get(10)
+    assert wait_until(lambda: worker.counts["answered"] == 1)
+    page = urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).read().decode()
+    families = {family.name: family for family in text_string_to_metric_families(page)}
+    assert families["mqvox_worker_utterances_received"].samples[0].value == 1
+    answered = {s.labels.get("how"): s.value for s in families["mqvox_worker_utterances_answered"].samples}
+    assert answered["transcribed"] == 1
+    assert "mqvox_worker_queue_depth" in families
+    latency = {s.name: s.value for s in families["mqvox_worker_latency_seconds"].samples}
+    assert latency["mqvox_worker_latency_seconds_count"] == 1 and latency["mqvox_worker_latency_seconds_sum"] > 0
+    assert {s.name for s in families["mqvox_worker_real_time_factor"].samples} >= {
+        "mqvox_worker_real_time_factor_count"
+    }

@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_worker.service import UtteranceService
-from cloud_worker.settings import WorkerSettings
 from device.audio_sources import PlaylistSource
 from device.recording import read_recording
 from device.runtime import DeviceRuntime
@@ -80,18 +78,15 @@ def test_a_confident_command_is_published_at_once_then_acted_on(links, broker_se
 
 
 def test_an_uncertain_utterance_goes_to_the_cloud_as_opus_with_mqtt5_properties(
-    links, broker_settings, device_id, local_model
+    links, broker_settings, device_id, local_model, worker_factory, database_url
 ):
+    """The whole loop: device audio in, a cloud result out, and its rows in the worker's database."""
     utterances, results = Inbox(), Inbox()
     observer = links()
     observer.subscribe(UTTERANCE.topic(device_id=device_id), utterances)
     observer.subscribe(RESULT.topic(device_id=device_id), results)
-    worker = UtteranceService(WorkerSettings(broker=broker_settings, group=f"g-{device_id}", worker_id=device_id))
-    worker.start()
-    try:
-        runtime = run_device(broker_settings, device_id, local_model, [OUT_OF_VOCABULARY_SAMPLE])
-    finally:
-        worker.stop()
+    worker = worker_factory(f"g-{device_id}", device_id, database_url=database_url)
+    runtime = run_device(broker_settings, device_id, local_model, [OUT_OF_VOCABULARY_SAMPLE])
     ((utterance, envelope),) = drain(utterances)
     assert envelope.content_type == UTTERANCE.content_type
     assert envelope.response_topic == RESULT.topic(device_id=device_id)
@@ -102,10 +97,14 @@ def test_an_uncertain_utterance_goes_to_the_cloud_as_opus_with_mqtt5_properties(
     audio = decode_opus(utterance.audio, expected_rate=16000)
     assert audio.size / 16000 == pytest.approx(utterance.duration_s, abs=0.05)
     assert 2.0 < utterance.duration_s < 4.0  # the sentence after the wake phrase
-    # The worker of issue 2 answers (it has no recogniser yet); no edge result was published for it.
+    # One answer, from the cloud, with the words; no edge result was published for it.
     ((answer, _),) = drain(results)
     assert answer.source == Source.CLOUD and answer.utterance_id == utterance.utterance_id
+    assert "weather be like tomorrow" in answer.transcript.lower() and answer.intent is None
     assert runtime.presence.counters["cloud_requests"] == runtime.presence.counters["cloud_results"] == 1
+    assert worker.store.answer_of(device_id, utterance.utterance_id) == answer
+    counts = worker.store.counts()
+    assert (counts["utterances"], counts["transcripts"], counts["results"]) == (1, 1, 1), counts
 
 
 def test_the_device_acts_on_the_clouds_answer(links, broker_settings, device_id, local_model):

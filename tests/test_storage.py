@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, make_url, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from cloud_worker.storage import (
@@ -34,44 +31,9 @@ from schemas.result import ErrorInfo, Result, Source
 from schemas.utterance import Hypothesis, UploadReason, Utterance
 from tests.conftest import OUT_OF_VOCABULARY_SAMPLE
 
-POSTGRES_URL = os.environ.get("MQVOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-"""The PostgreSQL the tests need (trust auth); each test works in a schema of its own there."""
-
 SAMPLE_RATE = 16000
 
 StoreFactory = Callable[..., Store]
-
-
-@pytest.fixture(scope="session")
-def postgres_admin() -> Iterator:
-    """An engine on the test PostgreSQL; the tests fail (never skip) when it is not there."""
-    engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except OperationalError as error:
-        engine.dispose()
-        pytest.fail(f"PostgreSQL at {make_url(POSTGRES_URL).render_as_string(hide_password=True)} is needed: {error}")
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file, or a PostgreSQL schema dropped after the test."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'worker' / 'mqvox.sqlite3'}"
-        return
-    admin = request.getfixturevalue("postgres_admin")
-    schema = f"mqvox_test_{uuid.uuid4().hex[:8]}"
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
 @pytest.fixture
