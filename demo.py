@@ -3,8 +3,9 @@
 The device (python -m device run) listens to the recordings as one stream: it wakes
 on "hey jarvis", decides "turn on the lights" on its own (an edge result, then its
 local action), and sends the sentence it does not know to the cloud as Opus over
-MQTT 5 request/response. The worker checks and decodes it and answers on the
-device's result topic; it has no speech recogniser yet, and its answer says so.
+MQTT 5 request/response. The worker transcribes it with Whisper (tiny.en), finds it
+outside the vocabulary, stores it, and answers with the transcript on the device's
+result topic. The summary ends with what the worker's database holds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from broker_config.broker import Broker
+from cloud_worker.storage import StorageSettings, Store
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
 from schemas.mqtt import BrokerSettings, MqttLink
@@ -28,6 +30,7 @@ from schemas.topics import PREFIX
 REPO = Path(__file__).resolve().parent
 RUN_DIR = REPO / ".run" / "demo"
 DEVICE_ID = "demo-pi-1"
+DATABASE = f"sqlite:///{RUN_DIR / 'worker.sqlite3'}"
 
 
 def describe(topic: str, envelope: Envelope) -> str:
@@ -40,6 +43,8 @@ def describe(topic: str, envelope: Envelope) -> str:
         detail = f"{len(message.audio)} bytes of Opus, {message.duration_s:.2f} s, reply to {envelope.response_topic}"
     elif kind == "Result":
         detail = f"source={message.source} intent={message.intent} error={message.error and message.error.code}"
+        if message.transcript is not None:
+            detail += f" transcript={message.transcript!r} confidence={message.confidence:.2f}"
     elif kind == "DeviceStatus":
         detail = f"state={message.state} counters={dict(message.counters)}"
     else:
@@ -62,7 +67,18 @@ def main() -> int:
         observer = MqttLink("demo-observer", BrokerSettings(port=broker.port))
         observer.subscribe(f"{PREFIX}/#", observe)
         worker = subprocess.Popen(
-            [sys.executable, "-m", "cloud_worker", "serve", "--port", str(broker.port), "--worker-id", "demo-worker"],
+            [
+                sys.executable,
+                "-m",
+                "cloud_worker",
+                "serve",
+                "--port",
+                str(broker.port),
+                "--worker-id",
+                "demo-worker",
+                "--database",
+                DATABASE,
+            ],
             stderr=open(RUN_DIR / "worker.log", "w"),  # noqa: SIM115 - closed with the process
         )
         config = RUN_DIR / "device.toml"
@@ -75,7 +91,9 @@ def main() -> int:
         )
         try:
             _wait_for_line(RUN_DIR / "worker.log", '"event": "ready"', worker)
-            print("worker     python -m cloud_worker serve (shared subscription $share/mqvox-workers/...)")
+            print(
+                "worker     python -m cloud_worker serve (Whisper tiny.en, shared subscription $share/mqvox-workers/)"
+            )
             print(f"device     python -m device run --config {config.relative_to(REPO)}")
             print(f"           listening to {', '.join(f'samples/{s.name}' for s in samples)}\n")
             device = subprocess.run(
@@ -98,16 +116,20 @@ def main() -> int:
             print(f"  {event['event']:<17} {json.dumps(detail)}")
     actions = (RUN_DIR / "actions.log").read_text().splitlines() if (RUN_DIR / "actions.log").exists() else []
     print("\nlocal actions run:", *(f"  {action}" for action in actions), sep="\n")
+    with Store(StorageSettings(url=DATABASE)) as store:
+        rows = store.counts()
+    print("\nthe worker's database (.run/demo/worker.sqlite3):")
+    print("  " + ", ".join(f"{table} {count}" for table, count in rows.items()))
     results = [line for line in traffic if "Result:" in line]
     edge = any("source=edge intent=lights_on" in line for line in results)
-    cloud = any("source=cloud" in line for line in results)
-    ok = device.returncode == 0 and edge and cloud
+    cloud = any("source=cloud" in line and "error=None transcript=" in line for line in results)
+    ok = device.returncode == 0 and edge and cloud and rows["transcripts"] == 1
     if not ok:
         print(device.stderr, file=sys.stderr)
     print(
         "\nThe device decided 'turn on the lights' on its own (no audio left it) and asked the cloud about the"
-        "\nsentence outside its vocabulary. The worker has no speech recogniser yet, so its answer is"
-        "\n'asr_unavailable'; logs are in .run/demo/."
+        "\nsentence outside its vocabulary. The worker transcribed it, found no intent in the vocabulary,"
+        "\nstored it and answered with the transcript; logs are in .run/demo/."
         if ok
         else "\ndemo FAILED"
     )
