@@ -20,7 +20,7 @@ import os
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -169,15 +169,17 @@ class Transcriber:
                 raise ValueError(f"clip {index} must be non-empty mono samples, not shape {clip.shape}")
             if clip.size / SAMPLE_RATE > WINDOW_S - self.settings.pack_gap_s:
                 raise ValueError(f"clip {index} is {clip.size / SAMPLE_RATE:.1f} s, over one {WINDOW_S:.0f} s window")
-        windows = (
-            self._pack(clips)
-            if self.settings.pack
-            else [[_Placement(i, 0.0, _seconds(c))] for i, c in enumerate(clips)]
-        )
-        segments = self._decode(clips, windows, self._prompt)
         found: list[list[Segment] | None] = [[] for _ in clips]
+        # A silent clip has no words to find; given to Whisper under the prompt, it gets some ("Four.").
+        audible = [index for index, clip in enumerate(clips) if _frame_rms(clip).max(initial=0.0) >= SILENCE_RMS]
+        if self.settings.pack:
+            windows = [[replace(p, clip=audible[p.clip]) for p in w] for w in self._pack([clips[i] for i in audible])]
+        else:
+            windows = [[_Placement(index, 0.0, _seconds(clips[index]))] for index in audible]
+        segments = self._decode(clips, windows, self._prompt) if windows else []
         for window, window_segments in zip(windows, segments, strict=True):
-            for clip, clip_segments in _assign(window, window_segments).items():
+            loudness = _frame_rms(self._window_audio(clips, window))
+            for clip, clip_segments in _assign(window, window_segments, loudness).items():
                 found[clip] = clip_segments
         alone = [index for index, clip_segments in enumerate(found) if clip_segments is None]
         alone += [
@@ -244,12 +246,17 @@ class Transcriber:
         )
         return [self._segments(result) for result in results]
 
-    def _features(self, clips: Sequence[np.ndarray], window: list[_Placement]) -> np.ndarray:
+    @staticmethod
+    def _window_audio(clips: Sequence[np.ndarray], window: list[_Placement]) -> np.ndarray:
         audio = np.zeros(int(WINDOW_S * SAMPLE_RATE), dtype=np.float32)
         for placement in window:
             start = round(placement.start_s * SAMPLE_RATE)
             clip = clips[placement.clip]
             audio[start : start + clip.size] = clip
+        return audio
+
+    def _features(self, clips: Sequence[np.ndarray], window: list[_Placement]) -> np.ndarray:
+        audio = self._window_audio(clips, window)
         frames = self._whisper.feature_extractor.nb_max_frames
         return self._whisper.feature_extractor(audio, padding=SAMPLE_RATE)[:, :frames].astype(np.float32)
 
@@ -298,8 +305,10 @@ MIN_AVG_LOGPROB = -1.0
 """A transcript whose tokens average under this log probability is a guess (faster-whisper's threshold)."""
 
 
-MAX_REPEATS = 3
-"""A word or short phrase said more than this many times in a row is a decoding loop ("Eight. Eight. Eight. Eight.")."""
+MAX_REPEATS = 2
+"""A word or short phrase said more than this many times in a row may be a decoding loop ("Eight. Eight. Eight.").
+A loop split across packed utterances leaves each only a few repeats; a person who really said "stop stop
+stop" only costs a second transcription, without the prompt, which writes the same words."""
 
 
 def _degenerate(segments: list[Segment]) -> bool:
@@ -345,10 +354,26 @@ def _average_logprob(result, tokens: list[int]) -> float:
     return float(result.scores[0] * len(tokens) / (len(tokens) + 1))
 
 
-def _assign(window: list[_Placement], segments: list[Segment]) -> dict[int, list[Segment] | None]:
+SILENCE_RMS = 10 ** (-60 / 20)
+"""A clip whose every 10 ms frame is quieter than -60 dBFS is silence: transcribed as nothing."""
+_FRAME = SAMPLE_RATE // 100
+
+
+def _frame_rms(audio: np.ndarray) -> np.ndarray:
+    """Root mean square of each 10 ms frame."""
+    usable = audio[: audio.size - audio.size % _FRAME].reshape(-1, _FRAME)
+    return np.sqrt(np.mean(np.square(usable, dtype=np.float64), axis=1))
+
+
+def _assign(
+    window: list[_Placement], segments: list[Segment], loudness: np.ndarray | None = None
+) -> dict[int, list[Segment] | None]:
     """Give each segment to the utterance it overlaps; None for an utterance a segment straddles.
 
-    Segment times become relative to the utterance's own start.
+    With the window's ``loudness`` (frame RMS), overlaps are weighted by the sound in
+    them: greedy timestamps are coarse, and a segment stamped over a quiet utterance
+    and its loud neighbour belongs to the neighbour. Segment times become relative to
+    the utterance's own start.
     """
     if len(window) == 1:
         only = window[0]
@@ -357,15 +382,23 @@ def _assign(window: list[_Placement], segments: list[Segment]) -> dict[int, list
     for segment in segments:
         if not segment.text.strip():
             continue
-        overlaps = [(min(segment.end_s, p.end_s) - max(segment.start_s, p.start_s), p) for p in window]
-        touched = [p for overlap, p in overlaps if overlap > 0.25]
+        if loudness is not None:
+            # Greedy timestamps are coarse: weigh the sound up to half a gap around the segment.
+            segment_around = replace(segment, start_s=segment.start_s - 0.5, end_s=segment.end_s + 0.5)
+            overlaps = [(_overlap(segment_around, p, loudness), p) for p in window]
+        else:
+            overlaps = [(_overlap(segment, p, loudness), p) for p in window]
+        total = sum(weight for weight, _ in overlaps)
+        touched = [p for weight, p in overlaps if weight > 0.25 * total] if loudness is not None else []
+        if loudness is None:
+            touched = [p for weight, p in overlaps if weight > 0.25]
         if len(touched) > 1:
             for placement in touched:
                 assigned[placement.clip] = None
             continue
-        overlap, owner = max(overlaps, key=lambda pair: pair[0])
-        if overlap <= 0:
-            # In a gap: the nearest utterance (timestamps are coarse under greedy decoding).
+        weight, owner = max(overlaps, key=lambda pair: pair[0])
+        if weight <= 0:
+            # Still nothing: the nearest utterance in time.
             middle = (segment.start_s + segment.end_s) / 2
             owner = min(window, key=lambda p: min(abs(middle - p.start_s), abs(middle - p.end_s)))
         if assigned[owner.clip] is None:
@@ -380,3 +413,13 @@ def _assign(window: list[_Placement], segments: list[Segment]) -> dict[int, list
             )
         )
     return assigned
+
+
+def _overlap(segment: Segment, placement: _Placement, loudness: np.ndarray | None) -> float:
+    """Seconds a segment overlaps a placement or, with loudness, the sound (summed frame RMS) in the overlap."""
+    start, end = max(segment.start_s, placement.start_s), min(segment.end_s, placement.end_s)
+    if end <= start:
+        return 0.0
+    if loudness is None:
+        return end - start
+    return float(loudness[int(start * 100) : int(np.ceil(end * 100))].sum())
