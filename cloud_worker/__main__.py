@@ -102,13 +102,12 @@ def transcribe(args: argparse.Namespace) -> int:
         readable.append(name)
     for name, transcript in zip(readable, transcriber.transcribe(clips) if clips else [], strict=True):
         match = matcher.match(transcript.text)
-        confidence = transcript.confidence * match.score if match.intent is not None else transcript.confidence
         line = {
             "file": name,
             "transcript": transcript.text,
             "intent": match.intent,
             "slots": dict(match.slots),
-            "confidence": round(confidence, 4),
+            "confidence": match.confidence(transcript.confidence),
         }
         _emit(args.json, line)
     return 1 if failed else 0

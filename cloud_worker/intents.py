@@ -93,6 +93,12 @@ class IntentMatch:
         """No intent: outside the vocabulary, ambiguous, or empty."""
         return cls(intent=None, slots={}, score=0.0, phrase=None, text=text)
 
+    def confidence(self, transcript_confidence: float) -> float:
+        """A result's confidence: how sure the words are times how well they match the intent; without an
+        intent, how sure the words are. Rounded, in [0, 1]."""
+        combined = transcript_confidence * self.score if self.intent is not None else transcript_confidence
+        return round(min(max(combined, 0.0), 1.0), 4)
+
 
 class IntentMatcher:
     """Maps transcripts onto a vocabulary's commands. ``match()`` never raises.

@@ -257,8 +257,6 @@ class UtteranceService:
                 timings,
             )
         match = self.matcher.match(transcript.text)
-        # With an intent, how sure the words are times how well they match it; without one, how sure the words are.
-        confidence = transcript.confidence * match.score if match.intent is not None else transcript.confidence
         return Result(
             device_id=utterance.device_id,
             utterance_id=utterance.utterance_id,
@@ -266,7 +264,7 @@ class UtteranceService:
             transcript=transcript.text[:MAX_TRANSCRIPT_CHARS],
             intent=match.intent,
             slots=dict(match.slots),
-            confidence=round(min(max(confidence, 0.0), 1.0), 4),
+            confidence=match.confidence(transcript.confidence),
             timings_ms=timings,
         )
 

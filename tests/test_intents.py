@@ -160,3 +160,12 @@ def test_match_never_raises_and_scores_are_in_range(transcript: str) -> None:
     match = MATCHER.match(transcript)
     assert 0.0 <= match.score <= 1.0
     assert (match.intent is None) == (match.score == 0.0)
+
+
+def test_a_results_confidence_combines_the_words_and_the_match() -> None:
+    matcher = IntentMatcher(load_vocabulary())
+    exact, near, none = matcher.match("turn on the lights"), matcher.match("turn on the light"), matcher.match("")
+    assert exact.confidence(0.9) == 0.9
+    assert near.confidence(0.9) == round(0.9 * near.score, 4) < 0.9
+    assert none.confidence(0.9) == 0.9  # no intent: how sure the words are
+    assert exact.confidence(1.5) == 1.0 and exact.confidence(-0.1) == 0.0
