@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import (
     JSON,
@@ -189,8 +189,15 @@ class TimingRow(TableBase):
     milliseconds: Mapped[float]
 
 
-class Store:
-    """The worker's database: saves handled utterances in batches and answers redeliveries from them."""
+class Database:
+    """One SQLAlchemy engine on SQLite or PostgreSQL, with the tables of ``tables`` created on first use.
+
+    Shared by the worker's Store and the model registry of firmware_tools, so both speak
+    to the same database the same way and report an outage the same way.
+    """
+
+    tables: type[DeclarativeBase] = TableBase
+    """The declarative base whose tables this database needs."""
 
     def __init__(self, settings: StorageSettings | None = None) -> None:
         self.settings = settings or StorageSettings()
@@ -210,10 +217,49 @@ class Store:
         self._insert = _INSERTS[dialect]
         try:
             with self._unavailable_as_error("create the tables"):
-                TableBase.metadata.create_all(self._engine)
+                self.tables.metadata.create_all(self._engine)
         except BaseException:
             self._engine.dispose()
             raise
+
+    def counts(self) -> dict[str, int]:
+        """Rows in each table, by table name."""
+        with self._unavailable_as_error("count rows"), Session(self._engine) as session:
+            return {
+                table.name: session.scalar(select(func.count()).select_from(table)) or 0
+                for table in self.tables.metadata.sorted_tables
+            }
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _unavailable_as_error(self, action: str) -> Iterator[None]:
+        """Turn the driver's ways of saying 'cannot reach the database' into StorageUnavailable."""
+        try:
+            yield
+        except (OperationalError, InterfaceError, PoolTimeoutError) as error:
+            raise StorageUnavailable(self._unavailable_message(action, error)) from error
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            raise StorageUnavailable(self._unavailable_message(action, error)) from error
+
+    def _unavailable_message(self, action: str, error: Exception) -> str:
+        cause = getattr(error, "orig", None) or error
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        return f"cannot {action}: database {self.database} is unavailable ({reason})"
+
+
+class Store(Database):
+    """The worker's database: saves handled utterances in batches and answers redeliveries from them."""
 
     def answer_of(self, device_id: str, utterance_id: str) -> Result | None:
         """The Result stored for this device's utterance, or None when it is not stored."""
@@ -237,24 +283,6 @@ class Store:
         with self._unavailable_as_error("save utterances"), Session(self._engine) as session, session.begin():
             for record in ordered:
                 self._save_one(session, record)
-
-    def counts(self) -> dict[str, int]:
-        """Rows in each table, by table name."""
-        with self._unavailable_as_error("count rows"), Session(self._engine) as session:
-            return {
-                table.name: session.scalar(select(func.count()).select_from(table)) or 0
-                for table in TableBase.metadata.sorted_tables
-            }
-
-    def close(self) -> None:
-        """Close every pooled connection."""
-        self._engine.dispose()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _save_one(self, session: Session, record: StoredUtterance) -> None:
         utterance, result, received_at = record.utterance, record.result, record.received_at
@@ -334,23 +362,6 @@ class Store:
             for stage, milliseconds in result.timings_ms.items()
         )
         session.add_all(rows)
-
-    @contextlib.contextmanager
-    def _unavailable_as_error(self, action: str) -> Iterator[None]:
-        """Turn the driver's ways of saying 'cannot reach the database' into StorageUnavailable."""
-        try:
-            yield
-        except (OperationalError, InterfaceError, PoolTimeoutError) as error:
-            raise StorageUnavailable(self._unavailable_message(action, error)) from error
-        except DBAPIError as error:
-            if not error.connection_invalidated:
-                raise
-            raise StorageUnavailable(self._unavailable_message(action, error)) from error
-
-    def _unavailable_message(self, action: str, error: Exception) -> str:
-        cause = getattr(error, "orig", None) or error
-        reason = " ".join(str(cause).split()) or type(cause).__name__
-        return f"cannot {action}: database {self.database} is unavailable ({reason})"
 
 
 _INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
