@@ -13,7 +13,6 @@ import json
 import logging
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from firmware_tools.synth import describe_voices, plan_renders
 from firmware_tools.train import load_split
 from firmware_tools.voices import espeak_variants
 from schemas.model import Detection, ModelPackage
-from schemas.vocabulary import load_vocabulary
+from schemas.vocabulary import load_vocabulary, vocabulary_sha256
 
 log = logging.getLogger("mqvox.package")
 
@@ -35,12 +34,6 @@ MODEL_FILE = "model.tflite"
 """Name of the model inside a package."""
 THRESHOLD_GRID = np.round(np.arange(0.30, 0.996, 0.005), 3)
 """Thresholds tried when tuning."""
-
-
-def vocabulary_sha256(path: str | Path | None = None) -> str:
-    """Digest of the vocabulary file a model is trained on."""
-    data = Path(path).read_bytes() if path else resources.files("schemas").joinpath("vocabulary.toml").read_bytes()
-    return hashlib.sha256(data).hexdigest()
 
 
 def tune_command_threshold(scores: np.ndarray, labels: np.ndarray, names: list[str], target: float) -> float:

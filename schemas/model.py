@@ -100,6 +100,23 @@ class RolloutStage:
     percent: float = 0.0
     """Share of the fleet (0-100) chosen by a stable hash of the device id, on top of ``devices``."""
 
+    def includes(self, device_id: str) -> bool:
+        """Whether ``device_id`` is in this stage: named, or in the first ``percent`` of the hash buckets."""
+        return device_id in self.devices or fleet_bucket(device_id) < round(self.percent * 100)
+
+
+FLEET_BUCKETS = 10_000
+"""A percentage stage is resolved to 0.01 % of the fleet."""
+
+
+def fleet_bucket(device_id: str) -> int:
+    """The device's place in the fleet, 0 to FLEET_BUCKETS - 1, from SHA-256 of its id.
+
+    The same id always lands in the same bucket, on the device and in the rollout tool,
+    so a 10 % stage is a subset of a later 50 % stage: nobody who updated early is skipped.
+    """
+    return int.from_bytes(hashlib.sha256(device_id.encode("utf-8")).digest()[:8], "big") % FLEET_BUCKETS
+
 
 @dataclass(frozen=True)
 class ModelManifest(JsonMessage):

@@ -258,9 +258,15 @@ class MqttLink:
             topic_filter, lambda client, userdata, message: self._hand_over(handler, message), qos, timeout_s
         )
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` to its handler at once, and ask the broker to stop sending it."""
+        self._client.message_callback_remove(_route(topic_filter))
+        rc, _ = self._client.unsubscribe(topic_filter)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            log.warning("unsubscribe from %r failed: %s", topic_filter, paho.error_string(rc))
+
     def _subscribe(self, topic_filter: str, callback, qos: int, timeout_s: float) -> None:
-        # Messages of a shared subscription arrive on the plain topic, without '$share/<group>/'.
-        route = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+        route = _route(topic_filter)
         self._client.message_callback_add(route, callback)
         done = threading.Event()
         outcome: list = []
@@ -286,3 +292,8 @@ class MqttLink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _route(topic_filter: str) -> str:
+    """The filter paho matches incoming topics against: a shared subscription's arrive without '$share/<group>/'."""
+    return topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter

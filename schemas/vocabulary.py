@@ -5,6 +5,7 @@ Training, the device's labels and the cloud's intent mapping all come from here.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import tomllib
@@ -74,6 +75,12 @@ class Vocabulary:
 
 
 DEFAULT_PATH = "vocabulary.toml"
+
+
+def vocabulary_sha256(path: str | Path | None = None) -> str:
+    """SHA-256 of a vocabulary file (default: the shipped one), recorded with every model trained on it."""
+    data = Path(path).read_bytes() if path else resources.files("schemas").joinpath(DEFAULT_PATH).read_bytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_vocabulary(path: str | Path | None = None) -> Vocabulary:

@@ -15,10 +15,9 @@ import pytest
 from device.detector import WakeDetector, count_wakes, decide_command, utterance_window, wake_scores
 from device.inference import TfliteClassifier
 from device.recording import read_recording
-from firmware_tools.package import vocabulary_sha256
 from firmware_tools.phrases import model_labels
 from schemas.model import ModelPackage
-from schemas.vocabulary import load_vocabulary
+from schemas.vocabulary import load_vocabulary, vocabulary_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "device" / "models" / "default"
