@@ -15,18 +15,19 @@ from device.audio_sources import AudioSourceError, FileSource, open_configured_s
 from device.capture import NoSpeech
 from device.cloud_client import CloudClient
 from device.detector import WakeEvent
-from device.local_model import LocalModel, ModelUnavailable, load_local_model
+from device.local_model import ModelUnavailable, load_configured_model
 from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
 from device.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
+from device.self_test import SelfTestUnavailable
 from device.settings import DenoiseMode, DeviceSettings, SettingsError, load_settings
 from schemas.errors import ProtocolError
 from schemas.logfmt import configure_logging
 from schemas.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, broker_from_arguments
+from schemas.signing import SignatureError
 from schemas.status import DeviceState
 from schemas.topics import check_identifier
 from schemas.utterance import UploadReason, Utterance
-from schemas.vocabulary import load_vocabulary
 
 log = logging.getLogger("device")
 
@@ -78,18 +79,6 @@ def _settings(args: argparse.Namespace) -> DeviceSettings:
     return load_settings(args.config) if args.config is not None else DeviceSettings()
 
 
-def _model(settings: DeviceSettings) -> LocalModel:
-    model = settings.model
-    vocabulary = load_vocabulary(model.vocabulary) if model.vocabulary is not None else None
-    return load_local_model(
-        model.directory,
-        vocabulary,
-        wake_threshold=model.wake_threshold,
-        command_threshold=model.command_threshold,
-        num_threads=model.num_threads,
-    )
-
-
 def event_line(path: Path, event: WakeEvent | CommandEvent) -> dict:
     """The JSON line ``detect`` prints for one event.
 
@@ -119,7 +108,7 @@ def detect(args: argparse.Namespace) -> int:
     if args.model is not None:
         settings = replace(settings, model=replace(settings.model, directory=str(args.model)))
     denoise = DenoiseMode(args.denoise) if args.denoise is not None else settings.denoise
-    model = _model(settings)
+    model = load_configured_model(settings.model)
     block_samples = model.package.frontend.sample_rate * settings.audio.block_ms // 1000
     failures = 0
     for path in args.files:
@@ -158,12 +147,14 @@ def _print(args: argparse.Namespace, line: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the device online, as configured, until its audio ends or it is told to stop."""
-    from device.runtime import DeviceRuntime  # only the online path needs MQTT and the actions
+    # Only the online path needs MQTT, the actions and the updater.
+    from device.ota import open_starting_model
+    from device.runtime import DeviceRuntime
 
     settings = load_settings(args.config)
-    model = _model(settings)
+    starting = open_starting_model(settings)
     source = open_configured_source(settings.audio, stdin=sys.stdin.buffer)
-    runtime = DeviceRuntime(settings, model)
+    runtime = DeviceRuntime(settings, starting.model, starting)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: runtime.stop())
     runtime.run(source)
@@ -221,7 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("device", args.log_level)
     try:
         return args.run(args)
-    except (BrokerUnavailable, ProtocolError, SettingsError, ModelUnavailable, AudioSourceError) as error:
+    except (
+        BrokerUnavailable,
+        ProtocolError,
+        SettingsError,
+        ModelUnavailable,
+        AudioSourceError,
+        SignatureError,
+        SelfTestUnavailable,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from device.detector import NON_COMMAND_LABELS
 from device.features import UnsupportedFrontend, check_frontend
 from device.inference import ModelLoadError, TfliteClassifier
+from device.settings import ModelSettings
 from schemas.errors import ProtocolError
 from schemas.model import ModelPackage
 from schemas.result import SlotValue
@@ -99,6 +100,18 @@ def load_local_model(
     if command_threshold is not None:
         detection = replace(detection, command_threshold=command_threshold)
     return LocalModel(replace(package, detection=detection), classifier, meanings, directory)
+
+
+def load_configured_model(settings: ModelSettings, directory: str | Path | None = None) -> LocalModel:
+    """The model of ``directory`` (default: the configured one) with the configured vocabulary and thresholds."""
+    vocabulary = load_vocabulary(settings.vocabulary) if settings.vocabulary is not None else None
+    return load_local_model(
+        directory if directory is not None else settings.directory,
+        vocabulary,
+        wake_threshold=settings.wake_threshold,
+        command_threshold=settings.command_threshold,
+        num_threads=settings.num_threads,
+    )
 
 
 def _meanings(package: ModelPackage, vocabulary: Vocabulary, directory: Path) -> dict[str, LabelMeaning]:

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from importlib.metadata import version
 
-from schemas.status import DeviceState, DeviceStatus
+from schemas.status import DeviceState, DeviceStatus, OtaProgress
 
 SOFTWARE_VERSION = version("mqvox")
 """Version of the installed mqvox distribution, reported in every status."""
@@ -20,6 +20,8 @@ class Presence:
         self.model_version = model_version
         self.counters: Counter[str] = Counter()
         """Monotonic counters reported in the status (cloud_requests, cloud_results, ...)."""
+        self.ota: OtaProgress | None = None
+        """The last model update step, reported in every status from then on."""
         self._started = time.monotonic()
 
     def status(self, state: DeviceState) -> DeviceStatus:
@@ -31,6 +33,7 @@ class Presence:
             model_version=self.model_version,
             uptime_s=round(time.monotonic() - self._started, 3),
             counters=dict(self.counters),
+            ota=self.ota,
         )
 
     def last_will(self) -> DeviceStatus:

@@ -20,6 +20,7 @@ from device.capture import NoSpeech
 from device.cloud_client import CloudClient
 from device.detector import WakeEvent
 from device.local_model import LocalModel
+from device.ota import ModelUpdater, StartingModel
 from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
 from device.settings import DeviceSettings, UploadPolicy
@@ -27,7 +28,7 @@ from schemas.errors import ErrorCode, ProtocolError
 from schemas.mqtt import MqttLink, PublishRefused
 from schemas.protocol import Message
 from schemas.result import ErrorInfo, Result, Source
-from schemas.status import DeviceState
+from schemas.status import DeviceState, OtaProgress
 from schemas.utterance import Hypothesis, UploadReason, Utterance, new_utterance_id
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,17 @@ log = logging.getLogger(__name__)
 class DeviceRuntime:
     """One device process: ``run(source)`` listens until the source ends or ``stop()`` is called."""
 
-    def __init__(self, settings: DeviceSettings, model: LocalModel) -> None:
+    def __init__(self, settings: DeviceSettings, model: LocalModel, starting: StartingModel | None = None) -> None:
+        """``starting`` carries the state folder and any pending update report, when model updates are on."""
         self.settings = settings
         self.model = model
+        self._starting = starting
+        self._next_model: LocalModel | None = None
+        self._updater: ModelUpdater | None = None
+        if starting is not None and starting.installed is not None:
+            self._updater = ModelUpdater(
+                settings, starting.installed, report=self._report, on_model=self._use_model, count=self.count
+            )
         self.device_id = settings.device_id
         self.presence = Presence(settings.device_id, model.version)
         self._counter_lock = threading.Lock()
@@ -69,6 +78,7 @@ class DeviceRuntime:
             if settings.cloud.upload == UploadPolicy.UNCERTAIN:
                 self._cloud = CloudClient(link, self.device_id)
             self._send(self._status(DeviceState.ONLINE))
+            self._start_updates(link)
             log.info("listening", extra={"device_id": self.device_id})
             status_thread = threading.Thread(target=self._refresh_status, name="status", daemon=True)
             status_thread.start()
@@ -77,11 +87,15 @@ class DeviceRuntime:
                 for block in source.blocks():
                     if self._stopping.is_set():
                         break
+                    if self._next_model is not None and not self.pipeline.capturing:
+                        self._switch_model()
                     for event in self.pipeline.push(block):
                         self._handle(event, cloud_pool)
                 for event in self.pipeline.finish():
                     self._handle(event, cloud_pool)
             finally:
+                if self._updater is not None:
+                    self._updater.stop()
                 # Answers already asked for are still awaited (at most cloud.timeout_s), and their actions run.
                 cloud_pool.shutdown(wait=True)
                 self.actions.close(wait=True)
@@ -89,6 +103,33 @@ class DeviceRuntime:
                 status_thread.join()
                 self._send(self._status(DeviceState.OFFLINE))
                 log.info("stopped", extra={"device_id": self.device_id})
+
+    def _start_updates(self, link: MqttLink) -> None:
+        starting = self._starting
+        if self._updater is None or starting is None or starting.installed is None:
+            return
+        if starting.pending is not None and self._report(starting.pending):
+            starting.installed.reported()
+        self._updater.start(link)
+
+    def _report(self, progress: OtaProgress) -> bool:
+        """Publish a model update step in the retained status."""
+        with self._counter_lock:
+            self.presence.ota = progress
+        return self._send(self._status(DeviceState.ONLINE))
+
+    def _use_model(self, model: LocalModel) -> None:
+        """A committed update: the listening loop switches to it between utterances."""
+        with self._counter_lock:
+            self.presence.model_version = model.version
+        self._next_model = model
+
+    def _switch_model(self) -> None:
+        model, self._next_model = self._next_model, None
+        assert model is not None
+        self.pipeline = ListeningPipeline(model, self.settings.capture, self.settings.denoise)
+        self.model = model
+        log.info("listening with model %s", model.version, extra={"device_id": self.device_id})
 
     def _status(self, state: DeviceState):
         with self._counter_lock:

@@ -169,6 +169,37 @@ class CloudSettings:
             raise SettingsError(f"cloud.max_in_flight must be at least 1, not {self.max_in_flight}")
 
 
+@dataclass(frozen=True)
+class OtaSettings:
+    """Model updates over the air: signed manifests on the channel's retained topic, verified and self-tested."""
+
+    public_key: str | None = None
+    """PEM file of the Ed25519 public key that signs this fleet's models; None turns updates off (a device with no
+    key must never accept a model)."""
+    channel: str = "stable"
+    """Release channel whose manifest the device follows (models/<channel>/manifest)."""
+    state_dir: str | None = None
+    """Where updated models and the update journal are kept; None for a folder ``state`` beside the config file
+    (in the working directory without one). The configured model stays the factory model, used until the first
+    update and whenever nothing newer works."""
+    self_test: str | None = None
+    """Folder of the self-test suite (suite.toml and its clips); None for the suite shipped with mqvox."""
+    download_timeout_s: float = 60.0
+    """How long to wait for the model blob after accepting a manifest."""
+    max_attempts: int = 2
+    """An update interrupted this many times (power cut, crash during its self-test) is given up for that version."""
+
+    def __post_init__(self) -> None:
+        try:
+            check_identifier("channel", self.channel)
+        except ProtocolError as error:
+            raise SettingsError(f"ota.channel: {error.reason}") from None
+        if self.download_timeout_s <= 0:
+            raise SettingsError(f"ota.download_timeout_s must be positive, not {self.download_timeout_s}")
+        if self.max_attempts < 1:
+            raise SettingsError(f"ota.max_attempts must be at least 1, not {self.max_attempts}")
+
+
 _ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
@@ -224,6 +255,8 @@ class DeviceSettings:
     """Action per intent name; the key "*" is the action for every intent without its own."""
     status_interval_s: float = 60.0
     """The retained status (uptime, counters) is refreshed this often."""
+    ota: OtaSettings = field(default_factory=OtaSettings)
+    """Model updates over the air."""
 
     def __post_init__(self) -> None:
         try:
@@ -338,12 +371,21 @@ def _resolve_paths(settings: DeviceSettings, base: Path) -> DeviceSettings:
     def resolve(value: str | None) -> str | None:
         return None if value is None else str((base / Path(value).expanduser()).resolve())
 
+    ota = settings.ota
+    ota = replace(
+        ota,
+        public_key=resolve(ota.public_key),
+        # The default folder is only named when updates are on, so an empty file still equals the defaults.
+        state_dir=resolve(ota.state_dir or ("state" if ota.public_key else None)),
+        self_test=resolve(ota.self_test),
+    )
     tls = settings.broker.tls
     if tls is not None:
         tls = TlsSettings(resolve(tls.ca_file), resolve(tls.cert_file), resolve(tls.key_file))
     return replace(
         settings,
         broker=replace(settings.broker, tls=tls),
+        ota=ota,
         audio=replace(settings.audio, files=tuple(resolve(name) for name in settings.audio.files)),
         model=replace(
             settings.model, directory=resolve(settings.model.directory), vocabulary=resolve(settings.model.vocabulary)
