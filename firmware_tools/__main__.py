@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import fnmatch
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.errors import ProtocolError
@@ -86,6 +91,126 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def keygen(args: argparse.Namespace) -> int:
+    """Make the fleet's model-signing key pair; the public half is provisioned on every device."""
+    from schemas.signing import generate_key_pair
+
+    private, public = args.out_dir / f"{args.name}.key", args.out_dir / f"{args.name}.pub"
+    key = generate_key_pair(private, public)
+    print(json.dumps({"key_id": key, "private_key": str(private), "public_key": str(public)}))
+    return 0
+
+
+@contextlib.contextmanager
+def _release_tools(args: argparse.Namespace) -> Iterator[tuple]:
+    """The registry, the broker link and the publisher that publish, rollout and status share."""
+    from cloud_worker.storage import StorageSettings
+    from firmware_tools.registry import ModelRegistry
+    from firmware_tools.release import Publisher
+    from schemas.mqtt import MqttLink, broker_from_arguments
+    from schemas.signing import load_private_key
+
+    private_key = load_private_key(args.key) if getattr(args, "key", None) else None
+    with (
+        ModelRegistry(StorageSettings(url=args.database)) as registry,
+        MqttLink(f"mqvox-operator-{os.getpid()}", broker_from_arguments(args)) as link,
+    ):
+        publisher = Publisher(link, registry, args.channel, private_key) if private_key else None
+        yield registry, link, publisher
+
+
+def publish(args: argparse.Namespace) -> int:
+    """Register a model package, retain its blob, and offer it to a stage (everyone by default)."""
+    from firmware_tools.release import EVERYONE
+    from schemas.model import RolloutStage
+
+    with _release_tools(args) as (registry, _link, publisher):
+        version = publisher.register(args.model, notes=args.notes, min_device_version=args.min_device_version)
+        publisher.publish_blob(version)
+        line = {"channel": args.channel, "version": version.version, "sha256": version.package.sha256}
+        if not args.hold:
+            devices = tuple(device for device in (args.devices or "").split(",") if device)
+            stage = RolloutStage("publish", devices, args.percent) if devices or args.percent != 100 else EVERYONE
+            manifest = publisher.publish_manifest(version, stage)
+            line |= {"stage": manifest.to_dict()["stage"], "key_id": manifest.key_id}
+            if stage == EVERYONE:
+                registry.set_live_version(args.channel, version.version)
+        print(json.dumps(line))
+    return 0
+
+
+def rollout(args: argparse.Namespace) -> int:
+    """Roll a registered version out in stages; exit 1 if the abort criteria halted it."""
+    from firmware_tools.fleet import FleetWatch
+    from firmware_tools.registry import RolloutState
+    from firmware_tools.rollout import AbortCriteria, RolloutPlan, RolloutRunner, StagePlan
+
+    plan = RolloutPlan(
+        stages=tuple(StagePlan.parse(text, index) for index, text in enumerate(args.stage)),
+        criteria=AbortCriteria(args.max_failure_percent, args.min_reports),
+        stage_timeout_s=args.stage_timeout_s,
+        soak_s=args.soak_s,
+    )
+    with _release_tools(args) as (registry, link, publisher):
+        watch = FleetWatch(link)
+        runner = RolloutRunner(publisher, registry, watch, args.version, plan, say=lambda text: print(text, flush=True))
+        outcome = runner.run()
+        if outcome.restored is not None:
+            stuck = runner.wait_for_restore(outcome.restored, args.stage_timeout_s)
+            print(
+                f"restore: {'every device is off ' + args.version if not stuck else 'still on it: ' + ', '.join(stuck)}"
+            )
+        print(json.dumps(dataclasses.asdict(outcome) | {"state": str(outcome.state)}))
+    return 0 if outcome.state == RolloutState.COMPLETED else 1
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print each device's state, model and last update step, with the channel's latest rollout."""
+    from firmware_tools.fleet import FleetWatch, format_table, status_rows
+    from firmware_tools.rollout import RolloutPlan, StagePlan
+
+    with _release_tools(args) as (registry, link, _publisher):
+        watch = FleetWatch(link)
+        watch.settle(quiet_s=args.quiet_s)
+        rollout_record = registry.latest_rollout(args.channel)
+        live = registry.live_version(args.channel)
+    stages = []
+    if rollout_record is not None:
+        plan = rollout_record.plan
+        stages = RolloutPlan(stages=tuple(StagePlan(**stage) for stage in plan["stages"])).cumulative()
+    statuses = watch.snapshot()
+    if args.device:
+        statuses = {device: status for device, status in statuses.items() if fnmatch.fnmatch(device, args.device)}
+    rows = status_rows(statuses, stages)
+    if args.json:
+        print(json.dumps({"channel": args.channel, "live_version": live, "devices": rows}))
+        return 0
+    print(f"channel {args.channel}: live version {live or '-'}")
+    if rollout_record is not None:
+        print(
+            f"latest rollout {rollout_record.rollout_id}: {rollout_record.previous_version or '-'} ->"
+            f" {rollout_record.version}, {rollout_record.state} at stage {rollout_record.stage_index + 1}"
+            + (f": {rollout_record.reason}" if rollout_record.reason else "")
+        )
+    print(format_table(rows))
+    return 0
+
+
+def _add_release_arguments(parser: argparse.ArgumentParser, *, key: bool) -> None:
+    from cloud_worker.storage import StorageSettings
+    from schemas.mqtt import add_broker_arguments
+
+    parser.add_argument("--channel", default="stable", help="release channel (default: %(default)s)")
+    parser.add_argument(
+        "--database",
+        default=StorageSettings.url,
+        help="SQLAlchemy URL of the registry, the worker's database (default: %(default)s)",
+    )
+    add_broker_arguments(parser)
+    if key:
+        parser.add_argument("--key", type=Path, required=True, help="Ed25519 private key PEM (from keygen)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m firmware_tools", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,10 +259,74 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--cache", type=Path, default=Path(".cache/heldout"), help="held-out audio cache")
     evaluation.add_argument("--vocabulary", type=Path, help="vocabulary TOML (default: schemas/vocabulary.toml)")
     evaluation.set_defaults(run=evaluate)
+
+    keys = commands.add_parser(
+        "keygen",
+        help="make the Ed25519 key pair that signs model manifests",
+        description="Write NAME.key (private, mode 0600, never overwritten) and NAME.pub (for the devices' "
+        "[ota] public_key) into --out-dir, and print the key id that manifests carry.",
+    )
+    keys.add_argument("--out-dir", type=Path, default=Path("keys"), help="folder for the key files")
+    keys.add_argument("--name", default="signing", help="file name stem (default: %(default)s)")
+    keys.set_defaults(run=keygen)
+
+    publisher = commands.add_parser(
+        "publish",
+        help="register a model version, retain its blob and a signed manifest for a stage",
+        description="Register the package in --model (model.tflite + manifest.json) in the database, publish the "
+        "model retained on models/<channel>/blobs/<version>, then a signed manifest retained on "
+        "models/<channel>/manifest for the given stage (default: every device). --hold publishes no manifest: "
+        "roll it out later with rollout.",
+    )
+    publisher.add_argument("--model", type=Path, required=True, help="model package directory")
+    _add_release_arguments(publisher, key=True)
+    publisher.add_argument("--notes", default="", help="release notes carried in the manifest")
+    publisher.add_argument("--min-device-version", default="0.1.0", help="oldest device software that can run it")
+    publisher.add_argument("--devices", help="comma-separated devices the manifest is for")
+    publisher.add_argument("--percent", type=float, default=100.0, help="share of the fleet, by stable hash")
+    publisher.add_argument("--hold", action="store_true", help="register and retain the blob, publish no manifest")
+    publisher.set_defaults(run=publish)
+
+    roller = commands.add_parser(
+        "rollout",
+        help="roll a published version out in stages, halting and restoring the previous one on failures",
+        description="Offer --version stage by stage. A stage is done when every online device in it has reported "
+        "applied, rejected or rolled_back for the version. When at least --min-reports devices have reported and "
+        "--max-failure-percent of them failed, or a stage times out, the rollout halts: the previous live version "
+        "is re-published to everyone as a signed rollback, and the failed version's blob is cleared. On success, "
+        "blobs older than the previous version are cleared. Exit 0 when completed, 1 when halted.",
+    )
+    roller.add_argument("--version", required=True, help="a version registered by publish")
+    _add_release_arguments(roller, key=True)
+    roller.add_argument(
+        "--stage",
+        action="append",
+        required=True,
+        metavar="[NAME:]SPEC",
+        help="a stage, in order: devices (canary:dev-1,dev-2) or a share of the fleet (early:25%%); repeat",
+    )
+    roller.add_argument("--max-failure-percent", type=float, default=20.0, help="halt at this failure share")
+    roller.add_argument("--min-reports", type=int, default=3, help="...once this many devices reported")
+    roller.add_argument("--stage-timeout-s", type=float, default=600.0, help="halt if a stage waits longer")
+    roller.add_argument("--soak-s", type=float, default=0.0, help="watch a finished stage this long before the next")
+    roller.set_defaults(run=rollout)
+
+    watcher = commands.add_parser(
+        "status",
+        help="print each device's state, model version and last update step",
+        description="Read every device's retained status from the broker and print one row per device: online "
+        "or offline, the model it runs, its stage in the channel's latest rollout, and its last update step "
+        "with the reason.",
+    )
+    _add_release_arguments(watcher, key=False)
+    watcher.add_argument("--device", help="only devices whose id matches this shell pattern")
+    watcher.add_argument("--json", action="store_true", help="print one JSON document")
+    watcher.add_argument("--quiet-s", type=float, default=0.5, help="statuses are all in after this long without one")
+    watcher.set_defaults(run=status)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ProtocolError, OSError) as error:
+    except (ProtocolError, OSError, ValueError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,109 @@
+"""The fleet as the broker sees it: each device's retained status, watched live, and printed as a table."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from schemas.envelope import Envelope
+from schemas.errors import ProtocolError
+from schemas.model import RolloutStage
+from schemas.mqtt import MqttLink
+from schemas.protocol import decode
+from schemas.status import DeviceStatus
+from schemas.topics import STATUS
+
+log = logging.getLogger("mqvox.fleet")
+
+
+class FleetWatch:
+    """Every device's latest status: the retained ones at once, then each new one as it is published."""
+
+    def __init__(self, link: MqttLink) -> None:
+        self._statuses: dict[str, DeviceStatus] = {}
+        self._arrived_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._last_change = time.monotonic()
+        link.subscribe(STATUS.filter(), self._on_status, qos=STATUS.qos)
+
+    def _on_status(self, topic: str, envelope: Envelope) -> None:
+        try:
+            status = decode(topic, envelope)
+        except ProtocolError as error:
+            log.warning("ignored an invalid status on %s: %s", topic, error)
+            return
+        if status is None:
+            return
+        assert isinstance(status, DeviceStatus)
+        with self._lock:
+            self._statuses[status.device_id] = status
+            self._arrived_at[status.device_id] = time.time()
+            self._last_change = time.monotonic()
+
+    def settle(self, quiet_s: float = 0.5, timeout_s: float = 5.0) -> None:
+        """Wait until no status has arrived for ``quiet_s``: the retained ones are all in."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                quiet = time.monotonic() - self._last_change
+            if quiet >= quiet_s:
+                return
+            time.sleep(min(quiet_s - quiet, 0.1) + 0.01)
+
+    def snapshot(self) -> dict[str, DeviceStatus]:
+        """The latest status of each device, by device id."""
+        with self._lock:
+            return dict(self._statuses)
+
+    def arrivals(self) -> dict[str, float]:
+        """When (Unix time, this machine's clock) each device's latest status arrived: devices' clocks may drift."""
+        with self._lock:
+            return dict(self._arrived_at)
+
+
+def stage_of(device_id: str, stages: Sequence[RolloutStage]) -> str:
+    """The name of the first stage (of cumulative stages) that includes the device, or '-'."""
+    for stage in stages:
+        if stage.includes(device_id):
+            return stage.name
+    return "-"
+
+
+def status_rows(statuses: dict[str, DeviceStatus], stages: Sequence[RolloutStage] = ()) -> list[dict[str, str]]:
+    """One row per device, sorted by id: what ``status`` prints."""
+    rows = []
+    for device_id in sorted(statuses):
+        status = statuses[device_id]
+        ota = status.ota
+        rows.append(
+            {
+                "device": device_id,
+                "state": str(status.state),
+                "model": status.model_version or "-",
+                "stage": stage_of(device_id, stages),
+                "update": f"{ota.state} {ota.version}" if ota else "-",
+                "reason": (ota.reason or "") if ota else "",
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, str]], max_reason: int = 70) -> str:
+    """A plain text table with a header; long reasons are cut to ``max_reason`` characters."""
+    if not rows:
+        return "(no device has published a status)"
+    columns = list(rows[0])
+    cells = [
+        [row[column] if column != "reason" else _cut(row[column], max_reason) for column in columns] for row in rows
+    ]
+    widths = [max(len(column), *(len(line[index]) for line in cells)) for index, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in cells]
+    return "\n".join(lines)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,293 @@
+"""Staged rollouts: offer a version to a few devices, then more, and halt and restore at the first sign of trouble.
+
+Stages are cumulative: each one's manifest names every device of the stages before it
+and the largest percentage so far, so nobody who updated early is left out later
+(percentages pick devices by a stable hash of the id: see schemas.model.fleet_bucket).
+
+A stage is done when every online device in it has reported a final step for the
+version (``applied``, ``rejected`` or ``rolled_back``), or already runs it. After every
+report the abort criteria are checked over all reports of the rollout: once there are
+at least ``min_reports``, a failure share (rejected or rolled back) at or over
+``max_failure_percent`` halts the rollout. So does a stage whose devices do not all
+report within its timeout: a rollout that cannot tell whether devices are fine does
+not go on. Halting re-publishes the previous version as a signed rollback manifest to
+everyone and clears the failed version's blob.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from firmware_tools.fleet import FleetWatch
+from firmware_tools.registry import ModelRegistry, RolloutState
+from firmware_tools.release import EVERYONE, Publisher
+from schemas.model import RolloutStage
+from schemas.status import DeviceState, DeviceStatus, OtaState
+from schemas.topics import check_identifier
+
+log = logging.getLogger("mqvox.rollout")
+
+FINAL_STEPS = (OtaState.APPLIED, OtaState.REJECTED, OtaState.ROLLED_BACK)
+"""Update steps after which a device has nothing more to say about a version."""
+FAILED_STEPS = (OtaState.REJECTED, OtaState.ROLLED_BACK)
+"""Final steps that count as failures."""
+
+_STAGE = re.compile(r"^(?:(?P<name>[A-Za-z0-9_-]{1,64}):)?(?P<spec>.+)$")
+
+
+class PlanError(ValueError):
+    """A rollout plan that cannot be run; the message says which part."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage as given on the command line: ``[NAME:]dev-1,dev-2`` or ``[NAME:]25%``."""
+
+    name: str
+    """Stage name, shown in status tables."""
+    devices: tuple[str, ...] = ()
+    """Devices added by name."""
+    percent: float = 0.0
+    """Share of the fleet (0-100) this stage reaches, by stable hash."""
+
+    @classmethod
+    def parse(cls, text: str, index: int) -> StagePlan:
+        found = _STAGE.fullmatch(text.strip())
+        if not found:
+            raise PlanError(f"stage {text!r}: expected [NAME:]DEVICE,DEVICE or [NAME:]PERCENT%")
+        spec = found["spec"]
+        name = found["name"] or f"stage-{index + 1}"
+        if spec.endswith("%"):
+            try:
+                percent = float(spec[:-1])
+            except ValueError:
+                raise PlanError(f"stage {text!r}: {spec!r} is not a percentage") from None
+            if not 0 < percent <= 100:
+                raise PlanError(f"stage {text!r}: the percentage must be over 0 and at most 100")
+            return cls(name, (), percent)
+        devices = tuple(device.strip() for device in spec.split(",") if device.strip())
+        try:
+            for device in devices:
+                check_identifier("device_id", device)
+        except ValueError as error:
+            raise PlanError(f"stage {text!r}: {error}") from None
+        if not devices:
+            raise PlanError(f"stage {text!r} names no device")
+        return cls(name, devices, 0.0)
+
+
+@dataclass(frozen=True)
+class AbortCriteria:
+    """When a rollout halts."""
+
+    max_failure_percent: float = 20.0
+    """Halt when this share (0-100) of the reports so far are failures..."""
+    min_reports: int = 3
+    """...once at least this many devices have reported a final step."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_failure_percent <= 100:
+            raise PlanError(f"max_failure_percent must be within 0-100, not {self.max_failure_percent}")
+        if self.min_reports < 1:
+            raise PlanError(f"min_reports must be at least 1, not {self.min_reports}")
+
+    def tripped(self, failures: int, reports: int) -> bool:
+        return reports >= self.min_reports and 100 * failures >= self.max_failure_percent * reports
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """The stages, the abort criteria and the patience of one rollout."""
+
+    stages: tuple[StagePlan, ...]
+    """Stages, in order; each adds devices to the ones before."""
+    criteria: AbortCriteria = AbortCriteria()
+    """When to halt."""
+    stage_timeout_s: float = 600.0
+    """How long a stage may wait for its devices' reports before the rollout halts."""
+    soak_s: float = 0.0
+    """How long to keep watching a finished stage for late failures before the next one."""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise PlanError("a rollout needs at least one stage")
+        if self.stage_timeout_s <= 0 or self.soak_s < 0:
+            raise PlanError("stage_timeout_s must be positive and soak_s not negative")
+
+    def cumulative(self) -> list[RolloutStage]:
+        """The stage each manifest carries: every device named so far, the largest percentage so far."""
+        devices: list[str] = []
+        percent = 0.0
+        stages = []
+        for stage in self.stages:
+            devices += [device for device in stage.devices if device not in devices]
+            percent = max(percent, stage.percent)
+            stages.append(RolloutStage(stage.name, tuple(devices), percent))
+        return stages
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RolloutOutcome:
+    """How a rollout ended."""
+
+    rollout_id: int
+    state: RolloutState
+    stage_reached: int
+    """Index of the last stage whose manifest was published."""
+    reports: int
+    """Devices that reported a final step for the version."""
+    failures: int
+    """Of those, how many rejected it or rolled it back."""
+    reason: str | None
+    """Why it halted; None when it completed."""
+    restored: str | None
+    """The version re-published after a halt, if any."""
+
+
+class RolloutRunner:
+    """Runs one rollout of a registered version, watching the fleet's statuses on the same broker."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        registry: ModelRegistry,
+        watch: FleetWatch,
+        version: str,
+        plan: RolloutPlan,
+        *,
+        say: Callable[[str], None] = print,
+        poll_s: float = 0.1,
+    ) -> None:
+        self.publisher = publisher
+        self.registry = registry
+        self.watch = watch
+        self.channel = publisher.channel
+        self.version = version
+        self.plan = plan
+        self.say = say
+        self.poll_s = poll_s
+        self._recorded: dict[str, tuple[str, str]] = {}
+
+    def run(self) -> RolloutOutcome:
+        target = self.registry.version(self.channel, self.version)
+        previous = self.registry.live_version(self.channel)
+        if previous == self.version:
+            raise PlanError(f"{self.channel} {self.version} is live already")
+        self.watch.settle()  # the retained statuses are in before the rollout's clock starts
+        rollout = self.registry.start_rollout(self.channel, self.version, previous, self.plan.to_dict())
+        self.say(f"rollout {rollout.rollout_id}: {self.channel} {previous or '(none)'} -> {self.version}")
+        stage_index = 0
+        for stage_index, stage in enumerate(self.plan.cumulative()):
+            self.registry.enter_stage(rollout.rollout_id, stage_index)
+            self.publisher.publish_manifest(target, stage)
+            expected = self._expected(stage)
+            self.say(f"stage {stage_index + 1} ({stage.name}): offered to {len(expected)} online device(s)")
+            halted = self._watch_stage(rollout.rollout_id, rollout.started_at, stage)
+            if halted is not None:
+                return self._halt(rollout.rollout_id, rollout.started_at, stage_index, previous, halted)
+        failures, reports = self._tally(rollout.started_at)
+        self.registry.set_live_version(self.channel, self.version)
+        self.registry.finish_rollout(rollout.rollout_id, RolloutState.COMPLETED)
+        cleared = self.publisher.clear_superseded({self.version, *([previous] if previous else [])})
+        self.say(
+            f"completed: {reports} report(s), {failures} failure(s); {self.version} is live"
+            + (f"; cleared blobs {', '.join(cleared)}" if cleared else "")
+        )
+        return RolloutOutcome(rollout.rollout_id, RolloutState.COMPLETED, stage_index, reports, failures, None, None)
+
+    def _watch_stage(self, rollout_id: int, started_at: float, stage: RolloutStage) -> str | None:
+        """Wait for the stage's devices; the reason to halt, or None when the stage is done."""
+        deadline = time.monotonic() + self.plan.stage_timeout_s
+        soak_until: float | None = None
+        while True:
+            self._record(rollout_id, started_at)
+            failures, reports = self._tally(started_at)
+            if self.plan.criteria.tripped(failures, reports):
+                return (
+                    f"{failures} of {reports} device(s) failed to apply {self.version}"
+                    f" ({100 * failures / reports:.0f}% >= {self.plan.criteria.max_failure_percent:g}%)"
+                )
+            waiting = self._expected(stage) - self._settled(started_at)
+            now = time.monotonic()
+            if not waiting:
+                soak_until = soak_until or now + self.plan.soak_s
+                if now >= soak_until:
+                    return None
+            elif now >= deadline:
+                return (
+                    f"stage {stage.name}: {len(waiting)} device(s) did not report within"
+                    f" {self.plan.stage_timeout_s:g} s ({', '.join(sorted(waiting)[:5])})"
+                )
+            time.sleep(self.poll_s)
+
+    def _halt(
+        self, rollout_id: int, started_at: float, stage_index: int, previous: str | None, reason: str
+    ) -> RolloutOutcome:
+        self.say(f"halted at stage {stage_index + 1}: {reason}")
+        self.registry.finish_rollout(rollout_id, RolloutState.ABORTED, reason)
+        if previous is not None:
+            self.publisher.publish_manifest(self.registry.version(self.channel, previous), EVERYONE, rollback=True)
+            self.say(f"re-published {previous} as a rollback to every device")
+        else:
+            self.publisher.clear_manifest()
+            self.say("no earlier version to restore: the manifest is cleared, devices keep what they run")
+        self.publisher.clear_blob(self.version)
+        failures, reports = self._tally(started_at)
+        return RolloutOutcome(rollout_id, RolloutState.ABORTED, stage_index, reports, failures, reason, previous)
+
+    def wait_for_restore(self, restored: str, timeout_s: float) -> list[str]:
+        """After a halt, wait until no online device runs the halted version; the ones that still do."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stuck = sorted(
+                device
+                for device, status in self.watch.snapshot().items()
+                if status.state == DeviceState.ONLINE and status.model_version == self.version
+            )
+            if not stuck or time.monotonic() >= deadline:
+                return stuck
+            time.sleep(self.poll_s)
+
+    def _expected(self, stage: RolloutStage) -> set[str]:
+        return {
+            device
+            for device, status in self.watch.snapshot().items()
+            if status.state == DeviceState.ONLINE and stage.includes(device)
+        }
+
+    def _final_reports(self, started_at: float) -> dict[str, DeviceStatus]:
+        """Devices whose latest status, received during this rollout, is a final step for the version."""
+        arrivals = self.watch.arrivals()
+        return {
+            device: status
+            for device, status in self.watch.snapshot().items()
+            if status.ota is not None
+            and status.ota.version == self.version
+            and status.ota.state in FINAL_STEPS
+            and arrivals.get(device, 0.0) >= started_at
+        }
+
+    def _settled(self, started_at: float) -> set[str]:
+        """Devices with nothing more to say: a final report, or the version running already."""
+        running = {device for device, status in self.watch.snapshot().items() if status.model_version == self.version}
+        return set(self._final_reports(started_at)) | running
+
+    def _tally(self, started_at: float) -> tuple[int, int]:
+        reports = self._final_reports(started_at)
+        return sum(1 for status in reports.values() if status.ota.state in FAILED_STEPS), len(reports)
+
+    def _record(self, rollout_id: int, started_at: float) -> None:
+        for device, status in self._final_reports(started_at).items():
+            ota = status.ota
+            assert ota is not None
+            if self._recorded.get(device) != (str(ota.state), ota.version):
+                self._recorded[device] = (str(ota.state), ota.version)
+                self.registry.record_report(rollout_id, device, str(ota.state), ota.version, ota.reason, status.sent_at)
+                self.say(f"  {device}: {ota.state} {ota.version}" + (f" ({ota.reason})" if ota.reason else ""))
