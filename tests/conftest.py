@@ -16,9 +16,13 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
 from broker_config.broker import Broker
+from device.local_model import shipped_model_directory
 from device.recording import read_recording
+from device.settings import settings_from_dict
+from firmware_tools.drill import break_package, copy_package
 from schemas.envelope import Envelope
 from schemas.mqtt import BrokerSettings, MqttLink
+from schemas.signing import generate_key_pair
 from schemas.utterance import Hypothesis, UploadReason, Utterance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,3 +185,38 @@ def worker_factory(broker_settings, transcriber, tmp_path) -> Iterator:
     yield start
     for service in started:
         service.stop()
+
+
+FACTORY_VERSION = "1.0.0"
+"""Version of the shipped model, which simulated devices start with."""
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> dict[str, Path]:
+    """The fleet's signing key pair, and a second key no device trusts."""
+    folder = tmp_path_factory.mktemp("keys")
+    generate_key_pair(folder / "fleet.key", folder / "fleet.pub")
+    generate_key_pair(folder / "other.key", folder / "other.pub")
+    return {name: folder / name for name in ("fleet.key", "fleet.pub", "other.key", "other.pub")}
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory) -> dict[str, Path]:
+    """Model packages: two good new versions (the shipped weights) and one whose weights are scrambled."""
+    folder = tmp_path_factory.mktemp("packages")
+    shipped = shipped_model_directory()
+    return {
+        "1.1.0": copy_package(shipped, folder / "1.1.0", "1.1.0"),
+        "1.2.0": copy_package(shipped, folder / "1.2.0", "1.2.0"),
+        "broken-1.1.0": break_package(shipped, folder / "broken-1.1.0", "1.1.0"),
+    }
+
+
+def ota_device_settings(broker_settings, device_id, channel, state_dir, public_key, **ota):
+    return settings_from_dict(
+        {
+            "device_id": device_id,
+            "broker": {"port": broker_settings.port},
+            "ota": {"public_key": str(public_key), "channel": channel, "state_dir": str(state_dir)} | ota,
+        }
+    )

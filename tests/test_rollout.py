@@ -1,0 +1,188 @@
+"""Staged rollouts over a fleet of simulated devices on a real Mosquitto: stages, abort criteria, restore, cleanup."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cloud_worker.storage import StorageSettings
+from device.local_model import shipped_model_directory
+from device.simulated import SimulatedDevice
+from firmware_tools.fleet import FleetWatch, format_table, status_rows
+from firmware_tools.registry import ModelRegistry, RegistryError, RolloutState
+from firmware_tools.release import EVERYONE, Publisher
+from firmware_tools.rollout import AbortCriteria, PlanError, RolloutPlan, RolloutRunner, StagePlan
+from schemas.model import RolloutStage
+from schemas.signing import load_private_key
+from schemas.topics import MODEL_BLOB
+from tests.conftest import FACTORY_VERSION, REPO, Inbox, ota_device_settings, wait_until
+
+PICKY_SUITE = REPO / "tests" / "data" / "picky_self_test"
+
+
+@pytest.fixture
+def rollout_env(broker_settings, links, keys, tmp_path):
+    """A channel, a registry in PostgreSQL-compatible SQLite, a publisher and a fleet watch."""
+    channel = f"roll-{os.getpid()}-{tmp_path.name[-8:]}".replace("_", "-")
+    registry = ModelRegistry(StorageSettings(url=f"sqlite:///{tmp_path}/registry.sqlite3"))
+    link = links()
+    publisher = Publisher(link, registry, channel, load_private_key(keys["fleet.key"]))
+    yield channel, registry, publisher, FleetWatch(link)
+    registry.close()
+
+
+def start_fleet(broker_settings, keys, channel, tmp_path, names, **ota):
+    devices = {}
+    for name in names:
+        settings = ota_device_settings(broker_settings, name, channel, tmp_path / name, keys["fleet.pub"], **ota)
+        devices[name] = SimulatedDevice(settings, interval_s=0.2).start()
+    return devices
+
+
+def stop_fleet(devices) -> None:
+    for device in devices.values():
+        device.stop()
+        assert device.failure is None, device.failure
+
+
+def test_stage_specs_parse_and_accumulate():
+    plan = RolloutPlan(
+        stages=(StagePlan.parse("canary:a,b", 0), StagePlan.parse("25%", 1), StagePlan.parse("all:100%", 2))
+    )
+    assert [stage.name for stage in plan.stages] == ["canary", "stage-2", "all"]
+    assert plan.cumulative() == [
+        RolloutStage("canary", ("a", "b"), 0.0),
+        RolloutStage("stage-2", ("a", "b"), 25.0),
+        RolloutStage("all", ("a", "b"), 100.0),
+    ]
+    for bad in ("x:", "0%", "150%", "x:a/b", "lots%", "c:+"):
+        with pytest.raises(PlanError):
+            StagePlan.parse(bad, 0)
+    with pytest.raises(PlanError):
+        RolloutPlan(stages=())
+    assert AbortCriteria(20, 3).tripped(1, 3) and not AbortCriteria(20, 3).tripped(1, 2)
+    assert not AbortCriteria(50, 2).tripped(1, 3)
+
+
+def test_a_published_version_never_changes(rollout_env, packages):
+    _channel, _registry, publisher, _watch = rollout_env
+    publisher.register(packages["1.1.0"])
+    publisher.register(packages["1.1.0"])  # the same model again is fine
+    with pytest.raises(RegistryError, match="registered already with another model"):
+        publisher.register(packages["broken-1.1.0"])
+
+
+def test_a_rollout_goes_stage_by_stage_and_a_broken_one_halts_and_restores_the_fleet(
+    rollout_env,
+    broker_settings,
+    links,
+    keys,
+    packages,
+    tmp_path,
+):
+    channel, registry, publisher, watch = rollout_env
+    names = [f"{channel}-d{number}" for number in range(8)]
+    # The last three run 1.1.0 from the factory and have a self-test no model passes: hardware where
+    # the next model will fail. The others start on the shipped 1.0.0.
+    picky = names[5:]
+    devices = start_fleet(broker_settings, keys, channel, tmp_path, names[:5])
+    for name in picky:
+        settings = ota_device_settings(
+            broker_settings, name, channel, tmp_path / name, keys["fleet.pub"], self_test=str(PICKY_SUITE)
+        )
+        settings = dataclasses.replace(
+            settings, model=dataclasses.replace(settings.model, directory=str(packages["1.1.0"]))
+        )
+        devices[name] = SimulatedDevice(settings, interval_s=0.2).start()
+    try:
+        live = publisher.register(shipped_model_directory())
+        publisher.publish_manifest(live, EVERYONE)
+        registry.set_live_version(channel, live.version)
+        assert wait_until(lambda: len(watch.snapshot()) == len(names), 15)
+        say: list[str] = []
+        plan = RolloutPlan(
+            stages=(StagePlan.parse(f"canary:{names[0]},{names[1]}", 0), StagePlan.parse("all:100%", 1)),
+            criteria=AbortCriteria(max_failure_percent=25, min_reports=2),
+            stage_timeout_s=60,
+        )
+        # 1.1.0 goes to everyone; the picky devices run it already and count as done.
+        publisher.register(packages["1.1.0"])
+        good = RolloutRunner(publisher, registry, watch, "1.1.0", plan, say=say.append).run()
+        assert good.state == RolloutState.COMPLETED, say
+        assert good.reports == 5 and good.failures == 0
+        assert all(devices[name].runtime.presence.model_version == "1.1.0" for name in names)
+        assert registry.live_version(channel) == "1.1.0"
+        # 1.2.0 passes the canary, then fails on the picky devices: halted, and 1.1.0 restored everywhere.
+        publisher.register(packages["1.2.0"])
+        bad_runner = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append)
+        bad = bad_runner.run()
+        assert bad.state == RolloutState.ABORTED and bad.restored == "1.1.0", say
+        assert bad.stage_reached == 1 and bad.failures >= 1
+        assert "failed to apply 1.2.0" in bad.reason
+        assert bad_runner.wait_for_restore("1.1.0", 30) == []
+        assert all(devices[name].runtime.presence.model_version == "1.1.0" for name in names)
+        assert registry.live_version(channel) == "1.1.0"
+        record = registry.latest_rollout(channel)
+        assert record.state == RolloutState.ABORTED and record.reason == bad.reason
+        reports = registry.reports(record.rollout_id)
+        # The halt comes with the first failures over the criteria: not every picky device may have reported.
+        assert {reports[name].state for name in picky if name in reports} == {"rolled_back"}
+        assert {reports[name].state for name in names[:2]} == {"applied"}
+        # The halted version's blob is gone from the broker; 1.1.0's is still there.
+        blobs = Inbox()
+        links().subscribe(MODEL_BLOB.filter().replace("+", channel, 1), blobs)
+        retained = set()
+        try:
+            while True:
+                topic, _envelope = blobs.get(1.0)
+                retained.add(topic.rsplit("/", 1)[1])
+        except Exception:
+            pass
+        assert retained == {"1.0.0", "1.1.0"}
+        # The status table shows every device, its model, its stage and its last update step.
+        rows = {row["device"]: row for row in status_rows(watch.snapshot(), plan.cumulative())}
+        assert rows[names[0]]["stage"] == "canary" and rows[names[4]]["stage"] == "all"
+        assert rows[names[0]]["update"] == "rolled_back 1.1.0"
+        failed = [rows[name] for name in picky if rows[name]["update"] == "rolled_back 1.2.0"]
+        assert failed and all(row["reason"].startswith("self-test failed") for row in failed)
+        assert names[7] in format_table(list(rows.values()))
+    finally:
+        stop_fleet(devices)
+
+
+def test_firmware_tools_status_prints_the_table(rollout_env, broker_settings, keys, tmp_path):
+    channel, registry, publisher, _watch = rollout_env
+    devices = start_fleet(broker_settings, keys, channel, tmp_path, [f"{channel}-s0"])
+    try:
+        publisher.publish_manifest(publisher.register(shipped_model_directory()), EVERYONE)
+        registry.set_live_version(channel, FACTORY_VERSION)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "firmware_tools",
+                "status",
+                "--channel",
+                channel,
+                "--port",
+                str(broker_settings.port),
+                "--database",
+                f"sqlite:///{tmp_path}/registry.sqlite3",
+                "--device",
+                f"{channel}-*",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == f"channel {channel}: live version {FACTORY_VERSION}"
+        assert lines[1].split() == ["device", "state", "model", "stage", "update", "reason"]
+        assert lines[3].split()[:3] == [f"{channel}-s0", "online", FACTORY_VERSION]
+    finally:
+        stop_fleet(devices)
