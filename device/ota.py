@@ -132,6 +132,8 @@ class ModelUpdater:
         self._count = count
         self._manifests: queue.Queue[tuple[str, Envelope] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ota", daemon=True)
+        self.following = threading.Event()
+        """Set once the broker has confirmed the manifest subscription."""
         self.topic = MANIFEST.topic(channel=settings.ota.channel)
 
     def start(self, link: MqttLink) -> None:
@@ -139,6 +141,7 @@ class ModelUpdater:
         self.link = link
         self._thread.start()
         link.subscribe(self.topic, self._on_manifest, qos=MANIFEST.qos)
+        self.following.set()
         log.info("following %s", self.topic, extra={"device_id": self.device_id})
 
     def stop(self) -> None:

@@ -15,9 +15,11 @@ SOFTWARE_VERSION = version("mqvox")
 class Presence:
     """Builds the status messages of one device process."""
 
-    def __init__(self, device_id: str, model_version: str | None) -> None:
+    def __init__(self, device_id: str, model_version: str | None, channel: str | None = None) -> None:
         self.device_id = device_id
         self.model_version = model_version
+        self.channel = channel
+        """The release channel followed for model updates; None when they are off."""
         self.counters: Counter[str] = Counter()
         """Monotonic counters reported in the status (cloud_requests, cloud_results, ...)."""
         self.ota: OtaProgress | None = None
@@ -31,6 +33,7 @@ class Presence:
             state=state,
             software_version=SOFTWARE_VERSION,
             model_version=self.model_version,
+            channel=self.channel,
             uptime_s=round(time.monotonic() - self._started, 3),
             counters=dict(self.counters),
             ota=self.ota,

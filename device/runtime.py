@@ -49,7 +49,8 @@ class DeviceRuntime:
                 settings, starting.installed, report=self._report, on_model=self._use_model, count=self.count
             )
         self.device_id = settings.device_id
-        self.presence = Presence(settings.device_id, model.version)
+        channel = settings.ota.channel if starting is not None and starting.installed is not None else None
+        self.presence = Presence(settings.device_id, model.version, channel)
         self._counter_lock = threading.Lock()
         self.actions = ActionRunner(settings.actions, count=self.count)
         self.pipeline = ListeningPipeline(model, settings.capture, settings.denoise)

@@ -179,6 +179,8 @@ def status(args: argparse.Namespace) -> int:
         plan = rollout_record.plan
         stages = RolloutPlan(stages=tuple(StagePlan(**stage) for stage in plan["stages"])).cumulative()
     statuses = watch.snapshot()
+    if not args.all_channels:
+        statuses = {device: status for device, status in statuses.items() if status.channel == args.channel}
     if args.device:
         statuses = {device: status for device, status in statuses.items() if fnmatch.fnmatch(device, args.device)}
     rows = status_rows(statuses, stages)
@@ -314,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     watcher = commands.add_parser(
         "status",
         help="print each device's state, model version and last update step",
-        description="Read every device's retained status from the broker and print one row per device: online "
+        description="Read the retained status of every device following --channel from the broker and print one "
+        "row per device: online "
         "or offline, the model it runs, its stage in the channel's latest rollout, and its last update step "
         "with the reason.",
     )
     _add_release_arguments(watcher, key=False)
     watcher.add_argument("--device", help="only devices whose id matches this shell pattern")
     watcher.add_argument("--json", action="store_true", help="print one JSON document")
+    watcher.add_argument("--all-channels", action="store_true", help="every device, not only those following --channel")
     watcher.add_argument("--quiet-s", type=float, default=0.5, help="statuses are all in after this long without one")
     watcher.set_defaults(run=status)
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@ Stages are cumulative: each one's manifest names every device of the stages befo
 and the largest percentage so far, so nobody who updated early is left out later
 (percentages pick devices by a stable hash of the id: see schemas.model.fleet_bucket).
 
-A stage is done when every online device in it has reported a final step for the
+A stage is done when every online device of the channel in it has reported a final step for the
 version (``applied``, ``rejected`` or ``rolled_back``), or already runs it. After every
 report the abort criteria are checked over all reports of the rollout: once there are
 at least ``min_reports``, a failure share (rejected or rolled back) at or over
@@ -139,8 +139,8 @@ class RolloutOutcome:
 
     rollout_id: int
     state: RolloutState
-    stage_reached: int
-    """Index of the last stage whose manifest was published."""
+    stage: int
+    """The last stage whose manifest was published, counted from 1 as the messages and status count them."""
     reports: int
     """Devices that reported a final step for the version."""
     failures: int
@@ -200,7 +200,8 @@ class RolloutRunner:
             f"completed: {reports} report(s), {failures} failure(s); {self.version} is live"
             + (f"; cleared blobs {', '.join(cleared)}" if cleared else "")
         )
-        return RolloutOutcome(rollout.rollout_id, RolloutState.COMPLETED, stage_index, reports, failures, None, None)
+        stage = stage_index + 1
+        return RolloutOutcome(rollout.rollout_id, RolloutState.COMPLETED, stage, reports, failures, None, None)
 
     def _watch_stage(self, rollout_id: int, started_at: float, stage: RolloutStage) -> str | None:
         """Wait for the stage's devices; the reason to halt, or None when the stage is done."""
@@ -240,7 +241,7 @@ class RolloutRunner:
             self.say("no earlier version to restore: the manifest is cleared, devices keep what they run")
         self.publisher.clear_blob(self.version)
         failures, reports = self._tally(started_at)
-        return RolloutOutcome(rollout_id, RolloutState.ABORTED, stage_index, reports, failures, reason, previous)
+        return RolloutOutcome(rollout_id, RolloutState.ABORTED, stage_index + 1, reports, failures, reason, previous)
 
     def wait_for_restore(self, restored: str, timeout_s: float) -> list[str]:
         """After a halt, wait until no online device runs the halted version; the ones that still do."""
@@ -259,7 +260,7 @@ class RolloutRunner:
         return {
             device
             for device, status in self.watch.snapshot().items()
-            if status.state == DeviceState.ONLINE and stage.includes(device)
+            if status.state == DeviceState.ONLINE and status.channel == self.channel and stage.includes(device)
         }
 
     def _final_reports(self, started_at: float) -> dict[str, DeviceStatus]:

@@ -55,6 +55,8 @@ class DeviceStatus(JsonMessage):
     """Version of the mqvox device software."""
     model_version: str | None
     """Version of the model it runs; None before it has one."""
+    channel: str | None = None
+    """The release channel whose manifest it follows; None when its model updates are off."""
     uptime_s: float = 0.0
     """Seconds since the device process started."""
     counters: Mapping[str, int] = field(default_factory=dict)
@@ -74,6 +76,7 @@ class DeviceStatus(JsonMessage):
             "state": str(self.state),
             "software_version": self.software_version,
             "model_version": self.model_version,
+            "channel": self.channel,
             "uptime_s": self.uptime_s,
             "counters": dict(self.counters),
             "ota": {"state": str(ota.state), "version": ota.version, "reason": ota.reason} if ota else None,
@@ -88,6 +91,7 @@ class DeviceStatus(JsonMessage):
             state=DeviceState(data["state"]),
             software_version=data["software_version"],
             model_version=data["model_version"],
+            channel=data.get("channel"),
             uptime_s=data["uptime_s"],
             counters=data["counters"],
             ota=OtaProgress(OtaState(ota["state"]), ota["version"], ota["reason"]) if ota else None,

@@ -25,7 +25,7 @@ def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     [
         ("device", ["send", "detect", "run"]),
         ("cloud_worker", ["serve"]),
-        ("firmware_tools", ["vocab"]),
+        ("firmware_tools", ["vocab", "keygen", "publish", "rollout", "status"]),
         ("broker_config", ["start"]),
     ],
 )
@@ -148,3 +148,36 @@ def test_transcribe_prints_one_json_line_per_file(tmp_path) -> None:
 def test_transcribe_refuses_a_missing_model_directory(tmp_path) -> None:
     done = python_m("cloud_worker", "transcribe", str(IN_VOCABULARY_SAMPLE), "--model-dir", str(tmp_path))
     assert done.returncode == 2 and "not a CTranslate2 Whisper model directory" in done.stderr
+
+
+def test_firmware_tools_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(tmp_path) -> None:
+    done = python_m("firmware_tools", "keygen", "--out-dir", str(tmp_path / "keys"))
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout)
+    assert len(line["key_id"]) == 16
+    assert (tmp_path / "keys" / "signing.key").stat().st_mode & 0o777 == 0o600
+    private = (tmp_path / "keys" / "signing.key").read_bytes()
+    again = python_m("firmware_tools", "keygen", "--out-dir", str(tmp_path / "keys"))
+    assert again.returncode == 2 and "refusing to overwrite a key" in again.stderr
+    assert (tmp_path / "keys" / "signing.key").read_bytes() == private
+
+
+def test_firmware_tools_publish_refuses_a_bad_key_and_an_absent_broker(broker, tmp_path) -> None:
+    (tmp_path / "bad.key").write_text("not a key")
+    bad_key = python_m(
+        "firmware_tools", "publish", "--model", "device/models/default", "--key", str(tmp_path / "bad.key"),
+        "--port", str(broker.port), "--database", f"sqlite:///{tmp_path}/registry.sqlite3",
+    )  # fmt: skip
+    assert bad_key.returncode == 2 and "cannot read the signing key" in bad_key.stderr
+    python_m("firmware_tools", "keygen", "--out-dir", str(tmp_path))
+    no_broker = python_m(
+        "firmware_tools", "status", "--port", "1", "--database", f"sqlite:///{tmp_path}/registry.sqlite3"
+    )
+    assert no_broker.returncode == 2 and "cannot reach MQTT broker" in no_broker.stderr
+
+
+def test_device_run_refuses_a_missing_signing_key_before_connecting(tmp_path) -> None:
+    config = tmp_path / "device.toml"
+    config.write_text('[audio]\nsource = "stdin"\n[broker]\nport = 1\n[ota]\npublic_key = "missing.pub"\n')
+    done = python_m("device", "run", "--config", str(config))
+    assert done.returncode == 2 and "cannot read the public key" in done.stderr

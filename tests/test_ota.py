@@ -21,9 +21,10 @@ from device.simulated import SimulatedDevice
 from firmware_tools.drill import copy_package
 from firmware_tools.registry import ModelRegistry
 from firmware_tools.release import EVERYONE, Publisher
+from schemas.envelope import Envelope
 from schemas.model import ModelBlob, ModelPackage, RolloutStage, fleet_bucket
 from schemas.protocol import decode
-from schemas.signing import load_private_key
+from schemas.signing import load_private_key, sign_manifest
 from schemas.status import OtaState
 from schemas.topics import MODEL_BLOB, STATUS
 from tests.conftest import FACTORY_VERSION, Inbox, ota_device_settings, wait_until
@@ -55,7 +56,7 @@ def fleet(broker_settings, keys, channel, tmp_path):
         )
         device = SimulatedDevice(settings, interval_s=0.05).start()
         started.append(device)
-        assert wait_until(lambda: device.runtime._link is not None, 10), device.failure
+        assert wait_until(lambda: device.runtime._updater.following.is_set(), 10), device.failure
         return device
 
     yield start
@@ -221,7 +222,7 @@ def test_replays_are_ignored_and_only_a_rollback_manifest_downgrades(operator, f
     # A freshly signed manifest of the older version, without the rollback flag: still no downgrade.
     operator.publish_manifest(operator.registry.version(operator.channel, "1.1.0"), EVERYONE)
     assert wait_until(lambda: counters["ota_replays_ignored"] == 2, 5)
-    assert device.runtime.model.version == "1.2.0"
+    assert device.runtime.presence.model_version == "1.2.0"
     # An explicit rollback takes it back, from the model it kept.
     operator.publish_manifest(operator.registry.version(operator.channel, "1.1.0"), EVERYONE, rollback=True)
     steps = update_steps(inbox, FINAL)
@@ -256,3 +257,44 @@ def test_half_written_model_folders_are_removed_at_start(tmp_path):
     installed.recover(max_attempts=2)
     assert not (tmp_path / "models" / "1.1.0.partial").exists()
     assert installed.active == installed.factory
+
+
+def test_garbage_on_the_manifest_topic_is_counted_and_ignored(operator, fleet, links):
+    device = fleet("garbage-1")
+    topic = f"mqvox/v1/models/{operator.channel}/manifest"
+    operator.link.publish(topic, Envelope(b"{not json", "application/json"), qos=1, retain=True)
+    operator.link.publish(topic, Envelope(b'{"version": "9.9.9"}', "application/json"), qos=1, retain=True)
+    counters = device.runtime.presence.counters
+    assert wait_until(lambda: counters["ota_invalid_manifests"] == 2, 5)
+    assert device.runtime.model.version == FACTORY_VERSION and device.runtime.presence.ota is None
+
+
+def test_a_model_for_newer_device_software_is_rejected(operator, fleet, links, packages):
+    inbox = watch_status(links, "too-new-1")
+    fleet("too-new-1")
+    version = operator.register(packages["1.1.0"], min_device_version="99.0.0")
+    operator.publish_manifest(version, EVERYONE)
+    steps = update_steps(inbox, FINAL)
+    assert steps == [("rejected", "1.1.0", steps[0][2])]
+    assert steps[0][2].startswith("needs device software 99.0.0 or newer")
+
+
+def test_a_manifest_whose_blob_never_comes_is_rejected_and_tried_again_later(operator, fleet, links, packages):
+    inbox = watch_status(links, "no-blob-1")
+    device = fleet("no-blob-1", download_timeout_s=1.0)
+    version = operator.register(packages["1.1.0"])
+    signed = operator.publish_manifest(version, RolloutStage("nobody", (), 0.0))  # the blob is retained with it
+    operator.clear_blob("1.1.0")
+    operator.link.send(resigned(operator, signed, stage=EVERYONE))  # offered to everyone, but the blob is gone
+    steps = update_steps(inbox, FINAL)
+    assert steps[-1][0] == "rejected" and steps[-1][2].startswith("no model on") and "within 1 s" in steps[-1][2]
+    # Not refused for good: a later stage, with the blob back, updates the device.
+    operator.publish_manifest(version, EVERYONE)
+    assert update_steps(inbox, FINAL)[-1][:2] == ("applied", "1.1.0")
+    assert device.runtime.presence.model_version == "1.1.0"
+
+
+def resigned(operator, manifest, **changes):
+    """``manifest`` with ``changes``, signed again by the operator's key, one second newer."""
+    changed = dataclasses.replace(manifest, created_at=manifest.created_at + 1, **changes)
+    return sign_manifest(changed, operator.private_key)
