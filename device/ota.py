@@ -6,8 +6,8 @@ retained one arrives at every start), the device checks, in order:
 1. that it is not older than the newest manifest accepted before (an older one is a replay);
 2. that this device is in the manifest's stage;
 3. the Ed25519 signature, against the key provisioned on the device;
-4. that the version is newer than the running one, unless the manifest is an explicit
-   rollback, and that this exact model was not refused before;
+4. that the version is newer than the running one (an explicit rollback manifest names
+   the version to run, older or not), and that this exact model was not refused before;
 5. that this device's software and front end can run it, and knows its labels.
 
 Only then does it report ``downloading`` and fetch the blob, check its SHA-256 and size
@@ -197,8 +197,10 @@ class ModelUpdater:
             return
         self.installed.accept_manifest(manifest.created_at)
         running = self.installed.active.version
-        if manifest.rollback and not newer(running, manifest.version):
-            log.info("rollback to %s ignored: %s runs already", manifest.version, running, extra=self._ids(manifest))
+        # A rollback manifest names the version to run, older or not: a device that missed the rollout it
+        # undoes may be behind it. Any other manifest only ever moves a device forward.
+        if manifest.rollback and manifest.version == running:
+            log.info("rollback to %s: it runs already", manifest.version, extra=self._ids(manifest))
             return
         if not manifest.rollback and not newer(manifest.version, running):
             if newer(running, manifest.version):
@@ -268,7 +270,7 @@ class ModelUpdater:
         self.installed.commit()
         failpoint("committed")
         self._on_model(model)
-        if manifest.rollback:
+        if manifest.rollback and newer(previous, manifest.version):
             self._count("ota_rolled_back")
             self._progress(OtaState.ROLLED_BACK, manifest.version, f"rollback from {previous} by the operator")
         else:

@@ -250,7 +250,9 @@ class RolloutRunner:
             stuck = sorted(
                 device
                 for device, status in self.watch.snapshot().items()
-                if status.state == DeviceState.ONLINE and status.model_version == self.version
+                if status.state == DeviceState.ONLINE
+                and status.channel == self.channel
+                and status.model_version == self.version
             )
             if not stuck or time.monotonic() >= deadline:
                 return stuck

@@ -71,12 +71,14 @@ class DeviceStatus(JsonMessage):
 
     def to_dict(self) -> dict[str, Any]:
         ota = self.ota
+        # Without updates the channel is left out, as older devices leave it out.
+        channel = {"channel": self.channel} if self.channel is not None else {}
         return {
             "device_id": self.device_id,
             "state": str(self.state),
             "software_version": self.software_version,
             "model_version": self.model_version,
-            "channel": self.channel,
+            **channel,
             "uptime_s": self.uptime_s,
             "counters": dict(self.counters),
             "ota": {"state": str(ota.state), "version": ota.version, "reason": ota.reason} if ota else None,

@@ -298,3 +298,12 @@ def resigned(operator, manifest, **changes):
     """``manifest`` with ``changes``, signed again by the operator's key, one second newer."""
     changed = dataclasses.replace(manifest, created_at=manifest.created_at + 1, **changes)
     return sign_manifest(changed, operator.private_key)
+
+
+def test_a_device_behind_a_rollback_manifest_moves_up_to_it(operator, fleet, links, packages):
+    inbox = watch_status(links, "behind-1")
+    device = fleet("behind-1")
+    # The device missed 1.1.0; the channel's manifest is now a rollback to 1.1.0 (after a halted 1.2.0).
+    operator.publish_manifest(operator.register(packages["1.1.0"]), EVERYONE, rollback=True)
+    assert update_steps(inbox, FINAL)[-1] == ("applied", "1.1.0", None)
+    assert device.runtime.presence.model_version == "1.1.0"
