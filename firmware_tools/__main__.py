@@ -292,11 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     roller = commands.add_parser(
         "rollout",
         help="roll a published version out in stages, halting and restoring the previous one on failures",
-        description="Offer --version stage by stage. A stage is done when every online device in it has reported "
-        "applied, rejected or rolled_back for the version. When at least --min-reports devices have reported and "
-        "--max-failure-percent of them failed, or a stage times out, the rollout halts: the previous live version "
-        "is re-published to everyone as a signed rollback, and the failed version's blob is cleared. On success, "
-        "blobs older than the previous version are cleared. Exit 0 when completed, 1 when halted.",
+        description="Offer --version stage by stage. A stage is done when every online device of --channel "
+        "in it has reported applied, rejected or rolled_back for the version. When at least --min-reports "
+        "devices have reported and --max-failure-percent of them failed, or a stage times out, the rollout "
+        "halts: the previous live version is re-published to everyone as a signed rollback, and the failed "
+        "version's blob is cleared. On success, every blob but those of the new and the previous version is "
+        "cleared. Exit 0 when completed, 1 when halted.",
     )
     roller.add_argument("--version", required=True, help="a version registered by publish")
     _add_release_arguments(roller, key=True)

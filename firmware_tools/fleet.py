@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
@@ -18,12 +19,21 @@ from schemas.topics import STATUS
 log = logging.getLogger("mqvox.fleet")
 
 
+@dataclass(frozen=True)
+class SeenStatus:
+    """A device's latest status and when it arrived."""
+
+    status: DeviceStatus
+    """The status as published."""
+    arrived_at: float
+    """Unix time it arrived, on this machine's clock: devices' clocks may drift."""
+
+
 class FleetWatch:
     """Every device's latest status: the retained ones at once, then each new one as it is published."""
 
     def __init__(self, link: MqttLink) -> None:
-        self._statuses: dict[str, DeviceStatus] = {}
-        self._arrived_at: dict[str, float] = {}
+        self._seen: dict[str, SeenStatus] = {}
         self._lock = threading.Lock()
         self._last_change = time.monotonic()
         link.subscribe(STATUS.filter(), self._on_status, qos=STATUS.qos)
@@ -38,8 +48,7 @@ class FleetWatch:
             return
         assert isinstance(status, DeviceStatus)
         with self._lock:
-            self._statuses[status.device_id] = status
-            self._arrived_at[status.device_id] = time.time()
+            self._seen[status.device_id] = SeenStatus(status, time.time())
             self._last_change = time.monotonic()
 
     def settle(self, quiet_s: float = 0.5, timeout_s: float = 5.0) -> None:
@@ -54,13 +63,12 @@ class FleetWatch:
 
     def snapshot(self) -> dict[str, DeviceStatus]:
         """The latest status of each device, by device id."""
-        with self._lock:
-            return dict(self._statuses)
+        return {device: seen.status for device, seen in self.seen().items()}
 
-    def arrivals(self) -> dict[str, float]:
-        """When (Unix time, this machine's clock) each device's latest status arrived: devices' clocks may drift."""
+    def seen(self) -> dict[str, SeenStatus]:
+        """The latest status of each device with its arrival time, by device id: one consistent view."""
         with self._lock:
-            return dict(self._arrived_at)
+            return dict(self._seen)
 
 
 def stage_of(device_id: str, stages: Sequence[RolloutStage]) -> str:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from firmware_tools.fleet import FleetWatch
+from firmware_tools.fleet import FleetWatch, SeenStatus
 from firmware_tools.registry import ModelRegistry, RolloutState
 from firmware_tools.release import EVERYONE, Publisher
 from schemas.model import RolloutStage
@@ -187,12 +187,12 @@ class RolloutRunner:
         for stage_index, stage in enumerate(self.plan.cumulative()):
             self.registry.enter_stage(rollout.rollout_id, stage_index)
             self.publisher.publish_manifest(target, stage)
-            expected = self._expected(stage)
+            expected = self._expected(self._channel_fleet(), stage)
             self.say(f"stage {stage_index + 1} ({stage.name}): offered to {len(expected)} online device(s)")
             halted = self._watch_stage(rollout.rollout_id, rollout.started_at, stage)
             if halted is not None:
                 return self._halt(rollout.rollout_id, rollout.started_at, stage_index, previous, halted)
-        failures, reports = self._tally(rollout.started_at)
+        failures, reports = self._tally(self._final_reports(self._channel_fleet(), rollout.started_at))
         self.registry.set_live_version(self.channel, self.version)
         self.registry.finish_rollout(rollout.rollout_id, RolloutState.COMPLETED)
         cleared = self.publisher.clear_superseded({self.version, *([previous] if previous else [])})
@@ -208,14 +208,16 @@ class RolloutRunner:
         deadline = time.monotonic() + self.plan.stage_timeout_s
         soak_until: float | None = None
         while True:
-            self._record(rollout_id, started_at)
-            failures, reports = self._tally(started_at)
-            if self.plan.criteria.tripped(failures, reports):
+            fleet = self._channel_fleet()
+            reports = self._final_reports(fleet, started_at)
+            self._record(rollout_id, reports)
+            failures, reported = self._tally(reports)
+            if self.plan.criteria.tripped(failures, reported):
                 return (
-                    f"{failures} of {reports} device(s) failed to apply {self.version}"
-                    f" ({100 * failures / reports:.0f}% >= {self.plan.criteria.max_failure_percent:g}%)"
+                    f"{failures} of {reported} device(s) failed to apply {self.version}"
+                    f" ({100 * failures / reported:.0f}% >= {self.plan.criteria.max_failure_percent:g}%)"
                 )
-            waiting = self._expected(stage) - self._settled(started_at)
+            waiting = self._expected(fleet, stage) - self._settled(fleet, reports)
             now = time.monotonic()
             if not waiting:
                 soak_until = soak_until or now + self.plan.soak_s
@@ -240,7 +242,7 @@ class RolloutRunner:
             self.publisher.clear_manifest()
             self.say("no earlier version to restore: the manifest is cleared, devices keep what they run")
         self.publisher.clear_blob(self.version)
-        failures, reports = self._tally(started_at)
+        failures, reports = self._tally(self._final_reports(self._channel_fleet(), started_at))
         return RolloutOutcome(rollout_id, RolloutState.ABORTED, stage_index + 1, reports, failures, reason, previous)
 
     def wait_for_restore(self, restored: str, timeout_s: float) -> list[str]:
@@ -249,45 +251,49 @@ class RolloutRunner:
         while True:
             stuck = sorted(
                 device
-                for device, status in self.watch.snapshot().items()
-                if status.state == DeviceState.ONLINE
-                and status.channel == self.channel
-                and status.model_version == self.version
+                for device, seen in self._channel_fleet().items()
+                if seen.status.state == DeviceState.ONLINE and seen.status.model_version == self.version
             )
             if not stuck or time.monotonic() >= deadline:
                 return stuck
             time.sleep(self.poll_s)
 
-    def _expected(self, stage: RolloutStage) -> set[str]:
+    def _channel_fleet(self) -> dict[str, SeenStatus]:
+        """The latest status of every device following this rollout's channel: one view for each poll."""
+        return {device: seen for device, seen in self.watch.seen().items() if seen.status.channel == self.channel}
+
+    @staticmethod
+    def _expected(fleet: dict[str, SeenStatus], stage: RolloutStage) -> set[str]:
+        """Online devices of the stage."""
         return {
             device
-            for device, status in self.watch.snapshot().items()
-            if status.state == DeviceState.ONLINE and status.channel == self.channel and stage.includes(device)
+            for device, seen in fleet.items()
+            if seen.status.state == DeviceState.ONLINE and stage.includes(device)
         }
 
-    def _final_reports(self, started_at: float) -> dict[str, DeviceStatus]:
+    def _final_reports(self, fleet: dict[str, SeenStatus], started_at: float) -> dict[str, DeviceStatus]:
         """Devices whose latest status, received during this rollout, is a final step for the version."""
-        arrivals = self.watch.arrivals()
         return {
-            device: status
-            for device, status in self.watch.snapshot().items()
-            if status.ota is not None
-            and status.ota.version == self.version
-            and status.ota.state in FINAL_STEPS
-            and arrivals.get(device, 0.0) >= started_at
+            device: seen.status
+            for device, seen in fleet.items()
+            if seen.status.ota is not None
+            and seen.status.ota.version == self.version
+            and seen.status.ota.state in FINAL_STEPS
+            and seen.arrived_at >= started_at
         }
 
-    def _settled(self, started_at: float) -> set[str]:
+    def _settled(self, fleet: dict[str, SeenStatus], reports: dict[str, DeviceStatus]) -> set[str]:
         """Devices with nothing more to say: a final report, or the version running already."""
-        running = {device for device, status in self.watch.snapshot().items() if status.model_version == self.version}
-        return set(self._final_reports(started_at)) | running
+        running = {device for device, seen in fleet.items() if seen.status.model_version == self.version}
+        return set(reports) | running
 
-    def _tally(self, started_at: float) -> tuple[int, int]:
-        reports = self._final_reports(started_at)
+    @staticmethod
+    def _tally(reports: dict[str, DeviceStatus]) -> tuple[int, int]:
+        """(failures, reports)."""
         return sum(1 for status in reports.values() if status.ota.state in FAILED_STEPS), len(reports)
 
-    def _record(self, rollout_id: int, started_at: float) -> None:
-        for device, status in self._final_reports(started_at).items():
+    def _record(self, rollout_id: int, reports: dict[str, DeviceStatus]) -> None:
+        for device, status in reports.items():
             ota = status.ota
             assert ota is not None
             if self._recorded.get(device) != (str(ota.state), ota.version):
