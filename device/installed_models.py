@@ -28,6 +28,7 @@ from typing import Any
 
 from schemas.errors import ProtocolError
 from schemas.model import ModelPackage, parse_version
+from schemas.status import OtaProgress, OtaState
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,18 @@ def _trial(data: dict | None) -> Trial | None:
     return Trial(**(data | {"kept": InstalledModel(**kept) if kept else None}))
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename: old or new content, nothing between."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as file:
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it: on the disk, not only in the page cache, when this returns."""
+    with open(path, "wb") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename: old or new content, nothing between."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write_synced(temporary, data)
     os.replace(temporary, path)
     sync_folder(path.parent)
 
@@ -206,11 +212,8 @@ class InstalledModels:
         partial = self.models_dir / f"{package.version}{PARTIAL_SUFFIX}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        for name, data in ((package.model_file, model), ("manifest.json", package.to_json().encode("utf-8"))):
-            with open(partial / name, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
+        write_synced(partial / package.model_file, model)
+        write_synced(partial / "manifest.json", package.to_json().encode("utf-8"))
         sync_folder(partial)
         if on_written is not None:
             on_written()
@@ -235,6 +238,11 @@ class InstalledModels:
         for folder in self.models_dir.iterdir():
             if folder.is_dir() and folder.name not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def pending_progress(self) -> OtaProgress | None:
+        """The update step still to report (kept until ``reported()``), or None."""
+        pending = self.journal.pending_report
+        return OtaProgress(OtaState(pending["state"]), pending["version"], pending["reason"]) if pending else None
 
     def reported(self) -> None:
         """The pending report reached the broker."""

@@ -39,7 +39,7 @@ from device.self_test import SelfTestSuite, run_self_test
 from device.settings import DeviceSettings
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
-from schemas.model import ModelBlob, ModelManifest, ModelPackage
+from schemas.model import MODEL_FILE, ModelBlob, ModelManifest, ModelPackage
 from schemas.mqtt import MqttLink
 from schemas.protocol import decode
 from schemas.signing import SignatureError, load_public_key, verify_manifest
@@ -48,9 +48,6 @@ from schemas.topics import MANIFEST, MODEL_BLOB
 from schemas.vocabulary import load_vocabulary, vocabulary_sha256
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.tflite"
-"""Name of the .tflite file in an installed package."""
 
 FAILPOINT_VARIABLE = "MQVOX_OTA_FAILPOINT"
 """Environment variable naming a step at which the device process kills itself (SIGKILL): for power-cut drills."""
@@ -67,14 +64,12 @@ def failpoint(step: str) -> None:
 
 @dataclass(frozen=True)
 class StartingModel:
-    """What a device runs when it starts, and what it has to report about it."""
+    """What a device runs when it starts, and where its updates go."""
 
     model: LocalModel
     """The model to listen with."""
     installed: InstalledModels | None
-    """The state folder; None when updates are off."""
-    pending: OtaProgress | None
-    """An update step decided while offline (a rollback at start), to publish once connected."""
+    """The state folder, with any update step still to report; None when updates are off."""
 
 
 def open_starting_model(settings: DeviceSettings) -> StartingModel:
@@ -86,7 +81,7 @@ def open_starting_model(settings: DeviceSettings) -> StartingModel:
     """
     factory = load_configured_model(settings.model)
     if settings.ota.public_key is None:
-        return StartingModel(factory, None, None)
+        return StartingModel(factory, None)
     installed = InstalledModels(settings.ota.state_dir or "state", factory.directory, factory.version)
     installed.recover(settings.ota.max_attempts)
     while installed.active != installed.factory:
@@ -98,9 +93,7 @@ def open_starting_model(settings: DeviceSettings) -> StartingModel:
             installed.fall_back(active, str(error))
     else:
         model = factory
-    pending = installed.journal.pending_report
-    progress = OtaProgress(OtaState(pending["state"]), pending["version"], pending["reason"]) if pending else None
-    return StartingModel(model, installed, progress)
+    return StartingModel(model, installed)
 
 
 class ModelUpdater:
@@ -126,7 +119,7 @@ class ModelUpdater:
         self.installed = installed
         self.public_key = load_public_key(settings.ota.public_key)
         self.suite = SelfTestSuite.load(settings.ota.self_test)
-        self.vocabulary = load_vocabulary(settings.model.vocabulary) if settings.model.vocabulary else None
+        self.vocabulary = load_vocabulary(settings.model.vocabulary)
         self._report = report
         self._on_model = on_model
         self._count = count
@@ -296,8 +289,7 @@ class ModelUpdater:
             check_frontend(manifest.frontend)
         except UnsupportedFrontend as error:
             return f"front end: {error}"
-        known = set(self.vocabulary.labels if self.vocabulary else load_vocabulary().labels)
-        known |= {*NON_COMMAND_LABELS, manifest.detection.wake_label}
+        known = {*self.vocabulary.labels, *NON_COMMAND_LABELS, manifest.detection.wake_label}
         unknown = [label for label in manifest.labels if label not in known]
         if unknown:
             return f"labels {', '.join(unknown)} are not in this device's vocabulary"

@@ -41,7 +41,6 @@ class DeviceRuntime:
         """``starting`` carries the state folder and any pending update report, when model updates are on."""
         self.settings = settings
         self.model = model
-        self._starting = starting
         self._next_model: LocalModel | None = None
         self._updater: ModelUpdater | None = None
         if starting is not None and starting.installed is not None:
@@ -49,7 +48,7 @@ class DeviceRuntime:
                 settings, starting.installed, report=self._report, on_model=self._use_model, count=self.count
             )
         self.device_id = settings.device_id
-        channel = settings.ota.channel if starting is not None and starting.installed is not None else None
+        channel = settings.ota.channel if self._updater is not None else None
         self.presence = Presence(settings.device_id, model.version, channel)
         self._counter_lock = threading.Lock()
         self.actions = ActionRunner(settings.actions, count=self.count)
@@ -106,11 +105,12 @@ class DeviceRuntime:
                 log.info("stopped", extra={"device_id": self.device_id})
 
     def _start_updates(self, link: MqttLink) -> None:
-        starting = self._starting
-        if self._updater is None or starting is None or starting.installed is None:
+        if self._updater is None:
             return
-        if starting.pending is not None and self._report(starting.pending):
-            starting.installed.reported()
+        installed = self._updater.installed
+        pending = installed.pending_progress()
+        if pending is not None and self._report(pending):
+            installed.reported()
         self._updater.start(link)
 
     def _report(self, progress: OtaProgress) -> bool:

@@ -25,13 +25,11 @@ from firmware_tools.recipe import Recipe
 from firmware_tools.synth import describe_voices, plan_renders
 from firmware_tools.train import load_split
 from firmware_tools.voices import espeak_variants
-from schemas.model import Detection, ModelPackage
+from schemas.model import MODEL_FILE, Detection, ModelPackage
 from schemas.vocabulary import load_vocabulary, vocabulary_sha256
 
 log = logging.getLogger("mqvox.package")
 
-MODEL_FILE = "model.tflite"
-"""Name of the model inside a package."""
 THRESHOLD_GRID = np.round(np.arange(0.30, 0.996, 0.005), 3)
 """Thresholds tried when tuning."""
 

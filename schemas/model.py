@@ -16,6 +16,8 @@ from schemas.message import JsonMessage
 from schemas.topics import MANIFEST, META_PROPERTY, MODEL_BLOB, KiB
 from schemas.validation import canonical_json, decode_json, encode_json, validate
 
+MODEL_FILE = "model.tflite"
+"""Name of the .tflite file in a model package, as training writes it and as a device installs it."""
 MAX_BLOB_META_BYTES = 1 * KiB
 """Largest ``mqvox-meta`` user property accepted on a model blob."""
 MAX_PACKAGE_MANIFEST_BYTES = 64 * KiB
