@@ -78,10 +78,14 @@ class StorageUnavailable(ConnectionError):
     """The database cannot be reached, or went away; ``str(error)`` names it (password masked) and says why."""
 
 
+COLUMN_TYPES: dict[Any, Any] = {dict[str, Any]: JSON, list[dict[str, Any]]: JSON, bytes: LargeBinary}
+"""Column types of the annotations every mqvox table uses: JSON documents and binary payloads."""
+
+
 class TableBase(DeclarativeBase):
     """The worker's tables."""
 
-    type_annotation_map = {dict[str, Any]: JSON, list[dict[str, Any]]: JSON, bytes: LargeBinary}  # noqa: RUF012
+    type_annotation_map = COLUMN_TYPES
 
 
 class DeviceRow(TableBase):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, LargeBinary, select, update
+from sqlalchemy import ForeignKey, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from cloud_worker.storage import Database
+from cloud_worker.storage import COLUMN_TYPES, Database
 from schemas.model import ModelPackage, parse_version
 
 
@@ -27,7 +27,7 @@ class RegistryError(ValueError):
 class RegistryTables(DeclarativeBase):
     """The registry's tables (apart from the worker's, so each side counts only its own rows)."""
 
-    type_annotation_map = {dict[str, Any]: JSON, list[dict[str, Any]]: JSON, bytes: LargeBinary}  # noqa: RUF012
+    type_annotation_map = COLUMN_TYPES
 
 
 class ModelVersionRow(RegistryTables):
