@@ -262,9 +262,11 @@ def test_half_written_model_folders_are_removed_at_start(tmp_path):
 def test_garbage_on_the_manifest_topic_is_counted_and_ignored(operator, fleet, links):
     device = fleet("garbage-1")
     topic = f"mqvox/v1/models/{operator.channel}/manifest"
-    operator.link.publish(topic, Envelope(b"{not json", "application/json"), qos=1, retain=True)
-    operator.link.publish(topic, Envelope(b'{"version": "9.9.9"}', "application/json"), qos=1, retain=True)
     counters = device.runtime.presence.counters
+    # One at a time: the updater skips a manifest that a newer one has replaced before it got to it.
+    operator.link.publish(topic, Envelope(b"{not json", "application/json"), qos=1, retain=True)
+    assert wait_until(lambda: counters["ota_invalid_manifests"] == 1, 5)
+    operator.link.publish(topic, Envelope(b'{"version": "9.9.9"}', "application/json"), qos=1, retain=True)
     assert wait_until(lambda: counters["ota_invalid_manifests"] == 2, 5)
     assert device.runtime.model.version == FACTORY_VERSION and device.runtime.presence.ota is None
 
