@@ -16,7 +16,16 @@ from importlib import resources
 from pathlib import Path
 
 DEV_CONFIG = "mosquitto.dev.conf"
-"""The development config in this folder."""
+"""The development config in this folder: loopback, anonymous, plain TCP."""
+
+PROD_CONFIG = "mosquitto.prod.conf"
+"""The production config in this folder: TLS with client certificates and ACLs."""
+
+CONFIGS = {"dev": DEV_CONFIG, "prod": PROD_CONFIG}
+"""The configs by their short names, as ``python -m broker_config start --config`` takes them."""
+
+PROD_TLS_DIR = "/etc/mosquitto/mqvox/"
+"""Where the production config expects the CA, the broker's certificate and key, the CRL and the ACL file."""
 
 STATE_FILE = "broker.json"
 """Written into the data directory: port and pid of the running broker, read by ``stop``."""
@@ -33,10 +42,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def render_config(template: str, *, port: int, data_dir: Path) -> str:
-    """The dev config with this broker's port, data directory, log file and user."""
+def render_config(template: str, *, port: int, data_dir: Path, tls_dir: Path | None = None) -> str:
+    """A config of this folder with this broker's port (on loopback), data directory, log file and user.
+
+    ``tls_dir`` replaces the production config's /etc/mosquitto/mqvox/, where its TLS files and ACL are.
+    """
+    if PROD_TLS_DIR in template:
+        if tls_dir is None:
+            raise ValueError(f"this config reads its TLS files from {PROD_TLS_DIR}: give the folder that has them")
+        template = template.replace(PROD_TLS_DIR, f"{Path(tls_dir).resolve()}/")
     replacements = {
-        r"^listener \d+ ": f"listener {port} ",
+        r"^listener \d+(?: \S+)?$": f"listener {port} 127.0.0.1",
         r"^persistence_location .*$": f"persistence_location {data_dir}/",
         r"^log_dest .*$": f"log_dest file {data_dir}/mosquitto.log",
     }
@@ -44,7 +60,7 @@ def render_config(template: str, *, port: int, data_dir: Path) -> str:
     for pattern, value in replacements.items():
         text, count = re.subn(pattern, value, text, count=1, flags=re.MULTILINE)
         if count != 1:
-            raise ValueError(f"{DEV_CONFIG} has no line matching {pattern!r}")
+            raise ValueError(f"the config has no line matching {pattern!r}")
     # Run as whoever starts it, so the data directory stays theirs (as root, mosquitto
     # would otherwise switch to the 'mosquitto' user).
     return text + f"\nuser {getpass.getuser()}\n"
@@ -52,12 +68,16 @@ def render_config(template: str, *, port: int, data_dir: Path) -> str:
 
 @dataclass
 class Broker:
-    """One Mosquitto process from the dev config. Use as a context manager, or start() / stop()."""
+    """One Mosquitto process from a config of this folder, on loopback. A context manager, or start() / stop()."""
 
     data_dir: Path
     """Its config, persistence file, log and state file live here."""
     port: int = 0
     """TCP port on 127.0.0.1; 0 picks a free one."""
+    config: str = DEV_CONFIG
+    """Which config of this folder: DEV_CONFIG or PROD_CONFIG."""
+    tls_dir: Path | None = None
+    """PROD_CONFIG only: the folder with ca.pem, server.pem, server.key, crl.pem and acl (provision's broker/)."""
     executable: str = "mosquitto"
     """The mosquitto binary."""
     process: subprocess.Popen | None = None
@@ -74,12 +94,14 @@ class Broker:
             raise BrokerStartError(f"{self.executable} not found: run `make setup` (Debian package 'mosquitto')")
         self.data_dir = Path(self.data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        template = resources.files("broker_config").joinpath(DEV_CONFIG).read_text(encoding="utf-8")
+        template = resources.files("broker_config").joinpath(self.config).read_text(encoding="utf-8")
         attempts = 3 if self.port == 0 else 1
         for _ in range(attempts):
             port = self.port or free_port()
             config = self.data_dir / "mosquitto.conf"
-            config.write_text(render_config(template, port=port, data_dir=self.data_dir), encoding="utf-8")
+            config.write_text(
+                render_config(template, port=port, data_dir=self.data_dir, tls_dir=self.tls_dir), encoding="utf-8"
+            )
             self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             # Output goes to a file, not a pipe: `start` leaves the broker running after it exits.
             with open(self.data_dir / "mosquitto.stderr", "wb") as stderr:
@@ -124,6 +146,19 @@ class Broker:
             self.process.kill()
         if self.process is not None:
             self.process.wait()
+
+    def reload(self, timeout_s: float = 10.0) -> None:
+        """SIGHUP: Mosquitto re-reads its config and ACL file; returns once it has logged the reload."""
+        offset = self.log_path.stat().st_size
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                if b"Reloading config" in log.read():
+                    return
+            time.sleep(0.05)
+        raise BrokerStartError(f"mosquitto did not log a reload within {timeout_s} s; see {self.log_path}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (mosquitto saves its persistence file), then SIGKILL after ``timeout_s``."""

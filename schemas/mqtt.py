@@ -34,6 +34,12 @@ class PublishRefused(RuntimeError):
     """A publish or subscription the broker refused, or one refused before sending because the broker would."""
 
 
+TLS_CA_FILE = "ca.pem"
+TLS_CERT_FILE = "cert.pem"
+TLS_KEY_FILE = "key.pem"
+"""The files of a client folder written by ``firmware_tools provision``: CA, certificate and private key."""
+
+
 @dataclass(frozen=True)
 class TlsSettings:
     """TLS towards the broker: the CA that signed the broker's certificate, and this client's own certificate."""
@@ -44,6 +50,11 @@ class TlsSettings:
     """PEM file of this client's certificate, for brokers that require one (its CN is the client's identity)."""
     key_file: str | None = None
     """PEM file of the private key of ``cert_file``; None when the key is inside ``cert_file``."""
+
+    @classmethod
+    def from_folder(cls, folder: str) -> TlsSettings:
+        """The CA, certificate and key of a client folder written by ``firmware_tools provision``."""
+        return cls(f"{folder}/{TLS_CA_FILE}", f"{folder}/{TLS_CERT_FILE}", f"{folder}/{TLS_KEY_FILE}")
 
     def context(self) -> ssl.SSLContext:
         """A client context: the broker's certificate and host name verified, TLS 1.2 at least."""
@@ -77,11 +88,18 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of BrokerSettings, for every entry point that connects."""
     parser.add_argument("--host", default=BrokerSettings.host, help="MQTT broker host (default: %(default)s)")
     parser.add_argument("--port", type=int, default=BrokerSettings.port, help="MQTT broker port (default: %(default)s)")
+    parser.add_argument(
+        "--tls",
+        metavar="DIR",
+        help=f"connect with TLS, with the {TLS_CA_FILE}, {TLS_CERT_FILE} and {TLS_KEY_FILE} of this client folder "
+        "(firmware_tools provision); default: plain TCP",
+    )
 
 
 def broker_from_arguments(args: argparse.Namespace) -> BrokerSettings:
     """BrokerSettings from options added by add_broker_arguments."""
-    return BrokerSettings(host=args.host, port=args.port)
+    tls = TlsSettings.from_folder(args.tls) if args.tls else None
+    return BrokerSettings(host=args.host, port=args.port, tls=tls)
 
 
 MessageHandler = Callable[[str, Envelope], None]
@@ -131,6 +149,9 @@ class MqttLink:
         self._client.on_connect = self._handle_connect
         self._client.on_publish = self._handle_publish
         self._client.on_subscribe = self._handle_subscribe
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_log = self._handle_log
+        self._last_error: str | None = None
         if will is not None:
             topic, envelope = encode(will)
             self._client.will_set(
@@ -165,6 +186,18 @@ class MqttLink:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connect_reason = None if not reason_code.is_failure else str(reason_code)
         self._connected.set()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._connected.is_set():
+            # Closed before any CONNACK: with TLS, the broker refused the certificate (unknown CA,
+            # expired, revoked). Fail now, with the socket's error, rather than wait out the timeout.
+            detail = self._last_error or str(reason_code)
+            self._connect_reason = f"connection closed before CONNACK: {detail}"
+            self._connected.set()
+
+    def _handle_log(self, client, userdata, level, message) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self._last_error = message
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:

@@ -47,13 +47,27 @@ def generate_key_pair(private_path: Path, public_path: Path) -> str:
     for path in (private_path, public_path):
         if path.exists():
             raise SignatureError(f"{path} exists already; refusing to overwrite a key")
-    private_path.parent.mkdir(parents=True, exist_ok=True)
     public_path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(private_pem)
+    write_private_file(private_path, private_pem)
     public_path.write_bytes(public_pem)
     return key_id(private_key.public_key())
+
+
+def write_private_file(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Write a secret (a private key) readable by its owner only: mode 0600 from the moment it exists.
+
+    Without ``replace`` an existing file is an error (FileExistsError); with it, the new
+    content goes to a temporary 0600 file that is renamed over the old one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = path.with_name(f".{path.name}.tmp") if replace else path
+    if replace:
+        target.unlink(missing_ok=True)
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+    if replace:
+        os.replace(target, path)
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
