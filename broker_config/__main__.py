@@ -1,4 +1,4 @@
-"""python -m broker_config start|stop: a development Mosquitto from broker_config/."""
+"""python -m broker_config start|stop: a Mosquitto from broker_config/ on loopback (dev or production config)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from broker_config.broker import Broker, BrokerStartError, stop_recorded
+from broker_config.broker import CONFIGS, Broker, BrokerStartError, stop_recorded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     start = commands.add_parser("start", help="start Mosquitto in the background and print its port as JSON")
     start.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: 0, a free one)")
     start.add_argument("--data-dir", type=Path, default=Path(".run/broker"), help="config, persistence and log")
+    start.add_argument("--config", choices=sorted(CONFIGS), default="dev", help="which config (default: dev)")
+    start.add_argument("--tls-dir", type=Path, help="prod: a fleet's broker/ folder (firmware_tools provision)")
     stop = commands.add_parser("stop", help="stop the broker started with the same --data-dir")
     stop.add_argument("--data-dir", type=Path, default=Path(".run/broker"))
     args = parser.parse_args(argv)
@@ -25,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"a broker is already recorded in {args.data_dir}; stop it first", file=sys.stderr)
             return 1
         try:
-            broker = Broker(data_dir=args.data_dir, port=args.port).start()
-        except BrokerStartError as error:
+            broker = Broker(
+                data_dir=args.data_dir, port=args.port, config=CONFIGS[args.config], tls_dir=args.tls_dir
+            ).start()
+        except (BrokerStartError, ValueError) as error:
             print(error, file=sys.stderr)
             return 1
         # Left running on purpose: `stop` ends it through the state file.

@@ -19,10 +19,11 @@ from schemas.topics import MAX_PAYLOAD_BYTES
 from .conftest import Inbox
 
 CONFIG = Path(__file__).resolve().parent.parent / "broker_config" / "mosquitto.dev.conf"
+PROD = CONFIG.with_name("mosquitto.prod.conf")
 
 
-def setting(name: str) -> str:
-    values = re.findall(rf"^{name} (.+)$", CONFIG.read_text(), flags=re.MULTILINE)
+def setting(name: str, config: Path = CONFIG) -> str:
+    values = re.findall(rf"^{name} (.+)$", config.read_text(), flags=re.MULTILINE)
     assert len(values) == 1, f"{name} must be set exactly once"
     return values[0]
 
@@ -39,6 +40,31 @@ def test_dev_config_states_its_limits_explicitly() -> None:
 def test_dev_config_listens_on_loopback_only() -> None:
     listeners = re.findall(r"^listener (\d+)(?: (\S+))?$", CONFIG.read_text(), flags=re.MULTILINE)
     assert listeners and all(address == "127.0.0.1" for _, address in listeners)
+
+
+LIMITS = ("message_size_limit", "max_packet_size", "max_inflight_messages", "max_queued_messages", "max_keepalive")
+
+
+def test_prod_config_has_the_dev_limits_and_no_way_in_without_a_certificate() -> None:
+    assert {name: setting(name, PROD) for name in LIMITS} == {name: setting(name) for name in LIMITS}
+    assert setting("allow_anonymous", PROD) == "false"
+    assert setting("require_certificate", PROD) == "true"
+    assert setting("use_identity_as_username", PROD) == "true"
+    assert setting("use_username_as_clientid", PROD) == "true"
+    assert setting("tls_version", PROD) == "tlsv1.2"
+    assert re.findall(r"^listener .*$", PROD.read_text(), flags=re.MULTILINE) == ["listener 8883"]  # TLS only
+    for name in ("cafile", "certfile", "keyfile", "crlfile", "acl_file"):
+        assert setting(name, PROD).startswith("/etc/mosquitto/mqvox/")
+
+
+def test_rendered_prod_config_reads_its_tls_files_from_the_given_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="TLS files"):
+        render_config(PROD.read_text(), port=1, data_dir=tmp_path)
+    text = render_config(PROD.read_text(), port=12345, data_dir=tmp_path, tls_dir=tmp_path / "tls")
+    assert "listener 12345 127.0.0.1" in text and "/etc/mosquitto" not in text
+    assert f"cafile {tmp_path}/tls/ca.pem" in text
+    refused = run("broker_config", "start", "--config", "prod", "--data-dir", str(tmp_path))
+    assert refused.returncode == 1 and "TLS files" in refused.stderr
 
 
 def test_rendered_config_has_its_own_port_and_data_dir(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     [
         ("device", ["send", "detect", "run"]),
         ("cloud_worker", ["serve"]),
-        ("firmware_tools", ["vocab", "keygen", "publish", "rollout", "status"]),
+        ("firmware_tools", ["vocab", "keygen", "publish", "rollout", "status", "provision", "bundle", "flash"]),
         ("broker_config", ["start"]),
     ],
 )
