@@ -74,10 +74,21 @@ def deploy_file(name: str) -> bytes:
     return resources.files("firmware_tools").joinpath("deploy", name).read_bytes()
 
 
+BUILD_LEFTOVERS = (".git", ".venv", ".run", ".cache", ".hypothesis", "build", "*.egg-info", "__pycache__", ".*_cache")
+"""Never copied into a wheel build: setuptools would reuse a stale build/ and package removed modules."""
+
+
 def build_wheel(out_dir: Path, source: Path = SOURCE_TREE) -> Path:
-    """Build the mqvox wheel from a source checkout into ``out_dir``, with the build tools already installed."""
+    """Build the mqvox wheel from a copy of a source checkout into ``out_dir``, with the installed build tools."""
     if not (source / "pyproject.toml").exists():
         raise BundleError(f"no mqvox source tree at {source}: give a built wheel with --wheel")
+    with tempfile.TemporaryDirectory(prefix="mqvox-source-") as scratch:
+        copy = Path(scratch) / "mqvox"
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
+        return _pip_wheel(copy, out_dir)
+
+
+def _pip_wheel(source: Path, out_dir: Path) -> Path:
     result = subprocess.run(
         [
             *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"),
@@ -165,22 +176,22 @@ class OpenedBundle:
 
     def __enter__(self) -> Path:
         if self.path.is_dir():
-            folder = self.path
-        else:
-            self._scratch = tempfile.TemporaryDirectory(prefix="mqvox-flash-")
-            try:
-                with tarfile.open(self.path, "r:gz") as archive:
-                    # 'data' refuses absolute paths, links out of the tree and device files.
-                    archive.extractall(self._scratch.name, filter="data")
-            except (OSError, tarfile.TarError) as error:
-                self._scratch.cleanup()
-                raise BundleError(f"cannot unpack {self.path}: {error}") from None
+            BundleInfo.read(self.path)
+            return self.path
+        self._scratch = tempfile.TemporaryDirectory(prefix="mqvox-flash-")
+        try:
+            with tarfile.open(self.path, "r:gz") as archive:
+                # 'data' refuses absolute paths, links out of the tree and device files.
+                archive.extractall(self._scratch.name, filter="data")
             folders = [entry for entry in Path(self._scratch.name).iterdir() if entry.is_dir()]
             if len(folders) != 1:
-                raise BundleError(f"{self.path} should hold one bundle folder")
-            folder = folders[0]
-        BundleInfo.read(folder)
-        return folder
+                raise BundleError("it should hold one bundle folder")
+            BundleInfo.read(folders[0])
+        except (OSError, tarfile.TarError, BundleError) as error:
+            self._scratch.cleanup()
+            self._scratch = None
+            raise BundleError(f"{self.path} is not an mqvox bundle: {error}") from None
+        return folders[0]
 
     def __exit__(self, *exc: object) -> None:
         if self._scratch is not None:

@@ -56,7 +56,9 @@ def _entries(path: Path) -> list[list[str]]:
 
 def _ensure_service_user(rootfs: Path) -> tuple[int, int, bool]:
     """The service user's uid and gid in the image, adding it (and its group) if it is not there."""
-    passwd, group, shadow = (_inside(rootfs, f"/etc/{name}") for name in ("passwd", "group", "shadow"))
+    passwd, group, shadow, gshadow = (
+        _inside(rootfs, f"/etc/{name}") for name in ("passwd", "group", "shadow", "gshadow")
+    )
     if not passwd.exists() or not group.exists():
         raise BundleError(f"{rootfs} does not look like a root filesystem: it has no etc/passwd and etc/group")
     users, groups = _entries(passwd), _entries(group)
@@ -71,6 +73,8 @@ def _ensure_service_user(rootfs: Path) -> tuple[int, int, bool]:
     gid = int(existing_group[2]) if existing_group else free
     if existing_group is None:
         _append_line(group, f"{SERVICE_USER}:x:{gid}:")
+        if gshadow.exists():
+            _append_line(gshadow, f"{SERVICE_USER}:!::")
     _append_line(passwd, f"{SERVICE_USER}:x:{free}:{gid}:mqvox voice device:/var/lib/mqvox:/usr/sbin/nologin")
     if shadow.exists():
         # '!' locks the password: the account only runs the service.

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install the mqvox device from the wheels of its bundle into $MQVOX_PREFIX/venv (default
 # /opt/mqvox). Run as root by the unit's ExecStartPre on every start: it does nothing
-# once the bundle's wheel is installed, so a new bundle is installed at the next start.
+# once this exact wheel (by SHA-256) is installed, so a new bundle is installed at the
+# next start, even one with the same version number.
 #
 # Dependencies come from $MQVOX_PREFIX/wheels first (drop aarch64 wheels there for an
 # offline device: device/README.md says how), then from the package index.
@@ -21,7 +22,8 @@ if [ -z "$wheel" ]; then
     echo "install.sh: no mqvox wheel in $wheels" >&2
     exit 1
 fi
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(basename "$wheel")" ]; then
+digest="$(sha256sum "$wheel" | cut -d' ' -f1) $(basename "$wheel")"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
     exit 0
 fi
 
@@ -34,7 +36,10 @@ fi
 
 echo "install.sh: installing $(basename "$wheel") into $venv"
 python3 -m venv "$venv"
+# This wheel even over an installed one of the same version, then whatever it needs.
 # shellcheck disable=SC2086 # MQVOX_PIP_ARGS is a list of options
+"$venv/bin/pip" install --disable-pip-version-check --force-reinstall --no-deps ${MQVOX_PIP_ARGS:-} "$wheel"
+# shellcheck disable=SC2086
 "$venv/bin/pip" install --disable-pip-version-check --find-links "$wheels" ${MQVOX_PIP_ARGS:-} "$wheel[device]"
-basename "$wheel" > "$stamp"
+echo "$digest" > "$stamp"
 echo "install.sh: done"
