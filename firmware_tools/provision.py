@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker_config.acl import Client, Role, render_acl
@@ -50,6 +51,8 @@ BROKER_CONFIG_FILE = "mosquitto.conf"
 
 DEFAULT_BROKER_NAMES = ("localhost", "127.0.0.1")
 """The broker certificate's names when none are given: enough for a broker on the same machine."""
+RENEW_SERVER_DAYS = 30
+"""A provision run re-issues the broker's certificate when it expires within this many days."""
 TLS_PORT = 8883
 """The production broker's port (the IANA port of MQTT over TLS)."""
 
@@ -253,7 +256,7 @@ class Fleet:
         if names != self.inventory.broker_names or port != self.inventory.broker_port:
             self.inventory.broker_names, self.inventory.broker_port = names, port
             self._issue_server_certificate()
-        elif not (self.folder / "broker" / SERVER_CERT_FILE).exists():
+        elif self._server_certificate_expires_within(dt.timedelta(days=RENEW_SERVER_DAYS)):
             self._issue_server_certificate()
 
         created, refreshed = [], []
@@ -339,6 +342,13 @@ class Fleet:
 
     def _revoke_serial(self, name: str, serial: str) -> None:
         self.inventory.revoked.append(RevokedRecord(name, serial, _iso(dt.datetime.now(dt.UTC))))
+
+    def _server_certificate_expires_within(self, margin: dt.timedelta) -> bool:
+        path = self.folder / "broker" / SERVER_CERT_FILE
+        if not path.exists():
+            return True
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+        return certificate.not_valid_after_utc < dt.datetime.now(dt.UTC) + margin
 
     def _issue_server_certificate(self) -> None:
         folder = self.folder / "broker"

@@ -453,10 +453,12 @@ def test_provisioning_again_keeps_keys_and_the_ca(keys, tmp_path) -> None:
     fleet = provision_fleet(tmp_path / "fleet", keys["fleet.pub"])
     before = {name: digest(fleet.client_dir(name)) for name in (DEVICE_A, WORKER)}
     ca = digest(fleet.folder / "ca")
+    server_before = digest(fleet.folder / "broker")["server.pem"]
     outcome = provision_cli("--fleet-dir", str(fleet.folder), "--device", DEVICE_A, "--worker", WORKER)
     assert outcome["refreshed"] == [DEVICE_A, WORKER] and outcome["created"] == []
     assert {name: digest(fleet.client_dir(name)) for name in (DEVICE_A, WORKER)} == before
     assert digest(fleet.folder / "ca") == ca
+    assert digest(fleet.folder / "broker")["server.pem"] == server_before
     assert (fleet.folder / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
     assert (fleet.client_dir(DEVICE_A) / "key.pem").stat().st_mode & 0o777 == 0o600
     settings = load_settings(fleet.client_dir(DEVICE_A) / "device.toml")
@@ -535,3 +537,13 @@ def test_a_worker_answers_a_device_over_tls_with_their_certificates(fleet, prod_
     result = json.loads(done.stdout.splitlines()[0])["result"]
     assert result["device_id"] == DEVICE_A and result["source"] == "cloud"
     assert "weather" in result["transcript"].lower()
+
+
+def test_a_broker_certificate_close_to_expiry_is_renewed_by_the_next_run(keys, tmp_path) -> None:
+    Fleet(tmp_path, ProvisionSettings(client_days=20)).provision([], signing_key=keys["fleet.pub"])
+    first = digest(tmp_path / "broker")["server.pem"]
+    Fleet(tmp_path, ProvisionSettings()).provision([])
+    renewed = digest(tmp_path / "broker")["server.pem"]
+    assert renewed != first  # 20 days left is within the 30-day margin
+    Fleet(tmp_path, ProvisionSettings()).provision([])
+    assert digest(tmp_path / "broker")["server.pem"] == renewed  # now 825 days: kept
