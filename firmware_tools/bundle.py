@@ -13,6 +13,7 @@ into a root filesystem (firmware_tools/flash.py). Layout:
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 from firmware_tools.provision import DEVICE_CONFIG_FILE, SIGNING_KEY_FILE, Fleet, device_config_text
 from schemas.model import MODEL_FILE
 from schemas.mqtt import TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE
+from schemas.signing import write_private_file
 
 BUNDLE_FILE = "bundle.json"
 UNIT_NAME = "mqvox-device.service"
@@ -157,9 +159,11 @@ def write_bundle(
         )
         (folder / BUNDLE_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n", encoding="utf-8")
         if out.name.endswith(".tar.gz"):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(out, "w:gz") as archive:
+            packed = io.BytesIO()
+            with tarfile.open(fileobj=packed, mode="w:gz") as archive:
                 archive.add(folder, arcname=folder.name)
+            # It holds the device's private key: readable by its owner only, like the key itself.
+            write_private_file(out, packed.getvalue(), replace=True)
         else:
             if out.exists():
                 raise BundleError(f"{out} exists already")

@@ -500,6 +500,7 @@ def test_a_folder_bundle_has_the_documented_layout(shipped: Shipped, tmp_path: P
 
 
 def test_the_cli_tarball_holds_one_bundle_folder(shipped: Shipped) -> None:
+    assert stat.S_IMODE(shipped.bundle.stat().st_mode) == 0o600  # it holds the device's private key
     with tarfile.open(shipped.bundle, "r:gz") as archive:
         members = {member.name: member for member in archive.getmembers()}
     assert {name.split("/")[0] for name in members} == {"mqvox-pi-01"}
