@@ -102,7 +102,7 @@ class Broker:
             config.write_text(
                 render_config(template, port=port, data_dir=self.data_dir, tls_dir=self.tls_dir), encoding="utf-8"
             )
-            self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._log_offset = self.log_size()
             # Output goes to a file, not a pipe: `start` leaves the broker running after it exits.
             with open(self.data_dir / "mosquitto.stderr", "wb") as stderr:
                 self.process = subprocess.Popen(
@@ -127,7 +127,7 @@ class Broker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
-            if self.log_path.exists() and " running" in self._log_tail():
+            if " running" in self.log_since(self._log_offset):
                 try:
                     with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                         return self.process.poll() is None
@@ -136,9 +136,16 @@ class Broker:
             time.sleep(0.05)
         return False
 
-    def _log_tail(self) -> str:
+    def log_size(self) -> int:
+        """The log's length now (bytes): an offset for ``log_since``."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        """What Mosquitto logged after ``offset`` (from ``log_size``)."""
+        if not self.log_path.exists():
+            return ""
         with open(self.log_path, "rb") as log:
-            log.seek(self._log_offset)
+            log.seek(offset)
             return log.read().decode("utf-8", errors="replace")
 
     def _reap(self) -> None:
@@ -149,14 +156,12 @@ class Broker:
 
     def reload(self, timeout_s: float = 10.0) -> None:
         """SIGHUP: Mosquitto re-reads its config and ACL file; returns once it has logged the reload."""
-        offset = self.log_path.stat().st_size
+        offset = self.log_size()
         self.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with open(self.log_path, "rb") as log:
-                log.seek(offset)
-                if b"Reloading config" in log.read():
-                    return
+            if "Reloading config" in self.log_since(offset):
+                return
             time.sleep(0.05)
         raise BrokerStartError(f"mosquitto did not log a reload within {timeout_s} s; see {self.log_path}")
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from broker_config.acl import Role
 from firmware_tools.provision import DEVICE_CONFIG_FILE, SIGNING_KEY_FILE, Fleet, device_config_text
 from schemas.model import MODEL_FILE
 from schemas.mqtt import TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE
@@ -118,7 +119,7 @@ def write_bundle(
 ) -> BundleInfo:
     """Write the bundle of a provisioned device to ``out``: a folder, or a .tar.gz when its name says so."""
     record = fleet.inventory.clients.get(device_id)
-    if record is None or record.role != "device":
+    if record is None or record.role is not Role.DEVICE:
         raise BundleError(f"{device_id} is not a provisioned device of {fleet.folder}")
     if not (model_dir / MODEL_FILE).exists():
         raise BundleError(f"{model_dir} is not a model package (no {MODEL_FILE})")

@@ -1,7 +1,7 @@
 """Install a device bundle into a mounted root filesystem (a Raspberry Pi OS SD card, a controller image).
 
 No code runs inside the image: the files are written, the service user is added to
-its /etc/passwd, /etc/group and /etc/shadow, and the unit is enabled the way
+its /etc/passwd, /etc/group, /etc/shadow and /etc/gshadow, and the unit is enabled the way
 ``systemctl enable`` would, with a symlink in multi-user.target.wants. At first boot
 the unit's install.sh makes the venv from the bundle's wheels.
 """

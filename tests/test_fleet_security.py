@@ -231,7 +231,7 @@ def test_the_worker_s_shared_subscription_gets_device_utterances(fleet, prod_bro
 def test_device_a_cannot_take_over_device_b_s_session_or_read_its_results(fleet, prod_broker) -> None:
     b_results = Collector()
     a_results = Collector()
-    log_start = prod_broker.log_path.stat().st_size
+    log_start = prod_broker.log_size()
     with tls_link(prod_broker, fleet.client_dir(DEVICE_B)) as device_b:
         device_b.subscribe(TOPICS["result B"], b_results)
         # The broker takes the client id from the certificate, so naming B's id gets A its own session.
@@ -245,7 +245,7 @@ def test_device_a_cannot_take_over_device_b_s_session_or_read_its_results(fleet,
             worker.publish(TOPICS["result A"], raw(b"for A"), qos=1, retain=False)
             assert b_results.arrived.get(timeout=5) == (TOPICS["result B"], b"for B")  # B is still connected
             assert a_results.until(b"for A") == []
-        log = prod_broker.log_path.read_bytes()[log_start:].decode()
+        log = prod_broker.log_since(log_start)
         assert log.count(f"as {DEVICE_B} (") == 1 and f"as {DEVICE_A} (" in log  # A's connection was named pi-a
 
 
@@ -265,7 +265,7 @@ time.sleep(60)
 def wills_left_by_a_killed_device(broker: Broker, folder: Path, owner: str, observer) -> list[str]:
     """Connect as ``folder``'s client with a Last Will on ``owner``'s status, SIGKILL it; the wills that arrive."""
     observer_link, collector = observer
-    log_start = broker.log_path.stat().st_size
+    log_start = broker.log_size()
     client = subprocess.Popen(
         [sys.executable, "-c", WILL_CLIENT, str(folder), str(broker.port), owner],
         stdout=subprocess.PIPE,
@@ -278,7 +278,7 @@ def wills_left_by_a_killed_device(broker: Broker, folder: Path, owner: str, obse
         client.kill()
         client.wait()
     # The broker sends the will (if allowed) when it sees the connection drop, before logging it.
-    assert wait_until(lambda: "closed its connection" in broker.log_path.read_bytes()[log_start:].decode(), 10)
+    assert wait_until(lambda: "closed its connection" in broker.log_since(log_start), 10)
     sentinel = uuid.uuid4().hex.encode()
     observer_link.publish(SENTINEL_TOPIC, raw(sentinel), qos=1, retain=False)
     return [
@@ -349,12 +349,12 @@ def test_plaintext_anonymous_unknown_ca_and_expired_certificates_are_refused(fle
     expired = client_files(
         fleet.ca, tmp_path / "expired", DEVICE_A, days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
     )
-    log_start = prod_broker.log_path.stat().st_size
+    log_start = prod_broker.log_size()
     # The client sees the connection closed (with or without the alert, as TLS 1.3 timing has it)...
     with pytest.raises(BrokerUnavailable, match="before CONNACK"):
         tls_link(prod_broker, expired)
     # ...and the broker says it refused the certificate.
-    assert "certificate verify failed" in prod_broker.log_path.read_bytes()[log_start:].decode()
+    assert "certificate verify failed" in prod_broker.log_since(log_start)
     # And the real one still connects.
     with tls_link(prod_broker, fleet.client_dir(DEVICE_A)):
         pass
