@@ -26,7 +26,7 @@ from pathlib import Path
 
 from broker_config.acl import Role
 from firmware_tools.provision import DEVICE_CONFIG_FILE, SIGNING_KEY_FILE, Fleet, device_config_text
-from schemas.model import MODEL_FILE
+from schemas.model import MODEL_FILE, ModelPackage
 from schemas.mqtt import TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE
 from schemas.signing import write_private_file
 
@@ -123,7 +123,7 @@ def write_bundle(
         raise BundleError(f"{device_id} is not a provisioned device of {fleet.folder}")
     if not (model_dir / MODEL_FILE).exists():
         raise BundleError(f"{model_dir} is not a model package (no {MODEL_FILE})")
-    model_version = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))["version"]
+    model_version = ModelPackage.load(model_dir).version  # validated against its schema, as the device will
     software_version = wheel.name.split("-")[1]
     with tempfile.TemporaryDirectory(prefix="mqvox-bundle-") as scratch:
         folder = Path(scratch) / f"mqvox-{device_id}"
