@@ -34,6 +34,14 @@ class PublishRefused(RuntimeError):
     """A publish or subscription the broker refused, or one refused before sending because the broker would."""
 
 
+SESSION_TAKEN_OVER = 0x8E
+"""MQTT 5 DISCONNECT reason: another client connected with this client id, and the broker closed this one."""
+
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
+"""Backoff (seconds) between reconnection attempts: doubling from the first to the second, paho's own."""
+
+
 TLS_CA_FILE = "ca.pem"
 TLS_CERT_FILE = "cert.pem"
 TLS_KEY_FILE = "key.pem"
@@ -106,6 +114,13 @@ MessageHandler = Callable[[str, Envelope], None]
 """Called with (topic, envelope) for each message matching its subscription, on paho's network thread."""
 
 
+PublishDone = Callable[[Exception | None], None]
+"""Called once per ``publish_later``: with None when the broker acknowledged, else with why it did not."""
+
+ConnectionListener = Callable[[bool], None]
+"""Called on paho's network thread after every successful (re)connection, with the broker's session-present flag."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """A message received on a link with manual acknowledgement: the broker redelivers it until ``ack()``."""
@@ -115,7 +130,9 @@ class Delivery:
     envelope: Envelope
     """Its payload and MQTT 5 properties."""
     ack: Callable[[], None]
-    """Send the PUBACK (QoS 1): call once the message's effects are stored; a no-op for QoS 0."""
+    """Send the PUBACK (QoS 1): call once the message's effects are stored; a no-op for QoS 0, and for a message
+    received on an earlier connection (the broker sends it again on the new one, and a PUBACK of its old packet
+    id could acknowledge another message)."""
 
 
 DeliveryHandler = Callable[[Delivery], None]
@@ -123,7 +140,10 @@ DeliveryHandler = Callable[[Delivery], None]
 
 
 class MqttLink:
-    """One MQTT 5 client connection, started and connected on construction."""
+    """One MQTT 5 client connection, started on construction; paho reconnects it, with backoff, when it drops.
+
+    Subscriptions are made again after a reconnection whose session the broker did not keep.
+    """
 
     def __init__(
         self,
@@ -134,18 +154,33 @@ class MqttLink:
         clean_start: bool = True,
         session_expiry_s: int = 0,
         manual_ack: bool = False,
+        require_connection: bool = True,
     ) -> None:
         """``manual_ack``: messages of ``consume`` subscriptions are acknowledged by their Delivery's ``ack``,
-        those of ``subscribe`` ones as soon as their handler returns."""
+        those of ``subscribe`` ones as soon as their handler returns.
+
+        ``clean_start`` False resumes the session the broker kept for this client id (its subscriptions and the
+        messages queued while it was away), on the first connection and on every reconnection; the broker keeps it
+        ``session_expiry_s`` after a disconnection.
+
+        ``require_connection`` True raises BrokerUnavailable when the first connection fails or is refused; False
+        waits at most ``broker.connect_timeout_s`` for it and then goes on, paho connecting in the background
+        (a device starts and obeys local commands while its network is down)."""
         self.client_id = client_id
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         self._manual_ack = manual_ack
         self._client.manual_ack_set(manual_ack)
+        self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._connected = threading.Event()
         self._connect_reason: str | None = None
         self._lock = threading.RLock()
-        self._acks: dict[int, tuple[threading.Event, list]] = {}
+        self._acks: dict[int, PublishDone] = {}
         self._subscribed: dict[int, tuple[threading.Event, list]] = {}
+        self._subscriptions: dict[str, int] = {}
+        """Topic filter -> QoS of every subscription made, to be made again when a session is lost."""
+        self._generation = 0
+        """How many times this link has connected; a Delivery is acknowledged only on its own connection."""
+        self._listeners: list[ConnectionListener] = []
         self._client.on_connect = self._handle_connect
         self._client.on_publish = self._handle_publish
         self._client.on_subscribe = self._handle_subscribe
@@ -161,6 +196,22 @@ class MqttLink:
             self._client.tls_set_context(broker.tls.context())
         connect_properties = Properties(PacketTypes.CONNECT)
         connect_properties.SessionExpiryInterval = session_expiry_s
+        address = f"{broker.host}:{broker.port}"
+        if not require_connection:
+            self._client.connect_async(
+                broker.host,
+                broker.port,
+                keepalive=broker.keepalive_s,
+                clean_start=clean_start,
+                properties=connect_properties,
+            )
+            self._client.loop_start()
+            if not self._connected.wait(broker.connect_timeout_s) or self._connect_reason is not None:
+                reason = self._connect_reason or f"no CONNACK within {broker.connect_timeout_s} s"
+                log.warning(
+                    "not connected to the MQTT broker at %s yet (%s); retrying in the background", address, reason
+                )
+            return
         try:
             self._client.connect(
                 broker.host,
@@ -170,13 +221,23 @@ class MqttLink:
                 properties=connect_properties,
             )
         except OSError as error:
-            raise BrokerUnavailable(f"cannot reach MQTT broker at {broker.host}:{broker.port}: {error}") from error
+            raise BrokerUnavailable(f"cannot reach MQTT broker at {address}: {error}") from error
         self._client.loop_start()
         if not self._connected.wait(broker.connect_timeout_s) or self._connect_reason is not None:
             self._client.loop_stop()
             self._client.disconnect()
             reason = self._connect_reason or f"no CONNACK within {broker.connect_timeout_s} s"
-            raise BrokerUnavailable(f"MQTT broker at {broker.host}:{broker.port} refused {client_id!r}: {reason}")
+            raise BrokerUnavailable(f"MQTT broker at {address} refused {client_id!r}: {reason}")
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (it may still drop before the next publish)."""
+        return self._client.is_connected()
+
+    def on_connection(self, listener: ConnectionListener) -> None:
+        """Call ``listener`` after each connection from now on; it runs on paho's thread and must not block."""
+        with self._lock:
+            self._listeners.append(listener)
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         # paho leaves Nagle's algorithm on; with delayed ACKs it adds ~40 ms to each
@@ -184,8 +245,29 @@ class MqttLink:
         connection = client.socket()
         if isinstance(connection, socket.socket) and connection.family in (socket.AF_INET, socket.AF_INET6):
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._connect_reason = None if not reason_code.is_failure else str(reason_code)
+        if reason_code.is_failure:
+            self._connect_reason = str(reason_code)
+            log.error("the MQTT broker refused %r: %s", self.client_id, reason_code)
+            self._connected.set()
+            return
+        with self._lock:
+            self._generation += 1
+            if self._generation > 1:
+                log.info(
+                    "reconnected to the MQTT broker", extra={"detail": f"session present: {flags.session_present}"}
+                )
+            # Subscriptions made while disconnected, or lost with a session the broker did not keep: made
+            # (again) now, without waiting for the SUBACK, since this is paho's thread.
+            for topic_filter, qos in self._subscriptions.items() if not flags.session_present else ():
+                client.subscribe(topic_filter, qos=qos)
+            listeners = list(self._listeners)
+        self._connect_reason = None
         self._connected.set()
+        for listener in listeners:
+            try:
+                listener(bool(flags.session_present))
+            except Exception:
+                log.exception("connection listener failed")
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if not self._connected.is_set():
@@ -194,6 +276,14 @@ class MqttLink:
             detail = self._last_error or str(reason_code)
             self._connect_reason = f"connection closed before CONNACK: {detail}"
             self._connected.set()
+            return
+        if reason_code.value == SESSION_TAKEN_OVER:
+            log.error(
+                "the broker closed %r: another client connected with the same client id; give each process its own",
+                self.client_id,
+            )
+        elif reason_code.is_failure or reason_code.value != 0:
+            log.warning("disconnected from the MQTT broker: %s; reconnecting", reason_code)
 
     def _handle_log(self, client, userdata, level, message) -> None:
         if level == paho.MQTT_LOG_ERR:
@@ -201,10 +291,9 @@ class MqttLink:
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
-            waiter = self._acks.pop(mid, None)
-        if waiter is not None:
-            waiter[1].append(reason_code)
-            waiter[0].set()
+            done = self._acks.pop(mid, None)
+        if done is not None:
+            done(PublishRefused(f"broker refused the publish: {reason_code}") if reason_code.is_failure else None)
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
@@ -224,47 +313,77 @@ class MqttLink:
                 self._ack(message.mid, message.qos)
 
     def _hand_over(self, handler: DeliveryHandler, message: paho.MQTTMessage) -> None:
-        mid, qos = message.mid, message.qos
+        mid, qos, generation = message.mid, message.qos, self._generation
         delivery = Delivery(
-            message.topic, Envelope.from_mqtt(message.payload, message.properties), lambda: self._ack(mid, qos)
+            message.topic,
+            Envelope.from_mqtt(message.payload, message.properties),
+            lambda: self._ack(mid, qos, generation),
         )
         try:
             handler(delivery)
         except Exception:
             log.exception("message handler failed", extra={"topic": message.topic})
 
-    def _ack(self, mid: int, qos: int) -> None:
-        if qos > 0 and self._manual_ack:
+    def _ack(self, mid: int, qos: int, generation: int | None = None) -> None:
+        if qos == 0 or not self._manual_ack:
+            return
+        with self._lock:
+            if generation is not None and generation != self._generation:
+                return  # received on an earlier connection: the broker has sent it again on this one
             self._client.ack(mid, qos)
 
     def publish(self, topic: str, envelope: Envelope, *, qos: int, retain: bool, timeout_s: float = 10.0) -> None:
         """Publish and, for QoS > 0, wait for the PUBACK; raise PublishRefused or TimeoutError otherwise.
 
+        While the connection is down, a QoS 1 message waits in paho's queue and goes out
+        on reconnection; a TimeoutError leaves it there, so it may still be delivered.
+
         Payloads over the broker's message_size_limit are refused here, before sending:
         Mosquitto 2.0.11 answers them with PUBACK reason 0x95, which paho 2.2.0 reads
         as a malformed packet, then reconnects and re-sends the message forever.
+        """
+        done = threading.Event()
+        outcome: list[Exception | None] = []
+
+        def finished(error: Exception | None) -> None:
+            outcome.append(error)
+            done.set()
+
+        mid = self.publish_later(topic, envelope, qos=qos, retain=retain, done=finished)
+        if mid is None:
+            return
+        if not done.wait(timeout_s):
+            with self._lock:
+                self._acks.pop(mid, None)
+            raise TimeoutError(f"no PUBACK for {topic!r} within {timeout_s} s")
+        if outcome[0] is not None:
+            raise PublishRefused(f"publish to {topic!r}: {outcome[0]}")
+
+    def publish_later(self, topic: str, envelope: Envelope, *, qos: int, retain: bool, done: PublishDone) -> int | None:
+        """Hand the message to paho and return at once; ``done`` is called, on paho's thread, with the outcome.
+
+        Returns the packet id that ``done`` waits on, or None for QoS 0 (``done`` is then called at once).
+        While disconnected, a QoS 1 message waits in paho's queue, in order, until reconnection. Raises
+        PublishRefused for a payload over the broker limit, or when paho cannot queue it.
         """
         if len(envelope.payload) > MAX_PAYLOAD_BYTES:
             raise PublishRefused(
                 f"payload of {len(envelope.payload)} bytes to {topic!r} is over the broker limit of {MAX_PAYLOAD_BYTES}"
             )
-        done = threading.Event()
-        outcome: list = []
         with self._lock:
             info = self._client.publish(
                 topic, envelope.payload, qos=qos, retain=retain, properties=envelope.properties()
             )
-            if info.rc != paho.MQTT_ERR_SUCCESS:
+            # NO_CONN: queued by paho, sent when the connection is back (QoS > 0).
+            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN) or (
+                qos == 0 and info.rc != paho.MQTT_ERR_SUCCESS
+            ):
                 raise PublishRefused(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
             if qos == 0:
-                return
-            self._acks[info.mid] = (done, outcome)
-        if not done.wait(timeout_s):
-            with self._lock:
-                self._acks.pop(info.mid, None)
-            raise TimeoutError(f"no PUBACK for {topic!r} within {timeout_s} s")
-        if outcome[0].is_failure:
-            raise PublishRefused(f"broker refused publish to {topic!r}: {outcome[0]}")
+                done(None)
+                return None
+            self._acks[info.mid] = done
+            return info.mid
 
     def send(self, message: Message, *, timeout_s: float = 10.0) -> None:
         """Validate, encode and publish ``message`` with its topic's QoS and retained flag."""
@@ -294,6 +413,8 @@ class MqttLink:
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop routing ``topic_filter`` to its handler at once, and ask the broker to stop sending it."""
         self._client.message_callback_remove(_route(topic_filter))
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
         rc, _ = self._client.unsubscribe(topic_filter)
         if rc != paho.MQTT_ERR_SUCCESS:
             log.warning("unsubscribe from %r failed: %s", topic_filter, paho.error_string(rc))
@@ -304,7 +425,10 @@ class MqttLink:
         done = threading.Event()
         outcome: list = []
         with self._lock:
+            self._subscriptions[topic_filter] = qos
             rc, mid = self._client.subscribe(topic_filter, qos=qos)
+            if rc == paho.MQTT_ERR_NO_CONN:
+                return  # made on connection (see _handle_connect)
             if rc != paho.MQTT_ERR_SUCCESS:
                 raise PublishRefused(f"subscribe to {topic_filter!r} failed: {paho.error_string(rc)}")
             self._subscribed[mid] = (done, outcome)
@@ -315,9 +439,17 @@ class MqttLink:
         if outcome[0].is_failure:
             raise PublishRefused(f"broker refused subscription to {topic_filter!r}: {outcome[0]}")
 
-    def close(self) -> None:
-        """Disconnect cleanly (no Last Will) and stop the network thread."""
-        self._client.disconnect()
+    def close(self, *, end_session: bool = False) -> None:
+        """Disconnect cleanly (no Last Will) and stop the network thread.
+
+        ``end_session`` tells the broker to drop this client's session now rather than keep it until it expires:
+        for a worker retired for good, whose share of a shared subscription would otherwise wait for it.
+        """
+        properties = None
+        if end_session:
+            properties = Properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+        self._client.disconnect(properties=properties)
         self._client.loop_stop()
 
     def __enter__(self) -> MqttLink:
