@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from cloud_worker.asr import AsrSettings, AsrUnavailable, Transcriber
 from cloud_worker.intents import IntentMatcher
-from cloud_worker.settings import BatchSettings, WorkerSettings
+from cloud_worker.settings import BatchSettings, UtteranceLimits, WorkerSettings
 from cloud_worker.storage import StorageSettings, StorageUnavailable
 from schemas.audio import MAX_UTTERANCE_S
 from schemas.errors import ProtocolError
@@ -67,6 +67,8 @@ def serve(args: argparse.Namespace) -> int:
         storage=StorageSettings(url=args.database, keep_audio=not args.no_audio),
         vocabulary=args.vocabulary,
         metrics_port=args.metrics_port,
+        session_expiry_s=args.session_expiry,
+        limits=UtteranceLimits(max_audio_s=args.max_audio_s, max_payload_bytes=args.max_payload_bytes),
     )
     if args.worker_id:
         settings = replace(settings, worker_id=args.worker_id)
@@ -141,7 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument(
         "--group", default=WorkerSettings.group, help="shared subscription group (default: %(default)s)"
     )
-    server.add_argument("--worker-id", help="this worker's name (default: host-pid)")
+    server.add_argument(
+        "--worker-id",
+        help="this worker's name, kept across restarts to resume its broker session; one per process "
+        "(default: the host name)",
+    )
+    server.add_argument(
+        "--session-expiry",
+        type=int,
+        default=WorkerSettings.session_expiry_s,
+        help="seconds the broker keeps queuing this worker's utterances while it is away (default: %(default)s)",
+    )
+    server.add_argument(
+        "--max-audio-s",
+        type=float,
+        default=UtteranceLimits.max_audio_s,
+        help="longest utterance accepted, in seconds (default and ceiling: %(default)s)",
+    )
+    server.add_argument(
+        "--max-payload-bytes",
+        type=int,
+        default=UtteranceLimits.max_payload_bytes,
+        help="largest Opus payload accepted (default and ceiling: %(default)s)",
+    )
     server.add_argument(
         "--database",
         default=StorageSettings.url,

@@ -33,6 +33,17 @@ class WorkerMetrics:
         self.queue_depth = Gauge(
             "mqvox_worker_queue_depth", "Utterances received and not yet answered.", registry=self.registry
         )
+        self.storage_available = Gauge(
+            "mqvox_worker_storage_available",
+            "1 while the database answers, 0 while it is unavailable (nothing is acknowledged then).",
+            registry=self.registry,
+        )
+        self.storage_available.set(1)
+        self.storage_retries = Counter(
+            "mqvox_worker_storage_retries",
+            "Database operations tried again after the database was unavailable.",
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "mqvox_worker_latency_seconds",
             "From receipt to the answer ready to publish.",

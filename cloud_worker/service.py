@@ -1,11 +1,17 @@
 """The utterance service: takes utterances from the shared subscription in micro-batches, answers each one.
 
-For each batch: check every utterance (schema, topic, Opus audio); answer the ones
-already stored from storage (a redelivery is never transcribed twice); transcribe the
-rest together; map each transcript to an intent; store everything in one commit;
-publish each result on its Response Topic with its Correlation Data; and only then
-acknowledge the MQTT messages. An utterance whose storing or answering failed is not
-acknowledged, so the broker still holds it.
+For each batch: check every utterance (schema, topic, Opus audio, the worker's limits);
+answer the ones already stored from storage (a redelivery is never transcribed twice,
+and one whose answer was already published is acknowledged without a second answer);
+transcribe the rest together; map each transcript to an intent; store everything in
+one commit; publish each result on its Response Topic with its Correlation Data; only
+then acknowledge the MQTT messages; and record the publications, so that a message the
+broker sends again (its acknowledgement lost with a connection) gets no second answer.
+
+The worker's MQTT session is persistent: what arrives while it is down waits for it at
+the broker, and what it had not acknowledged comes again. While the database is
+unavailable, the batch in hand is retried with backoff and nothing is acknowledged, so
+the broker holds everything until the database is back.
 
 Refused input gets an error report on the error topic, and an error result when the
 request can be trusted that far; the worker goes on with the next one.
@@ -18,7 +24,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import soxr
@@ -27,9 +35,10 @@ from cloud_worker.asr import SAMPLE_RATE, Transcriber
 from cloud_worker.intents import IntentMatcher
 from cloud_worker.metrics import WorkerMetrics
 from cloud_worker.settings import WorkerSettings
-from cloud_worker.storage import StorageUnavailable, Store, StoredUtterance
+from cloud_worker.storage import StorageUnavailable, Store, StoredAnswer, StoredUtterance
 from cloud_worker.transcript import Transcript
 from schemas.audio import decode_opus
+from schemas.backoff import Backoff
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
@@ -41,6 +50,8 @@ from schemas.utterance import Utterance
 from schemas.vocabulary import load_vocabulary
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 MAX_TRANSCRIPT_CHARS = 2048
 """Longest transcript a result carries (json/result.schema.json); a longer one is cut."""
@@ -73,6 +84,10 @@ class _Accepted:
         return self.utterance.device_id, self.utterance.utterance_id
 
 
+class _Stopping(Exception):
+    """Raised out of a storage retry when the worker is told to stop during a database outage."""
+
+
 class UtteranceService:
     """One worker's consumer. ``start()`` connects and subscribes; ``stop()`` finishes the batch and disconnects.
 
@@ -96,9 +111,11 @@ class UtteranceService:
         self._inbox: queue.Queue[_Received | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="utterances", daemon=True)
         self._link: MqttLink | None = None
+        self._stopping = threading.Event()
         self.counts: Counter[str] = Counter()
-        """Utterances ``transcribed``, ``answered`` (from storage too), ``replayed`` from storage, ``refused``
-        and ``unstored`` (storing failed: left unacknowledged) by this worker since start."""
+        """Utterances ``transcribed``, ``answered`` (from storage too), ``replayed`` from storage, ``refused``,
+        ``already_published`` (a redelivery acknowledged without a second answer), ``unstored`` (left
+        unacknowledged when the worker stopped during a database outage), and ``storage_retries``."""
 
     def start(self) -> UtteranceService:
         """Open the store, load the model, serve metrics, subscribe. Raises StorageUnavailable, AsrUnavailable
@@ -111,18 +128,27 @@ class UtteranceService:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port)
             log.info("metrics served", extra={"detail": f"http://127.0.0.1:{self.metrics_port}/metrics"})
         subscription = shared_filter(self.settings.group, UTTERANCE)
-        self._link = MqttLink(f"mqvox-worker-{self.settings.worker_id}", self.settings.broker, manual_ack=True)
+        self._link = MqttLink(
+            f"mqvox-worker-{self.settings.worker_id}",
+            self.settings.broker,
+            manual_ack=True,
+            clean_start=False,
+            session_expiry_s=self.settings.session_expiry_s,
+        )
         self._thread.start()
         self._link.consume(subscription, self._receive, qos=UTTERANCE.qos)
         log.info("subscribed", extra={"topic": subscription})
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, end_session: bool = False) -> None:
+        """Finish the batch in hand and disconnect. The broker keeps the session, and queues this worker's share,
+        for ``session_expiry_s``, unless ``end_session`` (a worker retired for good: the others take it all)."""
+        self._stopping.set()  # ends a storage retry: what it holds stays unacknowledged, with the broker
         self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join()
         if self._link is not None:
-            self._link.close()
+            self._link.close(end_session=end_session)
         self.metrics.close()
         if self._owns_store and self.store is not None:
             self.store.close()
@@ -166,23 +192,61 @@ class UtteranceService:
         started = time.monotonic()
         accepted = [item for item in (self._check(received) for received in batch) if item is not None]
         fresh: dict[tuple[str, str], list[_Accepted]] = {}
-        for item in accepted:
-            if item.key in fresh:  # the same utterance twice in one batch: transcribed once
-                fresh[item.key].append(item)
-                continue
+        try:
+            for item in accepted:
+                if item.key in fresh:  # the same utterance twice in one batch: transcribed once
+                    fresh[item.key].append(item)
+                    continue
+                stored = self._with_storage(lambda item=item: self.store.answer_of(*item.key))
+                if stored is None:
+                    fresh[item.key] = [item]
+                else:
+                    self._answer_again(item, stored)
+            if fresh:
+                self._transcribe_and_answer(list(fresh.values()), started)
+        except _Stopping:
+            left = sum(len(copies) for copies in fresh.values())
+            self.counts["unstored"] += left
+            log.warning(
+                "stopped while the database is unavailable: the broker keeps what was not acknowledged",
+                extra={"detail": f"{left} utterance(s)"},
+            )
+
+    def _answer_again(self, item: _Accepted, stored: StoredAnswer) -> None:
+        """A redelivery of a stored utterance: acknowledged, and answered again only if its answer never went out."""
+        if stored.published_at is not None:
+            item.received.delivery.ack()
+            self.counts["already_published"] += 1
+            log.info("redelivery of an answered utterance acknowledged", extra=_ids(stored.result))
+            return
+        if self._answer(item.received, stored.result, how="stored"):
+            self._with_storage(lambda: self.store.mark_published([item.key], time.time()))
+        self.counts["replayed"] += 1
+        log.info("answered again from storage", extra=_ids(stored.result))
+
+    def _with_storage(self, action: Callable[[], _T]) -> _T:
+        """``action()``, tried again with backoff for as long as the database is unavailable.
+
+        Raises _Stopping when the worker is told to stop meanwhile.
+        """
+        backoff = Backoff(self.settings.storage_retry)
+        while True:
             try:
-                stored = self.store.answer_of(*item.key)
+                value = action()
             except StorageUnavailable as error:
-                self._unstored([item], error)
+                delay = backoff.next_delay()
+                if backoff.failures == 1:
+                    self.metrics.storage_available.set(0)
+                    log.error("database unavailable, retrying with backoff, acknowledging nothing: %s", error)
+                self.counts["storage_retries"] += 1
+                self.metrics.storage_retries.inc()
+                if self._stopping.wait(delay):
+                    raise _Stopping from error
                 continue
-            if stored is not None:
-                self._answer(item.received, stored, how="stored")
-                self.counts["replayed"] += 1
-                log.info("answered again from storage", extra=_ids(stored))
-                continue
-            fresh[item.key] = [item]
-        if fresh:
-            self._transcribe_and_answer([copies for copies in fresh.values()], started)
+            if backoff.failures:
+                self.metrics.storage_available.set(1)
+                log.info("database available again", extra={"detail": f"after {backoff.failures} retries"})
+            return value
 
     def _check(self, received: _Received) -> _Accepted | None:
         """The utterance of a delivery with its audio decoded, or None once it has been refused."""
@@ -190,7 +254,14 @@ class UtteranceService:
         try:
             utterance = decode(topic, envelope)
             audio_started = time.monotonic()
-            samples = decode_opus(utterance.audio, expected_rate=utterance.sample_rate)
+            limits = self.settings.limits
+            if len(utterance.audio) > limits.max_payload_bytes:
+                raise ProtocolError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    "utterance audio",
+                    f"{len(utterance.audio)} bytes is over this worker's limit of {limits.max_payload_bytes}",
+                )
+            samples = decode_opus(utterance.audio, expected_rate=utterance.sample_rate, max_s=limits.max_audio_s)
             self._check_duration(utterance, samples.size / utterance.sample_rate)
             if utterance.sample_rate != SAMPLE_RATE:
                 samples = soxr.resample(samples, utterance.sample_rate, SAMPLE_RATE).astype(np.float32)
@@ -223,16 +294,14 @@ class UtteranceService:
             }
             result = self._result(item.utterance, transcript, failure, timings)
             records.append(StoredUtterance(item.utterance, item.received.received_unix, transcript, result))
-        try:
-            self.store.save(records)
-        except StorageUnavailable as error:
-            self._unstored([item for copies in groups for item in copies], error)
-            return
+        self._with_storage(lambda: self.store.save(records))
         self.counts["transcribed"] += len(firsts)
+        published = []
         for copies, record in zip(groups, records, strict=True):
             self.metrics.latency.observe(record.result.timings_ms["total"] / 1000)
-            for item in copies:
-                self._answer(item.received, record.result, how="transcribed")
+            delivered = [self._answer(item.received, record.result, how="transcribed") for item in copies]
+            if any(delivered):
+                published.append(copies[0].key)
             log.info(
                 "answered",
                 extra=_ids(record.result)
@@ -242,6 +311,9 @@ class UtteranceService:
                     "detail": record.result.transcript,
                 },
             )
+        # Acknowledged already: should this fail, a redelivery cannot happen; the record only spares a second answer
+        # to a message the broker sends again because its acknowledgement was lost.
+        self._with_storage(lambda: self.store.mark_published(published, time.time()))
 
     def _result(
         self, utterance: Utterance, transcript: Transcript | None, failure: Exception | None, timings: dict[str, float]
@@ -268,22 +340,17 @@ class UtteranceService:
             timings_ms=timings,
         )
 
-    def _answer(self, received: _Received, result: Result, *, how: str) -> None:
+    def _answer(self, received: _Received, result: Result, *, how: str) -> bool:
         """Publish ``result`` on the device's result topic, then acknowledge; unacknowledged if the publish fails."""
         try:
             self._link.send(result)
         except (PublishRefused, TimeoutError, ProtocolError) as error:
             log.error("could not publish the answer: %s", error, extra=_ids(result))
-            return
+            return False
         received.delivery.ack()
         self.counts["answered"] += 1
         self.metrics.answered.labels(how).inc()
-
-    def _unstored(self, items: list[_Accepted], error: StorageUnavailable) -> None:
-        # Not acknowledged: the broker keeps these until this worker (or another, after a restart) stores them.
-        self.counts["unstored"] += len(items)
-        self.metrics.failed.labels("storage_unavailable").inc(len(items))
-        log.error("not answered, storage unavailable: %s", error, extra={"detail": f"{len(items)} utterance(s)"})
+        return True
 
     def _check_duration(self, utterance: Utterance, decoded_s: float) -> None:
         if abs(decoded_s - utterance.duration_s) > self.settings.duration_tolerance_s:

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
-import os
+import re
 import socket
 from dataclasses import dataclass, field
 
 from cloud_worker.asr import AsrSettings
 from cloud_worker.storage import StorageSettings
+from schemas.audio import MAX_UTTERANCE_S
+from schemas.backoff import BackoffSettings
 from schemas.mqtt import BrokerSettings
+from schemas.topics import UTTERANCE
 
 
 def _default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    # Stable across restarts: the broker keeps the worker's session under it (see WorkerSettings.worker_id).
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "mqvox-worker"
+
+
+@dataclass(frozen=True)
+class UtteranceLimits:
+    """What the worker accepts, at most; the protocol's limits (schemas/README.md) are the ceiling."""
+
+    max_audio_s: float = MAX_UTTERANCE_S
+    """Longest audio (seconds) decoded; a longer utterance gets an ``audio_too_long`` error result."""
+    max_payload_bytes: int = UTTERANCE.max_payload_bytes
+    """Largest Opus payload (bytes) accepted; a larger one gets a ``payload_too_large`` error result."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_audio_s <= MAX_UTTERANCE_S:
+            raise ValueError(f"max_audio_s must be in (0, {MAX_UTTERANCE_S:g}], not {self.max_audio_s}")
+        if not 0 < self.max_payload_bytes <= UTTERANCE.max_payload_bytes:
+            raise ValueError(
+                f"max_payload_bytes must be in (0, {UTTERANCE.max_payload_bytes}], not {self.max_payload_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -41,7 +63,16 @@ class WorkerSettings:
     group: str = "mqvox-workers"
     """MQTT 5 shared subscription group: workers of one group split the utterances between them."""
     worker_id: str = field(default_factory=_default_worker_id)
-    """This worker's name, in its MQTT client id and in error reports."""
+    """This worker's name, in its MQTT client id and in error reports; defaults to the host name. Keep it across
+    restarts, so the worker resumes its session and gets what was queued for it; give each worker process of
+    one host its own (two with one id take the session from each other)."""
+    session_expiry_s: int = 3600
+    """How long (seconds) the broker keeps this worker's session, and queues its share of the utterances, while
+    it is away; a worker back within this time answers them all."""
+    storage_retry: BackoffSettings = field(default_factory=BackoffSettings)
+    """Waits between tries while the database is unavailable; nothing is acknowledged meanwhile."""
+    limits: UtteranceLimits = field(default_factory=UtteranceLimits)
+    """The longest and largest utterance accepted."""
     duration_tolerance_s: float = 0.1
     """How far (seconds) the decoded audio's length may be from the duration the device announced."""
     asr: AsrSettings = field(default_factory=AsrSettings)

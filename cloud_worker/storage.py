@@ -2,8 +2,10 @@
 
 The worker acknowledges an MQTT message only after ``Store.save`` returns, so a
 redelivered utterance finds its stored answer (``Store.answer_of``) instead of being
-transcribed again. Idempotency is per device: the key is (device_id, utterance_id),
-so no device can ever read the answer to another device's utterance.
+transcribed again; once the answer is published (``Store.mark_published``), a
+redelivery is acknowledged without publishing it again. Idempotency is per device:
+the key is (device_id, utterance_id), so no device can ever read the answer to
+another device's utterance.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    literal,
     make_url,
     select,
     update,
@@ -72,6 +75,16 @@ class StoredUtterance:
         answered = (self.result.device_id, self.result.utterance_id)
         if asked != answered:
             raise ValueError(f"result for {answered} stored with utterance {asked}")
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """The answer stored for an utterance, and whether it has been published."""
+
+    result: Result
+    """The Result, equal to the one published (or to be published)."""
+    published_at: float | None
+    """Unix time (seconds) the broker acknowledged its publication; None when it was not yet recorded."""
 
 
 class StorageUnavailable(ConnectionError):
@@ -182,6 +195,20 @@ class ResultRow(TableBase):
     """Result.to_dict() of the answer as published: a redelivery is answered with an equal Result."""
 
 
+class PublicationRow(TableBase):
+    """That the answer to an utterance reached the broker: a redelivery of it is acknowledged, not answered again.
+
+    A table of its own (not a column of ``results``), so a database made by an earlier version gains it
+    without a migration.
+    """
+
+    __tablename__ = "publications"
+
+    utterance_row_id: Mapped[int] = mapped_column(ForeignKey(UtteranceRow.row_id), primary_key=True)
+    published_at: Mapped[float]
+    """Unix time (seconds) the broker acknowledged the answer."""
+
+
 class TimingRow(TableBase):
     """How long one stage took on one utterance (Result.timings_ms)."""
 
@@ -265,16 +292,32 @@ class Database:
 class Store(Database):
     """The worker's database: saves handled utterances in batches and answers redeliveries from them."""
 
-    def answer_of(self, device_id: str, utterance_id: str) -> Result | None:
-        """The Result stored for this device's utterance, or None when it is not stored."""
+    def answer_of(self, device_id: str, utterance_id: str) -> StoredAnswer | None:
+        """The answer stored for this device's utterance, or None when it is not stored."""
         query = (
-            select(ResultRow.published)
+            select(ResultRow.published, PublicationRow.published_at)
             .join(UtteranceRow, UtteranceRow.row_id == ResultRow.utterance_row_id)
+            .outerjoin(PublicationRow, PublicationRow.utterance_row_id == ResultRow.utterance_row_id)
             .where(UtteranceRow.device_id == device_id, UtteranceRow.utterance_id == utterance_id)
         )
         with self._unavailable_as_error("read an answer"), Session(self._engine) as session:
-            published = session.scalar(query)
-        return None if published is None else Result.from_dict(published)
+            row = session.execute(query).first()
+        return None if row is None else StoredAnswer(Result.from_dict(row.published), row.published_at)
+
+    def mark_published(self, keys: Sequence[tuple[str, str]], published_at: float) -> None:
+        """Record that the answers of these (device_id, utterance_id) reached the broker; marked ones are kept."""
+        if not keys:
+            return
+        with self._unavailable_as_error("record publications"), Session(self._engine) as session, session.begin():
+            for device_id, utterance_id in sorted(set(keys)):
+                stored = select(UtteranceRow.row_id, literal(published_at)).where(
+                    UtteranceRow.device_id == device_id, UtteranceRow.utterance_id == utterance_id
+                )
+                session.execute(
+                    self._insert(PublicationRow)
+                    .from_select(["utterance_row_id", "published_at"], stored)
+                    .on_conflict_do_nothing(index_elements=[PublicationRow.utterance_row_id])
+                )
 
     def save(self, records: Sequence[StoredUtterance]) -> None:
         """Store every record in one transaction; one whose (device_id, utterance_id) is stored already is skipped.

@@ -40,12 +40,12 @@ def encode_opus(samples: np.ndarray, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
-def decode_opus(data: bytes, *, expected_rate: int) -> np.ndarray:
+def decode_opus(data: bytes, *, expected_rate: int, max_s: float = MAX_UTTERANCE_S) -> np.ndarray:
     """Opus in OGG bytes -> mono float32 samples at ``expected_rate``.
 
     Refuses, with ProtocolError, anything that is not mono Opus at the rate the
-    metadata announced, that is empty, or that is longer than MAX_UTTERANCE_S, so a
-    hostile payload never costs more than MAX_UTTERANCE_S of decoding.
+    metadata announced, that is empty, or that is longer than ``max_s`` seconds, so a
+    hostile payload never costs more than ``max_s`` of decoding.
     """
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as sound:
@@ -61,7 +61,7 @@ def decode_opus(data: bytes, *, expected_rate: int) -> np.ndarray:
                     "audio",
                     f"sample rate is {sound.samplerate} Hz, metadata says {expected_rate} Hz",
                 )
-            limit = int(MAX_UTTERANCE_S * expected_rate)
+            limit = int(max_s * expected_rate)
             # Read one sample past the limit rather than trusting the header's frame count.
             samples = sound.read(limit + 1, dtype="float32")
     except soundfile.LibsndfileError as error:
@@ -70,5 +70,5 @@ def decode_opus(data: bytes, *, expected_rate: int) -> np.ndarray:
     if samples.size == 0:
         raise ProtocolError(ErrorCode.BAD_AUDIO, "audio", "no samples")
     if samples.size > limit:
-        raise ProtocolError(ErrorCode.AUDIO_TOO_LONG, "audio", f"longer than {MAX_UTTERANCE_S:.0f} s")
+        raise ProtocolError(ErrorCode.AUDIO_TOO_LONG, "audio", f"longer than {max_s:g} s")
     return samples

@@ -184,7 +184,7 @@ def worker_factory(broker_settings, transcriber, tmp_path) -> Iterator:
 
     yield start
     for service in started:
-        service.stop()
+        service.stop(end_session=True)  # no session left behind to queue later tests' utterances
 
 
 FACTORY_VERSION = "1.0.0"

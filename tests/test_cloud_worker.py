@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import sqlite3
+import time
 import urllib.request
 
 import numpy as np
@@ -16,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_worker.service import UtteranceService
 from cloud_worker.settings import BatchSettings
-from cloud_worker.storage import StorageSettings
+from cloud_worker.storage import StorageSettings, StoredUtterance
 from schemas.audio import MAX_UTTERANCE_S
+from schemas.backoff import BackoffSettings
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode
@@ -208,20 +210,45 @@ def test_metadata_that_breaks_the_schema_is_refused(worker, links, device_id: st
     assert decode(*results.get(10)).error.code == ErrorCode.SCHEMA_VIOLATION
 
 
-def test_a_redelivered_utterance_is_answered_from_storage_not_transcribed_again(worker, links, device_id: str) -> None:
+def test_a_redelivered_utterance_whose_answer_went_out_is_acknowledged_not_answered_twice(
+    worker, links, device_id: str
+) -> None:
     results = results_of(device_id, links)
     sender = links()
     utterance = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE)
     sender.send(utterance)
-    first = decode(*results.get(10))
+    decode(*results.get(10))
+    assert wait_until(lambda: worker.store.answer_of(device_id, utterance.utterance_id).published_at is not None)
     # What a QoS 1 redelivery or a device's retry puts on the wire: the same request again.
     sender.send(utterance)
-    again = decode(*results.get(10))
-    assert again == first  # the stored answer, as published the first time
-    # Counted once the broker has the answer, which may be just after the answer arrives here.
-    assert wait_until(lambda: worker.counts["answered"] == 2)
-    assert (worker.counts["transcribed"], worker.counts["replayed"]) == (1, 1)
+    assert wait_until(lambda: worker.counts["already_published"] == 1)
+    results.expect_nothing()
+    assert (worker.counts["answered"], worker.counts["transcribed"]) == (1, 1)
     assert worker.store.counts()["transcripts"] == 1
+
+
+def test_a_stored_answer_that_never_went_out_is_published_from_storage_not_transcribed_again(
+    worker, links, device_id: str
+) -> None:
+    utterance = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE)
+    # As a worker leaves it when it dies between its commit and its publish.
+    stored = Result(
+        device_id=device_id,
+        utterance_id=utterance.utterance_id,
+        source=Source.CLOUD,
+        transcript="What will the weather be like tomorrow?",
+        intent=None,
+        slots={},
+        confidence=0.9,
+        timings_ms={"total": 12.0},
+    )
+    worker.store.save([StoredUtterance(utterance, time.time(), None, stored)])
+    results = results_of(device_id, links)
+    links().send(utterance)
+    assert decode(*results.get(10)) == stored
+    assert wait_until(lambda: worker.counts["replayed"] == 1)
+    assert worker.counts["transcribed"] == 0
+    assert wait_until(lambda: worker.store.answer_of(device_id, utterance.utterance_id).published_at is not None)
 
 
 def test_the_same_utterance_twice_in_one_batch_is_transcribed_once(worker_factory, links, device_id: str) -> None:
@@ -266,26 +293,34 @@ def _batch_sizes(worker) -> list[float]:
     return sizes
 
 
-def test_nothing_is_answered_or_acknowledged_while_the_database_is_locked(
+def test_nothing_is_answered_or_acknowledged_while_the_database_is_locked_and_all_is_answered_after(
     worker_factory, links, device_id: str, tmp_path
 ) -> None:
     database = tmp_path / "locked.sqlite3"
     storage = StorageSettings(url=f"sqlite:///{database}", busy_timeout_s=0.2)
-    worker = worker_factory(f"g{next(_groups)}", "locked", storage=storage)
+    retry = BackoffSettings(initial_s=0.1, max_s=0.5)
+    worker = worker_factory(f"g{next(_groups)}", "locked", storage=storage, storage_retry=retry)
     results = results_of(device_id, links)
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another writer holds the file: every write of the worker times out
+    sender = links()
     try:
-        links().send(make_utterance(device_id))
-        assert wait_until(lambda: worker.counts["unstored"] == 1, timeout_s=10)
-        results.expect_nothing()
+        first, second = make_utterance(device_id), make_utterance(device_id)
+        sender.send(first)
+        assert wait_until(lambda: worker.counts["storage_retries"] >= 2, timeout_s=10)
+        sender.send(second)
+        results.expect_nothing(1.0)
+        assert worker.metrics.storage_available._value.get() == 0
+        assert worker.counts["answered"] == 0
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    following = make_utterance(device_id)
-    links().send(following)
-    assert decode(*results.get(10)).utterance_id == following.utterance_id
-    assert wait_until(lambda: worker.counts["answered"] == 1)
+    # The database is back: both are answered, once each, in the order they were sent.
+    answered = [decode(*results.get(10)).utterance_id for _ in range(2)]
+    assert answered == [first.utterance_id, second.utterance_id]
+    results.expect_nothing()
+    assert worker.metrics.storage_available._value.get() == 1
+    assert worker.counts["transcribed"] == 2
 
 
 def test_metrics_are_served_for_prometheus(worker_factory, links, device_id: str) -> None:

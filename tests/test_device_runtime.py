@@ -102,7 +102,7 @@ def test_an_uncertain_utterance_goes_to_the_cloud_as_opus_with_mqtt5_properties(
     assert answer.source == Source.CLOUD and answer.utterance_id == utterance.utterance_id
     assert "weather be like tomorrow" in answer.transcript.lower() and answer.intent is None
     assert runtime.presence.counters["cloud_requests"] == runtime.presence.counters["cloud_results"] == 1
-    assert worker.store.answer_of(device_id, utterance.utterance_id) == answer
+    assert worker.store.answer_of(device_id, utterance.utterance_id).result == answer
     counts = worker.store.counts()
     assert (counts["utterances"], counts["transcripts"], counts["results"]) == (1, 1, 1), counts
 

@@ -115,8 +115,9 @@ def test_saved_answer_is_returned_equal(open_store: StoreFactory) -> None:
     record = answered(utterance(samples=read_recording(OUT_OF_VOCABULARY_SAMPLE, SAMPLE_RATE)))
     store.save([record])
     answer = store.answer_of("kitchen", record.utterance.utterance_id)
-    assert answer == record.result
-    assert answer is not None and answer.to_dict() == record.result.to_dict()
+    assert answer is not None and answer.result == record.result
+    assert answer.result.to_dict() == record.result.to_dict()
+    assert answer.published_at is None
     assert store.answer_of("kitchen", "not-stored") is None
     assert store.answer_of("hall", record.utterance.utterance_id) is None
 
@@ -130,7 +131,18 @@ def test_saving_again_stores_nothing_new(open_store: StoreFactory) -> None:
     store.save([redelivered])
     store.save([record, record])
     assert store.counts() == before
-    assert store.answer_of("kitchen", record.utterance.utterance_id) == record.result
+    assert store.answer_of("kitchen", record.utterance.utterance_id).result == record.result
+
+
+def test_a_publication_is_recorded_once_and_for_that_device_only(open_store: StoreFactory) -> None:
+    store = open_store()
+    kitchen, hall = answered(utterance("kitchen", "same-id")), answered(utterance("hall", "same-id"))
+    store.save([kitchen, hall])
+    store.mark_published([("kitchen", "same-id"), ("kitchen", "not-stored")], 1000.0)
+    store.mark_published([("kitchen", "same-id")], 2000.0)  # a second publication keeps the first time
+    assert store.answer_of("kitchen", "same-id").published_at == 1000.0
+    assert store.answer_of("hall", "same-id").published_at is None
+    assert store.counts()["publications"] == 1
 
 
 def test_one_utterance_id_from_two_devices_is_two_utterances(open_store: StoreFactory, database_url: str) -> None:
@@ -140,8 +152,8 @@ def test_one_utterance_id_from_two_devices_is_two_utterances(open_store: StoreFa
     store.save([kitchen, hall])
     assert store.counts()["utterances"] == 2
     assert store.counts()["devices"] == 2
-    assert store.answer_of("kitchen", "same-id") == kitchen.result
-    assert store.answer_of("hall", "same-id") == hall.result
+    assert store.answer_of("kitchen", "same-id").result == kitchen.result
+    assert store.answer_of("hall", "same-id").result == hall.result
 
 
 def test_audio_is_kept_or_only_its_size(open_store: StoreFactory, database_url: str) -> None:
@@ -178,7 +190,7 @@ def test_failure_without_transcript_is_stored(open_store: StoreFactory, database
     store.save([record])
     counts = store.counts()
     assert (counts["utterances"], counts["transcripts"], counts["segments"], counts["results"]) == (1, 0, 0, 1)
-    assert store.answer_of("kitchen", record.utterance.utterance_id) == record.result
+    assert store.answer_of("kitchen", record.utterance.utterance_id).result == record.result
     (result,) = rows(database_url, ResultRow)
     assert (result.error_code, result.error_message) == ("bad_audio", "the audio is not Opus")
 
@@ -191,7 +203,7 @@ def test_batch_with_one_stored_id_saves_the_others(open_store: StoreFactory, dat
     store.save([others[0], first, others[1]])
     assert store.counts()["utterances"] == 3
     for record in [first, *others]:
-        assert store.answer_of(record.utterance.device_id, record.utterance.utterance_id) == record.result
+        assert store.answer_of(record.utterance.device_id, record.utterance.utterance_id).result == record.result
     devices = {row.device_id: row for row in rows(database_url, DeviceRow)}
     assert {name: row.utterance_count for name, row in devices.items()} == {"kitchen": 2, "hall": 1}
     assert devices["kitchen"].first_seen_at == first.received_at
