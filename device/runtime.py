@@ -5,6 +5,13 @@ uncertain or out-of-vocabulary utterance goes to the cloud as Opus over MQTT 5
 request/response, on a pool of threads so that listening never waits for the
 cloud; the answer (or a ``cloud_timeout`` result) follows. With ``upload = never``
 no audio leaves the device, and the utterance is reported as ``not_understood``.
+
+Results and requests go through the persistent outbox (device/outbox.py): the device
+starts, listens and acts on confident commands with the broker unreachable, and what
+it has to say is sent, in order, when the connection is back. A request that never
+reached the broker in time gets no ``cloud_timeout`` result: the cloud answers it
+once it arrives. The retained status is sent directly, and again on each reconnection
+(the broker published the offline Last Will meanwhile).
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from device.actions import ActionRequest, ActionRunner
 from device.audio_sources import AudioSource
 from device.capture import NoSpeech
-from device.cloud_client import CloudClient
+from device.cloud_client import CloudClient, CloudDeferred
 from device.detector import WakeEvent
 from device.local_model import LocalModel
 from device.ota import ModelUpdater, StartingModel
+from device.outbox import Outbox, OutboxSender
 from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
 from device.settings import DeviceSettings, UploadPolicy
@@ -32,6 +40,9 @@ from schemas.status import DeviceState, OtaProgress
 from schemas.utterance import Hypothesis, UploadReason, Utterance, new_utterance_id
 
 log = logging.getLogger(__name__)
+
+FLUSH_ON_STOP_S = 5.0
+"""On stopping, how long (seconds) to wait for the broker to take what the outbox holds."""
 
 
 class DeviceRuntime:
@@ -57,6 +68,12 @@ class DeviceRuntime:
         self._link: MqttLink | None = None
         self._cloud: CloudClient | None = None
         self._source: AudioSource | None = None
+        self.outbox = Outbox(
+            settings.outbox, on_drop=lambda reason, count: self.count(f"outbox_dropped_{reason}", count)
+        )
+        self._sender: OutboxSender | None = None
+        self._announce = threading.Event()
+        """Set on each connection: the status thread publishes the online status again."""
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add to one of the counters that the status reports."""
@@ -73,11 +90,15 @@ class DeviceRuntime:
         """Connect, announce online, listen to ``source`` until it ends or stop(), then announce offline."""
         self._source = source
         settings = self.settings
-        with MqttLink(self.device_id, settings.broker, will=self.presence.last_will()) as link:
+        link = MqttLink(self.device_id, settings.broker, will=self.presence.last_will(), require_connection=False)
+        with link:
             self._link = link
+            self._sender = OutboxSender(self.outbox, link, on_sent=self._sent).start()
             if settings.cloud.upload == UploadPolicy.UNCERTAIN:
-                self._cloud = CloudClient(link, self.device_id)
-            self._send(self._status(DeviceState.ONLINE))
+                self._cloud = CloudClient(link, self.device_id, outbox=self.outbox, sender=self._sender)
+            link.on_connection(lambda _session_present: self._announce.set())
+            if link.connected:
+                self._send(self._status(DeviceState.ONLINE))
             self._start_updates(link)
             log.info("listening", extra={"device_id": self.device_id})
             status_thread = threading.Thread(target=self._refresh_status, name="status", daemon=True)
@@ -100,8 +121,18 @@ class DeviceRuntime:
                 cloud_pool.shutdown(wait=True)
                 self.actions.close(wait=True)
                 self._stopping.set()
+                self._announce.set()  # wakes the status thread, which then sees it is stopping
                 status_thread.join()
-                self._send(self._status(DeviceState.OFFLINE))
+                # What the broker can take now goes; the rest waits in the outbox for the next start.
+                if link.connected:
+                    self._sender.flush(FLUSH_ON_STOP_S)
+                self._sender.stop()
+                held = self.outbox.stats().messages
+                if held:
+                    log.warning("%d message(s) left in the outbox for the next start", held, extra=self._ids(None))
+                if link.connected:
+                    self._send(self._status(DeviceState.OFFLINE))
+                self.outbox.close()
                 log.info("stopped", extra={"device_id": self.device_id})
 
     def _start_updates(self, link: MqttLink) -> None:
@@ -133,26 +164,54 @@ class DeviceRuntime:
         log.info("listening with model %s", model.version, extra={"device_id": self.device_id})
 
     def _status(self, state: DeviceState):
+        held = self.outbox.stats()
         with self._counter_lock:
+            self.presence.counters["outbox_messages"] = held.messages
             for name in ("dropped_blocks", "input_overflows"):
                 if hasattr(self._source, name):
                     self.presence.counters[f"audio_{name}"] = getattr(self._source, name)
             return self.presence.status(state)
 
     def _refresh_status(self) -> None:
-        while not self._stopping.wait(self.settings.status_interval_s):
-            self._send(self._status(DeviceState.ONLINE))
+        next_refresh = time.monotonic() + self.settings.status_interval_s
+        while not self._stopping.is_set():
+            announce = self._announce.wait(max(next_refresh - time.monotonic(), 0.0))
+            if self._stopping.is_set():
+                return
+            self._announce.clear()
+            if announce or time.monotonic() >= next_refresh:
+                if self._link is not None and self._link.connected:
+                    self._send(self._status(DeviceState.ONLINE))
+                next_refresh = time.monotonic() + self.settings.status_interval_s
 
     def _send(self, message: Message) -> bool:
+        """Publish the retained status now (not kept: the next one replaces it)."""
         assert self._link is not None
         try:
             self._link.send(message)
             return True
         except (PublishRefused, TimeoutError, ProtocolError) as error:
-            # Kept for the outbox of a later version; for now the loss is logged and counted.
             self.count("publish_failures")
             log.error("publish failed: %s", error, extra={"device_id": self.device_id})
             return False
+
+    def _keep(self, message: Result) -> bool:
+        """Put a result in the outbox, to be sent in order as soon as the broker can take it."""
+        try:
+            seq = self.outbox.put(message, message.utterance_id)
+        except ProtocolError as error:
+            self.count("publish_failures")
+            log.error("result not valid, not sent: %s", error, extra=self._ids(message.utterance_id))
+            return False
+        if seq is not None and self._sender is not None:
+            self._sender.wake()
+        return seq is not None
+
+    def _dropped(self, reason: str, count: int) -> None:
+        self.count(f"outbox_dropped_{reason}", count)
+
+    def _sent(self, entry) -> None:
+        self.count(f"{entry.kind}s_sent")
 
     def _handle(self, event: WakeEvent | NoSpeech | CommandEvent, cloud_pool: ThreadPoolExecutor) -> None:
         if isinstance(event, WakeEvent):
@@ -180,7 +239,7 @@ class DeviceRuntime:
             confidence=event.decision.confidence,
             timings_ms=event.timings_ms | {"total": _ms_since(event.utterance.endpointed_at)},
         )
-        if self._send(result):
+        if self._keep(result):
             self.count("edge_results")
         log.info("edge result", extra=self._context(utterance_id, event))
         self._act(event.intent, event.slots, Source.EDGE, event.decision.confidence, utterance_id)
@@ -193,7 +252,7 @@ class DeviceRuntime:
             f"the device was unsure (best guess {guess} at {score:.2f}) and its upload policy is never",
         )
         timings = event.timings_ms | {"total": _ms_since(event.utterance.endpointed_at)}
-        if self._send(Result.failure(self.device_id, utterance_id, Source.EDGE, error, timings)):
+        if self._keep(Result.failure(self.device_id, utterance_id, Source.EDGE, error, timings)):
             self.count("not_understood")
         log.info("not understood, audio kept on the device", extra=self._context(utterance_id, event))
 
@@ -213,6 +272,11 @@ class DeviceRuntime:
             self.count("cloud_requests")
             log.info("asking the cloud", extra=self._context(utterance_id, event))
             result = self._cloud.ask(utterance, timeout_s=self.settings.cloud.timeout_s)
+        except CloudDeferred as deferred:
+            # No cloud_timeout result: the request is answered by the cloud once it gets there.
+            self.count("cloud_deferred")
+            log.warning("cloud request deferred: %s", deferred, extra=self._ids(utterance_id))
+            return
         except (ProtocolError, PublishRefused, TimeoutError) as error:
             self.count("cloud_failures")
             log.error(
@@ -225,7 +289,7 @@ class DeviceRuntime:
                 ErrorCode.CLOUD_TIMEOUT, f"no answer from the cloud within {self.settings.cloud.timeout_s:g} s"
             )
             timings = {"total": _ms_since(captured.endpointed_at)}
-            self._send(Result.failure(self.device_id, utterance_id, Source.EDGE, timeout, timings))
+            self._keep(Result.failure(self.device_id, utterance_id, Source.EDGE, timeout, timings))
             log.warning("cloud timeout", extra=self._ids(utterance_id))
             return
         self.count("cloud_results")
@@ -241,7 +305,7 @@ class DeviceRuntime:
         request = ActionRequest(intent, dict(slots), str(source), confidence, self.device_id, utterance_id)
         self.actions.submit(request)
 
-    def _ids(self, utterance_id: str) -> dict:
+    def _ids(self, utterance_id: str | None) -> dict:
         return {"device_id": self.device_id, "utterance_id": utterance_id}
 
     def _context(self, utterance_id: str, event: CommandEvent) -> dict:

@@ -169,6 +169,53 @@ class CloudSettings:
             raise SettingsError(f"cloud.max_in_flight must be at least 1, not {self.max_in_flight}")
 
 
+class DropPolicy(StrEnum):
+    """What gives way when the outbox is full."""
+
+    OLDEST = "oldest"
+    """Drop the oldest messages to make room: the newest commands matter most."""
+    NEWEST = "newest"
+    """Refuse the new message: what is held is kept, in order."""
+
+
+OUTBOX_FILE = "outbox.sqlite3"
+"""The outbox's file in the device's state folder, unless outbox.path says otherwise."""
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """The persistent outbox: results and utterances kept while the broker is unreachable, sent in order after."""
+
+    path: str | None = None
+    """SQLite file; None for ``outbox.sqlite3`` in the state folder (ota.state_dir, default ``state`` beside the
+    config file). ":memory:" keeps nothing across restarts."""
+    max_messages: int = 1000
+    """Most messages held."""
+    max_bytes: int = 16 * 1024 * 1024
+    """Most payload bytes held (an utterance of 5 s is about 20 kB of Opus)."""
+    max_age_s: float = 24 * 3600.0
+    """Messages older than this (seconds) are dropped unsent."""
+    drop: DropPolicy = DropPolicy.OLDEST
+    """When full: oldest (make room by dropping the oldest) or newest (refuse the new message)."""
+    in_flight: int = 8
+    """Messages sent and not yet acknowledged at once, during a replay."""
+    retry_initial_s: float = 1.0
+    """After the broker refuses a message, the first wait (seconds) before trying again; it doubles."""
+    retry_max_s: float = 60.0
+    """The longest wait (seconds) between tries."""
+    max_attempts: int = 5
+    """A message the broker refuses this many times in a row is dropped."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_messages", "max_bytes", "in_flight", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"outbox.{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_age_s <= 0:
+            raise SettingsError(f"outbox.max_age_s must be positive, not {self.max_age_s}")
+        if not 0 < self.retry_initial_s <= self.retry_max_s:
+            raise SettingsError("outbox needs 0 < retry_initial_s <= retry_max_s")
+
+
 @dataclass(frozen=True)
 class OtaSettings:
     """Model updates over the air: signed manifests on the channel's retained topic, verified and self-tested."""
@@ -257,6 +304,8 @@ class DeviceSettings:
     """The retained status (uptime, counters) is refreshed this often."""
     ota: OtaSettings = field(default_factory=OtaSettings)
     """Model updates over the air."""
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    """What is kept, and how it is sent, while the broker is unreachable."""
 
     def __post_init__(self) -> None:
         try:
@@ -299,7 +348,8 @@ def _choice(choices: type[StrEnum]):
 
 _DACITE = dacite.Config(
     strict=True,
-    type_hooks={float: _number} | {kind: _choice(kind) for kind in (AudioSourceKind, DenoiseMode, UploadPolicy)},
+    type_hooks={float: _number}
+    | {kind: _choice(kind) for kind in (AudioSourceKind, DenoiseMode, UploadPolicy, DropPolicy)},
     cast=[tuple],
 )
 
@@ -379,6 +429,13 @@ def _resolve_paths(settings: DeviceSettings, base: Path) -> DeviceSettings:
         state_dir=resolve(ota.state_dir or ("state" if ota.public_key else None)),
         self_test=resolve(ota.self_test),
     )
+    # The outbox is always on: a config file always names its file.
+    outbox = replace(
+        settings.outbox,
+        path=settings.outbox.path
+        if settings.outbox.path == ":memory:"
+        else resolve(settings.outbox.path or str(Path(ota.state_dir or "state") / OUTBOX_FILE)),
+    )
     tls = settings.broker.tls
     if tls is not None:
         tls = TlsSettings(resolve(tls.ca_file), resolve(tls.cert_file), resolve(tls.key_file))
@@ -386,6 +443,7 @@ def _resolve_paths(settings: DeviceSettings, base: Path) -> DeviceSettings:
         settings,
         broker=replace(settings.broker, tls=tls),
         ota=ota,
+        outbox=outbox,
         audio=replace(settings.audio, files=tuple(resolve(name) for name in settings.audio.files)),
         model=replace(
             settings.model, directory=resolve(settings.model.directory), vocabulary=resolve(settings.model.vocabulary)

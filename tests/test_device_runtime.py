@@ -73,7 +73,13 @@ def test_a_confident_command_is_published_at_once_then_acted_on(links, broker_se
     online, offline = (message for message, _ in drain(statuses))
     assert (online.state, online.model_version) == (DeviceState.ONLINE, local_model.version)
     assert offline.state == DeviceState.OFFLINE
-    assert offline.counters == {"wakes": 1, "edge_results": 1, "actions_run": 1}
+    assert offline.counters == {
+        "wakes": 1,
+        "edge_results": 1,
+        "actions_run": 1,
+        "results_sent": 1,
+        "outbox_messages": 0,
+    }
     assert runtime.presence.counters["cloud_requests"] == 0
 
 

@@ -1,0 +1,356 @@
+"""The device's outbox: results and utterances kept in SQLite until the broker has them, sent in order.
+
+Everything the device publishes about an utterance (edge results, requests to the
+cloud, its own error results) is written here first and removed only when the
+broker's PUBACK arrives, so a message survives a broker restart, a network cut and a
+restart of the device itself. While the broker is unreachable the device goes on
+listening and acting on confident commands; the outbox fills, within its bounds
+(messages, bytes, age), and its drop policy says what gives way. ``OutboxSender``
+replays what is held, oldest first, once the connection is back.
+
+Delivery is at least once: a message whose PUBACK was lost with the connection is sent
+again. Results and utterances carry their utterance id, which is what receivers
+deduplicate on (the cloud worker answers a repeated utterance once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from device.settings import DropPolicy, OutboxSettings
+from schemas.backoff import Backoff, BackoffSettings
+from schemas.envelope import Envelope
+from schemas.mqtt import MqttLink, PublishRefused
+from schemas.protocol import Message, encode
+
+log = logging.getLogger(__name__)
+
+IN_MEMORY = ":memory:"
+"""OutboxSettings.path of an outbox that is not kept across restarts."""
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One message waiting for the broker."""
+
+    seq: int
+    """Position in the outbox: entries are sent in this order."""
+    kind: str
+    """The message's topic kind (``result``, ``utterance``)."""
+    utterance_id: str | None
+    """The utterance the message is about, for logs."""
+    topic: str
+    envelope: Envelope
+    qos: int
+    retain: bool
+    created_at: float
+    """Unix time (seconds) it was put in the outbox."""
+
+    @property
+    def size(self) -> int:
+        return len(self.envelope.payload)
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """How full the outbox is, and what it gave up."""
+
+    messages: int
+    bytes: int
+    dropped: dict[str, int]
+    """Messages given up, by reason: ``full`` (room made under the drop policy), ``expired`` (older than
+    max_age_s), ``too_large`` (over max_bytes on its own), ``refused`` (the broker refused it)."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    utterance_id TEXT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    properties TEXT NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dropped (
+    reason TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
+"""
+
+
+class Outbox:
+    """A bounded, persistent FIFO of messages for the broker, safe to use from several threads."""
+
+    def __init__(self, settings: OutboxSettings, *, on_drop: Callable[[str, int], None] | None = None) -> None:
+        """``on_drop(reason, count)`` is told of every message given up (for the device's counters)."""
+        self.settings = settings
+        self._on_drop = on_drop
+        path = settings.path or IN_MEMORY
+        if path != IN_MEMORY:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # WAL with full sync: a message put here survives a crash and a power cut.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self.path = path
+
+    def put(self, message: Message, utterance_id: str | None = None) -> int | None:
+        """Validate, encode and keep ``message``; returns its seq, or None when the drop policy refused it.
+
+        Raises ProtocolError for a message that is not valid (it could never be sent).
+        """
+        topic, envelope = encode(message)
+        size = len(envelope.payload)
+        now = time.time()
+        with self._lock, self._db:
+            self._expire(now)
+            if size > self.settings.max_bytes:
+                self._count_drop("too_large", 1)
+                log.error(
+                    "outbox: message of %d bytes is over max_bytes on its own, dropped", size, extra=_ids(utterance_id)
+                )
+                return None
+            messages, held = self._totals()
+            excess_messages = messages + 1 - self.settings.max_messages
+            excess_bytes = held + size - self.settings.max_bytes
+            if excess_messages > 0 or excess_bytes > 0:
+                if self.settings.drop == DropPolicy.NEWEST:
+                    self._count_drop("full", 1)
+                    log.error("outbox full, the new message is dropped (drop = newest)", extra=_ids(utterance_id))
+                    return None
+                self._drop_oldest(max(excess_messages, 0), max(excess_bytes, 0))
+            cursor = self._db.execute(
+                "INSERT INTO messages (kind, utterance_id, topic, payload, properties, qos, retain, created_at, size)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.spec.name,
+                    utterance_id,
+                    topic,
+                    envelope.payload,
+                    _properties_json(envelope),
+                    message.spec.qos,
+                    int(message.spec.retain),
+                    now,
+                    size,
+                ),
+            )
+            return cursor.lastrowid
+
+    def pending(self, *, after: int = 0, limit: int = 100) -> list[OutboxEntry]:
+        """Entries with seq over ``after``, oldest first; entries past max_age_s are dropped first."""
+        with self._lock, self._db:
+            self._expire(time.time())
+            rows = self._db.execute(
+                "SELECT seq, kind, utterance_id, topic, payload, properties, qos, retain, created_at FROM messages"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def holds(self, seq: int) -> bool:
+        """Whether the entry ``seq`` is still waiting for the broker."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM messages WHERE seq = ?", (seq,)).fetchone() is not None
+
+    def remove(self, seq: int) -> None:
+        """The broker has the entry: forget it."""
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+
+    def give_up(self, seq: int, reason: str) -> None:
+        """Drop one entry that cannot be sent, counting it under ``reason``."""
+        with self._lock, self._db:
+            if self._db.execute("DELETE FROM messages WHERE seq = ?", (seq,)).rowcount:
+                self._count_drop(reason, 1)
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            messages, held = self._totals()
+            dropped = dict(self._db.execute("SELECT reason, count FROM dropped").fetchall())
+        return OutboxStats(messages, held, dropped)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _totals(self) -> tuple[int, int]:
+        count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
+        return count, size
+
+    def _expire(self, now: float) -> None:
+        expired = self._db.execute(
+            "DELETE FROM messages WHERE created_at < ?", (now - self.settings.max_age_s,)
+        ).rowcount
+        if expired:
+            self._count_drop("expired", expired)
+            log.warning("outbox: %d message(s) older than max_age_s dropped", expired)
+
+    def _drop_oldest(self, messages: int, size: int) -> None:
+        """Drop the oldest entries until ``messages`` entries and ``size`` bytes are freed."""
+        freed_messages = freed_bytes = 0
+        for seq, entry_size, utterance_id in self._db.execute(
+            "SELECT seq, size, utterance_id FROM messages ORDER BY seq"
+        ).fetchall():
+            if freed_messages >= messages and freed_bytes >= size:
+                break
+            self._db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+            freed_messages += 1
+            freed_bytes += entry_size
+            log.warning("outbox full, oldest message dropped (drop = oldest)", extra=_ids(utterance_id))
+        self._count_drop("full", freed_messages)
+
+    def _count_drop(self, reason: str, count: int) -> None:
+        self._db.execute(
+            "INSERT INTO dropped (reason, count) VALUES (?, ?)"
+            " ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count",
+            (reason, count),
+        )
+        if self._on_drop is not None:
+            self._on_drop(reason, count)
+
+
+class OutboxSender:
+    """Sends what the outbox holds while the link is up: oldest first, ``in_flight`` at a time, backing off
+    after a refusal. An entry leaves the outbox when the broker acknowledges it."""
+
+    def __init__(self, outbox: Outbox, link: MqttLink, *, on_sent: Callable[[OutboxEntry], None] | None = None) -> None:
+        self.outbox = outbox
+        self.link = link
+        self._on_sent = on_sent
+        settings = outbox.settings
+        self._backoff = Backoff(BackoffSettings(settings.retry_initial_s, settings.retry_max_s))
+        self._in_flight: dict[int, OutboxEntry] = {}
+        self._outcomes: queue.Queue[tuple[OutboxEntry, Exception | None]] = queue.Queue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._resume_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        link.on_connection(lambda _session_present: self.wake())
+
+    def start(self) -> OutboxSender:
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """Something new was put, or the connection came back: look again now."""
+        self._wake.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the outbox to empty (while connected); whether it did."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.outbox.stats().messages == 0:
+                return True
+            self.wake()
+            time.sleep(0.02)
+        return self.outbox.stats().messages == 0
+
+    def stop(self) -> None:
+        """Stop sending; what the broker has not acknowledged stays in the outbox for the next start."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._collect_outcomes()
+            if self.link.connected and time.monotonic() >= self._resume_at:
+                self._send_more()
+            self._wake.wait(0.5)
+            self._wake.clear()
+
+    def _send_more(self) -> None:
+        room = self.outbox.settings.in_flight - len(self._in_flight)
+        if room <= 0:
+            return
+        after = max(self._in_flight, default=0)
+        for entry in self.outbox.pending(after=after, limit=room):
+            try:
+                self.link.publish_later(
+                    entry.topic,
+                    entry.envelope,
+                    qos=entry.qos,
+                    retain=entry.retain,
+                    done=lambda error, entry=entry: self._finished(entry, error),
+                )
+            except PublishRefused as error:
+                log.error("outbox: message cannot be sent, dropped: %s", error, extra=_ids(entry.utterance_id))
+                self.outbox.give_up(entry.seq, "refused")
+                continue
+            self._in_flight[entry.seq] = entry
+
+    def _finished(self, entry: OutboxEntry, error: Exception | None) -> None:
+        # paho's thread: hand over, since the outbox writes to disk.
+        self._outcomes.put((entry, error))
+        self._wake.set()
+
+    def _collect_outcomes(self) -> None:
+        while True:
+            try:
+                entry, error = self._outcomes.get_nowait()
+            except queue.Empty:
+                return
+            self._in_flight.pop(entry.seq, None)
+            if error is None:
+                self.outbox.remove(entry.seq)
+                self._backoff.reset()
+                if self._on_sent is not None:
+                    self._on_sent(entry)
+                continue
+            # Refused by the broker (quota, server busy, not authorised): kept, and tried again after a wait.
+            delay = self._backoff.next_delay()
+            self._resume_at = time.monotonic() + delay
+            log.warning(
+                "outbox: the broker refused a message (%s); trying again in %.1f s",
+                error,
+                delay,
+                extra=_ids(entry.utterance_id),
+            )
+            if self._backoff.failures >= self.outbox.settings.max_attempts:
+                log.error("outbox: refused %d times, dropped", self._backoff.failures, extra=_ids(entry.utterance_id))
+                self.outbox.give_up(entry.seq, "refused")
+                self._backoff.reset()
+
+
+def _properties_json(envelope: Envelope) -> str:
+    return json.dumps(
+        {
+            "content_type": envelope.content_type,
+            "user_properties": [list(pair) for pair in envelope.user_properties],
+            "response_topic": envelope.response_topic,
+            "correlation_data": envelope.correlation_data.hex() if envelope.correlation_data is not None else None,
+        }
+    )
+
+
+def _entry(row: tuple) -> OutboxEntry:
+    seq, kind, utterance_id, topic, payload, properties, qos, retain, created_at = row
+    fields = json.loads(properties)
+    correlation = fields["correlation_data"]
+    envelope = Envelope(
+        payload=bytes(payload),
+        content_type=fields["content_type"],
+        user_properties=tuple((name, value) for name, value in fields["user_properties"]),
+        response_topic=fields["response_topic"],
+        correlation_data=bytes.fromhex(correlation) if correlation is not None else None,
+    )
+    return OutboxEntry(seq, kind, utterance_id, topic, envelope, qos, bool(retain), created_at)
+
+
+def _ids(utterance_id: str | None) -> dict:
+    return {"utterance_id": utterance_id} if utterance_id else {}
