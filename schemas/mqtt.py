@@ -174,7 +174,14 @@ class MqttLink:
         self._connected = threading.Event()
         self._connect_reason: str | None = None
         self._lock = threading.RLock()
+        # PUBACK bookkeeping has a lock of its own, never held while calling paho: paho calls on_publish
+        # holding its message lock, which its publish() takes too.
+        self._ack_lock = threading.Lock()
         self._acks: dict[int, PublishDone] = {}
+        self._early_acks: dict[int, Exception | None] = {}
+        """Outcomes that arrived before their publish_later had registered, by packet id."""
+        self._abandoned: set[int] = set()
+        """Packet ids whose waiter gave up (publish timed out): their PUBACK, when it comes, is nobody's."""
         self._subscribed: dict[int, tuple[threading.Event, list]] = {}
         self._subscriptions: dict[str, int] = {}
         """Topic filter -> QoS of every subscription made, to be made again when a session is lost."""
@@ -290,10 +297,16 @@ class MqttLink:
             self._last_error = message
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._lock:
+        outcome = PublishRefused(f"broker refused the publish: {reason_code}") if reason_code.is_failure else None
+        with self._ack_lock:
             done = self._acks.pop(mid, None)
+            if done is None:
+                if mid in self._abandoned:
+                    self._abandoned.discard(mid)
+                else:
+                    self._early_acks[mid] = outcome
         if done is not None:
-            done(PublishRefused(f"broker refused the publish: {reason_code}") if reason_code.is_failure else None)
+            done(outcome)
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
@@ -353,9 +366,11 @@ class MqttLink:
         if mid is None:
             return
         if not done.wait(timeout_s):
-            with self._lock:
-                self._acks.pop(mid, None)
-            raise TimeoutError(f"no PUBACK for {topic!r} within {timeout_s} s")
+            with self._ack_lock:
+                if self._acks.pop(mid, None) is not None:
+                    self._abandoned.add(mid)
+            if not done.is_set():
+                raise TimeoutError(f"no PUBACK for {topic!r} within {timeout_s} s")
         if outcome[0] is not None:
             raise PublishRefused(f"publish to {topic!r}: {outcome[0]}")
 
@@ -370,20 +385,23 @@ class MqttLink:
             raise PublishRefused(
                 f"payload of {len(envelope.payload)} bytes to {topic!r} is over the broker limit of {MAX_PAYLOAD_BYTES}"
             )
-        with self._lock:
-            info = self._client.publish(
-                topic, envelope.payload, qos=qos, retain=retain, properties=envelope.properties()
-            )
-            # NO_CONN: queued by paho, sent when the connection is back (QoS > 0).
-            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN) or (
-                qos == 0 and info.rc != paho.MQTT_ERR_SUCCESS
-            ):
-                raise PublishRefused(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
-            if qos == 0:
-                done(None)
-                return None
-            self._acks[info.mid] = done
-            return info.mid
+        info = self._client.publish(topic, envelope.payload, qos=qos, retain=retain, properties=envelope.properties())
+        # NO_CONN: queued by paho, sent when the connection is back (QoS > 0).
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN) or (
+            qos == 0 and info.rc != paho.MQTT_ERR_SUCCESS
+        ):
+            raise PublishRefused(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        if qos == 0:
+            done(None)
+            return None
+        with self._ack_lock:
+            arrived = info.mid in self._early_acks
+            outcome = self._early_acks.pop(info.mid, None)
+            if not arrived:
+                self._acks[info.mid] = done
+        if arrived:
+            done(outcome)
+        return info.mid
 
     def send(self, message: Message, *, timeout_s: float = 10.0) -> None:
         """Validate, encode and publish ``message`` with its topic's QoS and retained flag."""
