@@ -6,7 +6,7 @@ import ast
 import inspect
 import itertools
 import tomllib
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -14,10 +14,12 @@ import pytest
 from device import settings as settings_module
 from device.actions import ActionRequest, ActionRunner
 from device.settings import (
+    OUTBOX_FILE,
     ActionSettings,
     AudioSourceKind,
     DenoiseMode,
     DeviceSettings,
+    OutboxSettings,
     SettingsError,
     UploadPolicy,
     load_settings,
@@ -78,7 +80,9 @@ def test_the_example_config_loads_and_documents_the_defaults() -> None:
 def test_an_empty_config_is_the_defaults(tmp_path: Path) -> None:
     (tmp_path / "empty.toml").write_text("")
     loaded = load_settings(tmp_path / "empty.toml")
-    assert loaded == DeviceSettings()
+    # The outbox is always on, so a config file names its file: in the state folder beside the config.
+    assert loaded.outbox.path == str(tmp_path / "state" / OUTBOX_FILE)
+    assert replace(loaded, outbox=OutboxSettings()) == DeviceSettings()
     assert loaded.audio.source == AudioSourceKind.MICROPHONE
     assert loaded.denoise == DenoiseMode.UTTERANCE and loaded.cloud.upload == UploadPolicy.UNCERTAIN
 

@@ -1,0 +1,216 @@
+"""The device's outbox: bounded, persistent, replayed in order; the device works while the broker is away."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from broker_config.broker import Broker, free_port
+from cloud_worker.service import UtteranceService
+from cloud_worker.settings import WorkerSettings
+from cloud_worker.storage import StorageSettings
+from device.audio_sources import PlaylistSource
+from device.outbox import Outbox, OutboxSender
+from device.runtime import DeviceRuntime
+from device.settings import DropPolicy, OutboxSettings, settings_from_dict
+from schemas.mqtt import BrokerSettings, MqttLink
+from schemas.protocol import decode
+from schemas.result import Result, Source
+from schemas.status import DeviceState
+from schemas.topics import RESULT, STATUS
+
+from . import action_hooks
+from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, REPO, Inbox, wait_until
+
+NOISE = REPO / "device" / "self_test_clips" / "negative_noise.flac"
+"""A recording with no wake phrase: a device run over it says nothing of its own."""
+
+
+def result(device_id: str, number: int) -> Result:
+    return Result(
+        device_id=device_id,
+        utterance_id=f"utterance{number:04d}",
+        source=Source.EDGE,
+        transcript=None,
+        intent="lights_on",
+        slots={},
+        confidence=0.9,
+        timings_ms={"total": 1.0},
+        sent_at=1_800_000_000.0,
+    )
+
+
+def outbox_at(path: Path, **limits) -> Outbox:
+    return Outbox(OutboxSettings(path=str(path), **limits))
+
+
+def held_ids(outbox: Outbox) -> list[str]:
+    return [entry.utterance_id for entry in outbox.pending(limit=10_000)]
+
+
+def test_what_the_outbox_holds_survives_a_restart_in_order(tmp_path: Path) -> None:
+    outbox = outbox_at(tmp_path / "outbox.sqlite3")
+    for number in range(5):
+        outbox.put(result("kitchen", number), f"utterance{number:04d}")
+    outbox.remove(outbox.pending(limit=1)[0].seq)
+    outbox.close()
+    reopened = outbox_at(tmp_path / "outbox.sqlite3")
+    assert held_ids(reopened) == ["utterance0001", "utterance0002", "utterance0003", "utterance0004"]
+    entry = reopened.pending(limit=1)[0]
+    assert decode(entry.topic, entry.envelope) == result("kitchen", 1)  # the message itself, properties and all
+
+
+def test_when_full_the_oldest_gives_way_and_is_counted(tmp_path: Path) -> None:
+    drops: list[tuple[str, int]] = []
+    outbox = Outbox(
+        OutboxSettings(path=str(tmp_path / "o.sqlite3"), max_messages=3), on_drop=lambda *d: drops.append(d)
+    )
+    for number in range(5):
+        assert outbox.put(result("kitchen", number), f"utterance{number:04d}") is not None
+    assert held_ids(outbox) == ["utterance0002", "utterance0003", "utterance0004"]
+    assert outbox.stats().dropped == {"full": 2}
+    assert drops == [("full", 1), ("full", 1)]
+
+
+def test_with_drop_newest_a_full_outbox_refuses_the_new_message(tmp_path: Path) -> None:
+    outbox = outbox_at(tmp_path / "o.sqlite3", max_messages=2, drop=DropPolicy.NEWEST)
+    seqs = [outbox.put(result("kitchen", number), f"utterance{number:04d}") for number in range(4)]
+    assert seqs[2:] == [None, None]
+    assert held_ids(outbox) == ["utterance0000", "utterance0001"]
+    assert outbox.stats().dropped == {"full": 2}
+
+
+def test_the_byte_bound_drops_as_many_as_needed_and_an_oversized_message_alone(tmp_path: Path) -> None:
+    size = len(result("kitchen", 0).to_wire().payload)
+    outbox = outbox_at(tmp_path / "o.sqlite3", max_bytes=3 * size)
+    for number in range(4):
+        outbox.put(result("kitchen", number), f"utterance{number:04d}")
+    assert held_ids(outbox) == ["utterance0001", "utterance0002", "utterance0003"]
+    assert outbox.stats().bytes <= 3 * size
+    tiny = outbox_at(tmp_path / "tiny.sqlite3", max_bytes=size - 1)
+    assert tiny.put(result("kitchen", 0)) is None
+    assert tiny.stats() == type(tiny.stats())(messages=0, bytes=0, dropped={"too_large": 1})
+
+
+def test_messages_older_than_max_age_are_dropped_unsent(tmp_path: Path) -> None:
+    outbox = outbox_at(tmp_path / "o.sqlite3", max_age_s=0.2)
+    outbox.put(result("kitchen", 0), "utterance0000")
+    time.sleep(0.3)
+    outbox.put(result("kitchen", 1), "utterance0001")
+    assert held_ids(outbox) == ["utterance0001"]
+    assert outbox.stats().dropped == {"expired": 1}
+
+
+def test_an_outbox_filled_before_the_broker_exists_is_replayed_in_order_when_it_starts(tmp_path: Path) -> None:
+    port = free_port()
+    settings = BrokerSettings(port=port, connect_timeout_s=0.5)
+    outbox = outbox_at(tmp_path / "o.sqlite3", in_flight=3)
+    device = MqttLink("outbox-replay", settings, require_connection=False)
+    assert not device.connected
+    sender = OutboxSender(outbox, device).start()
+    try:
+        for number in range(20):
+            outbox.put(result("outbox-replay", number), f"utterance{number:04d}")
+            sender.wake()
+        with Broker(data_dir=tmp_path / "broker", port=port):
+            inbox = Inbox()
+            with MqttLink("observer", settings) as observer:
+                observer.subscribe(RESULT.topic(device_id="outbox-replay"), inbox)
+                # paho's reconnection backoff starts at 1 s and doubles: allow a few rounds.
+                received = [decode(*inbox.get(40)).utterance_id for _ in range(20)]
+                assert received == [f"utterance{number:04d}" for number in range(20)]
+                inbox.expect_nothing()
+            assert wait_until(lambda: outbox.stats().messages == 0)
+    finally:
+        sender.stop()
+        device.close()
+
+
+def device_settings(port: int, device_id: str, outbox: Path, **overrides):
+    return settings_from_dict(
+        {
+            "device_id": device_id,
+            "broker": {"port": port, "connect_timeout_s": 0.5},
+            "outbox": {"path": str(outbox)},
+        }
+        | overrides
+    )
+
+
+def test_a_device_without_broker_acts_on_commands_and_says_it_all_once_the_broker_is_back(
+    tmp_path: Path, local_model, transcriber
+) -> None:
+    # The device's broker is down while it hears a command and a question; the shared test broker (with a worker)
+    # is not reachable for it: its own broker starts later, on the port it was told.
+    port = free_port()
+    device_id = "offline-device"
+    outbox = tmp_path / "outbox.sqlite3"
+    action_hooks.CALLS.clear()
+    offline = DeviceRuntime(
+        device_settings(
+            port,
+            device_id,
+            outbox,
+            cloud={"timeout_s": 1.0},
+            actions={"lights_on": {"entry_point": "tests.action_hooks:record"}},
+        ),
+        local_model,
+    )
+    offline.run(PlaylistSource([str(IN_VOCABULARY_SAMPLE), str(OUT_OF_VOCABULARY_SAMPLE)]))
+    # The confident command was obeyed at once; both the result and the request wait on disk.
+    assert action_hooks.CALLS == [{"intent": "lights_on", "slots": {}}]
+    counters = offline.presence.counters
+    assert (counters["edge_results"], counters["cloud_deferred"], counters["cloud_timeouts"]) == (1, 1, 0)
+    held = Outbox(OutboxSettings(path=str(outbox)))
+    assert [entry.kind for entry in held.pending()] == ["result", "utterance"]
+    held.close()
+
+    with Broker(data_dir=tmp_path / "broker", port=port):
+        results, statuses = Inbox(), Inbox()
+        broker_settings = BrokerSettings(port=port)
+        with MqttLink("observer", broker_settings) as observer:
+            observer.subscribe(RESULT.topic(device_id=device_id), results)
+            observer.subscribe(STATUS.topic(device_id=device_id), statuses)
+            storage = StorageSettings(url=f"sqlite:///{tmp_path / 'worker.sqlite3'}")
+            worker = UtteranceService(
+                WorkerSettings(broker=broker_settings, worker_id="offline-worker", storage=storage),
+                transcriber=transcriber,
+            ).start()
+            # The device starts again (as its service would), hearing nothing new.
+            restarted = DeviceRuntime(device_settings(port, device_id, outbox), local_model)
+            restarted.run(PlaylistSource([str(NOISE)]))
+            edge = decode(*results.get(10))
+            assert (edge.source, edge.intent) == (Source.EDGE, "lights_on")
+            cloud = decode(*results.get(30))
+            assert cloud.source == Source.CLOUD and "weather" in cloud.transcript.lower()
+            results.expect_nothing(1.0)  # once each, and no cloud_timeout for the deferred request
+            assert wait_until(lambda: worker.counts["answered"] == 1)
+            states = [decode(*statuses.get(5)).state for _ in range(2)]
+            assert states == [DeviceState.ONLINE, DeviceState.OFFLINE]
+            worker.stop(end_session=True)
+    assert Outbox(OutboxSettings(path=str(outbox))).stats().messages == 0
+
+
+@pytest.mark.parametrize("clean_start", [True, False])
+def test_subscriptions_outlive_a_broker_restart(tmp_path: Path, clean_start: bool) -> None:
+    port = free_port()
+    settings = BrokerSettings(port=port, connect_timeout_s=5)
+    inbox = Inbox()
+    broker = Broker(data_dir=tmp_path / "broker", port=port).start()
+    listener = MqttLink(
+        f"listener-{clean_start}", settings, clean_start=clean_start, session_expiry_s=0 if clean_start else 600
+    )
+    try:
+        listener.subscribe(RESULT.topic(device_id="restarted"), inbox)
+        broker.stop()
+        assert wait_until(lambda: not listener.connected)
+        broker = Broker(data_dir=tmp_path / "broker", port=port).start()
+        assert wait_until(lambda: listener.connected, timeout_s=40)
+        with MqttLink("publisher", settings) as publisher:
+            publisher.send(result("restarted", 1))
+            assert decode(*inbox.get(10)) == result("restarted", 1)
+    finally:
+        listener.close()
+        broker.stop()
