@@ -9,6 +9,8 @@ that says which field is wrong.
 from __future__ import annotations
 
 import json
+import math
+import re
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -46,12 +48,29 @@ def _registry() -> Registry:
     return Registry().with_resources(resources_by_id)
 
 
+def _pattern(validator, pattern: str, instance: Any, schema: dict) -> Any:
+    """The ``pattern`` keyword with JSON Schema's own ``$``: the end of the string, where Python's ``$`` also
+    matches before a final newline (so "pi-1\\n" passed a pattern that ``check_identifier`` refuses)."""
+    if not validator.is_type(instance, "string"):
+        return
+    if re.search(_strict_end(pattern), instance) is None:
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+@cache
+def _strict_end(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"(?<!\\)\$$", r"\\Z", pattern))
+
+
+_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
+
+
 @cache
 def validator(name: str) -> jsonschema.protocols.Validator:
     """A draft 2020-12 validator for ``json/<name>.schema.json``, with its references resolved."""
     schema = json.loads(schema_text(name))
     jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema, registry=_registry(), format_checker=jsonschema.FormatChecker())
+    return _Validator(schema, registry=_registry(), format_checker=jsonschema.FormatChecker())
 
 
 def validate(name: str, instance: Any) -> None:
@@ -67,6 +86,14 @@ def _refuse_constant(constant: str) -> float:
     raise ValueError(f"{constant} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 parses as infinity, which no peer could send on; refuse it as NaN and Infinity are.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a double")
+    return value
+
+
 def decode_json(name: str, data: bytes | str, *, max_bytes: int) -> dict[str, Any]:
     """Parse ``data`` as UTF-8 JSON, check its size, and validate it against schema ``name``."""
     size = len(data.encode("utf-8") if isinstance(data, str) else data)
@@ -74,9 +101,12 @@ def decode_json(name: str, data: bytes | str, *, max_bytes: int) -> dict[str, An
         raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, name, f"{size} bytes is over the limit of {max_bytes}")
     try:
         text = data if isinstance(data, str) else data.decode("utf-8")
-        instance = json.loads(text, parse_constant=_refuse_constant)
+        instance = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as error:
         raise ProtocolError(ErrorCode.INVALID_JSON, name, str(error)) from None
+    except RecursionError:
+        # Thousands of nested arrays fit in a few kB; the parser gives up before the schema could.
+        raise ProtocolError(ErrorCode.INVALID_JSON, name, "nested too deeply") from None
     validate(name, instance)
     return instance
 
