@@ -269,6 +269,16 @@ class UtteranceService:
             self._refuse(topic, envelope, error)
             received.delivery.ack()  # nothing to store: the refusal was reported
             return None
+        except Exception as error:
+            # A check that broke on this input is a bug of ours, but it costs this utterance only: left
+            # unacknowledged it would come back forever and, 20 of them, fill the broker's in-flight window.
+            log.exception("checking an utterance failed", extra={"topic": topic})
+            failure = ProtocolError(
+                ErrorCode.INTERNAL_ERROR, "utterance", f"could not be checked ({type(error).__name__})"
+            )
+            self._refuse(topic, envelope, failure)
+            received.delivery.ack()
+            return None
         return _Accepted(received, utterance, samples, time.monotonic() - audio_started)
 
     def _transcribe_and_answer(self, groups: list[list[_Accepted]], started: float) -> None:
