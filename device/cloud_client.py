@@ -80,7 +80,7 @@ class CloudClient:
             if self._outbox is None:
                 self._link.send(utterance)
             else:
-                queued = self._outbox.put(utterance, utterance.utterance_id)
+                queued = self._outbox.put(utterance)
                 if queued is None:
                     raise PublishRefused("the outbox is full and its drop policy refused the request")
                 if self._sender is not None:

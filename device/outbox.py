@@ -108,11 +108,12 @@ class Outbox:
         self._db.executescript(_SCHEMA)
         self.path = path
 
-    def put(self, message: Message, utterance_id: str | None = None) -> int | None:
+    def put(self, message: Message) -> int | None:
         """Validate, encode and keep ``message``; returns its seq, or None when the drop policy refused it.
 
         Raises ProtocolError for a message that is not valid (it could never be sent).
         """
+        utterance_id = getattr(message, "utterance_id", None)  # results and utterances carry one, for the logs
         topic, envelope = encode(message)
         size = len(envelope.payload)
         now = time.time()

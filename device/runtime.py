@@ -68,9 +68,7 @@ class DeviceRuntime:
         self._link: MqttLink | None = None
         self._cloud: CloudClient | None = None
         self._source: AudioSource | None = None
-        self.outbox = Outbox(
-            settings.outbox, on_drop=lambda reason, count: self.count(f"outbox_dropped_{reason}", count)
-        )
+        self.outbox = Outbox(settings.outbox, on_drop=self._dropped)
         self._sender: OutboxSender | None = None
         self._announce = threading.Event()
         """Set on each connection: the status thread publishes the online status again."""
@@ -198,7 +196,7 @@ class DeviceRuntime:
     def _keep(self, message: Result) -> bool:
         """Put a result in the outbox, to be sent in order as soon as the broker can take it."""
         try:
-            seq = self.outbox.put(message, message.utterance_id)
+            seq = self.outbox.put(message)
         except ProtocolError as error:
             self.count("publish_failures")
             log.error("result not valid, not sent: %s", error, extra=self._ids(message.utterance_id))

@@ -53,7 +53,7 @@ def held_ids(outbox: Outbox) -> list[str]:
 def test_what_the_outbox_holds_survives_a_restart_in_order(tmp_path: Path) -> None:
     outbox = outbox_at(tmp_path / "outbox.sqlite3")
     for number in range(5):
-        outbox.put(result("kitchen", number), f"utterance{number:04d}")
+        outbox.put(result("kitchen", number))
     outbox.remove(outbox.pending(limit=1)[0].seq)
     outbox.close()
     reopened = outbox_at(tmp_path / "outbox.sqlite3")
@@ -68,7 +68,7 @@ def test_when_full_the_oldest_gives_way_and_is_counted(tmp_path: Path) -> None:
         OutboxSettings(path=str(tmp_path / "o.sqlite3"), max_messages=3), on_drop=lambda *d: drops.append(d)
     )
     for number in range(5):
-        assert outbox.put(result("kitchen", number), f"utterance{number:04d}") is not None
+        assert outbox.put(result("kitchen", number)) is not None
     assert held_ids(outbox) == ["utterance0002", "utterance0003", "utterance0004"]
     assert outbox.stats().dropped == {"full": 2}
     assert drops == [("full", 1), ("full", 1)]
@@ -76,7 +76,7 @@ def test_when_full_the_oldest_gives_way_and_is_counted(tmp_path: Path) -> None:
 
 def test_with_drop_newest_a_full_outbox_refuses_the_new_message(tmp_path: Path) -> None:
     outbox = outbox_at(tmp_path / "o.sqlite3", max_messages=2, drop=DropPolicy.NEWEST)
-    seqs = [outbox.put(result("kitchen", number), f"utterance{number:04d}") for number in range(4)]
+    seqs = [outbox.put(result("kitchen", number)) for number in range(4)]
     assert seqs[2:] == [None, None]
     assert held_ids(outbox) == ["utterance0000", "utterance0001"]
     assert outbox.stats().dropped == {"full": 2}
@@ -86,7 +86,7 @@ def test_the_byte_bound_drops_as_many_as_needed_and_an_oversized_message_alone(t
     size = len(result("kitchen", 0).to_wire().payload)
     outbox = outbox_at(tmp_path / "o.sqlite3", max_bytes=3 * size)
     for number in range(4):
-        outbox.put(result("kitchen", number), f"utterance{number:04d}")
+        outbox.put(result("kitchen", number))
     assert held_ids(outbox) == ["utterance0001", "utterance0002", "utterance0003"]
     assert outbox.stats().bytes <= 3 * size
     tiny = outbox_at(tmp_path / "tiny.sqlite3", max_bytes=size - 1)
@@ -96,9 +96,9 @@ def test_the_byte_bound_drops_as_many_as_needed_and_an_oversized_message_alone(t
 
 def test_messages_older_than_max_age_are_dropped_unsent(tmp_path: Path) -> None:
     outbox = outbox_at(tmp_path / "o.sqlite3", max_age_s=0.2)
-    outbox.put(result("kitchen", 0), "utterance0000")
+    outbox.put(result("kitchen", 0))
     time.sleep(0.3)
-    outbox.put(result("kitchen", 1), "utterance0001")
+    outbox.put(result("kitchen", 1))
     assert held_ids(outbox) == ["utterance0001"]
     assert outbox.stats().dropped == {"expired": 1}
 
@@ -112,7 +112,7 @@ def test_an_outbox_filled_before_the_broker_exists_is_replayed_in_order_when_it_
     sender = OutboxSender(outbox, device).start()
     try:
         for number in range(20):
-            outbox.put(result("outbox-replay", number), f"utterance{number:04d}")
+            outbox.put(result("outbox-replay", number))
             sender.wake()
         with Broker(data_dir=tmp_path / "broker", port=port):
             inbox = Inbox()
