@@ -309,9 +309,13 @@ class UtteranceService:
         published = []
         for copies, record in zip(groups, records, strict=True):
             self.metrics.latency.observe(record.result.timings_ms["total"] / 1000)
-            delivered = [self._answer(item.received, record.result, how="transcribed") for item in copies]
-            if any(delivered):
+            # One answer per utterance: the other copies in the batch (a redelivery that met its original)
+            # are only acknowledged, and only once that answer has gone out.
+            if self._answer(copies[0].received, record.result, how="transcribed"):
                 published.append(copies[0].key)
+                for copy in copies[1:]:
+                    copy.received.delivery.ack()
+                    self.counts["already_published"] += 1
             log.info(
                 "answered",
                 extra=_ids(record.result)
