@@ -18,6 +18,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from schemas.envelope import Envelope
 from schemas.protocol import Message, encode
@@ -36,6 +37,9 @@ class PublishRefused(RuntimeError):
 
 SESSION_TAKEN_OVER = 0x8E
 """MQTT 5 DISCONNECT reason: another client connected with this client id, and the broker closed this one."""
+
+MAX_UNROUTED = 1000
+"""Messages held for a handler not registered yet; beyond, they are dropped (unacknowledged, so sent again)."""
 
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
@@ -142,7 +146,12 @@ DeliveryHandler = Callable[[Delivery], None]
 class MqttLink:
     """One MQTT 5 client connection, started on construction; paho reconnects it, with backoff, when it drops.
 
-    Subscriptions are made again after a reconnection whose session the broker did not keep.
+    Every subscription is made again on every reconnection, whether or not the broker says it kept the session:
+    Mosquitto 2.0.11 reports a session restored from its persistence file as present, but restores no shared
+    subscription into it.
+
+    A message that arrives before its subscription's handler is registered (a resumed session's redeliveries,
+    sent as soon as the broker accepts the connection) is held, and handed to the handler when it registers.
     """
 
     def __init__(
@@ -184,11 +193,16 @@ class MqttLink:
         """Packet ids whose waiter gave up (publish timed out): their PUBACK, when it comes, is nobody's."""
         self._subscribed: dict[int, tuple[threading.Event, list]] = {}
         self._subscriptions: dict[str, int] = {}
-        """Topic filter -> QoS of every subscription made, to be made again when a session is lost."""
+        """Topic filter -> QoS of every subscription made, to be made again on each connection."""
+        self._routes: dict[str, Callable[[paho.MQTTMessage, int], None]] = {}
+        """Topic filter as paho matches it (see _route) -> the handler of its messages."""
+        self._unrouted: list[tuple[paho.MQTTMessage, int]] = []
+        """Messages, with their connection generation, that arrived before any handler matched them."""
         self._generation = 0
         """How many times this link has connected; a Delivery is acknowledged only on its own connection."""
         self._listeners: list[ConnectionListener] = []
         self._client.on_connect = self._handle_connect
+        self._client.on_message = self._handle_message
         self._client.on_publish = self._handle_publish
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_disconnect = self._handle_disconnect
@@ -263,10 +277,14 @@ class MqttLink:
                 log.info(
                     "reconnected to the MQTT broker", extra={"detail": f"session present: {flags.session_present}"}
                 )
-            # Subscriptions made while disconnected, or lost with a session the broker did not keep: made
-            # (again) now, without waiting for the SUBACK, since this is paho's thread.
-            for topic_filter, qos in self._subscriptions.items() if not flags.session_present else ():
-                client.subscribe(topic_filter, qos=qos)
+            # Held messages of an earlier connection: the broker sends them again on this one.
+            self._unrouted.clear()
+            # Subscriptions made while disconnected, lost with a session the broker did not keep, or missing from
+            # one it says it kept: made (again) now, without waiting for the SUBACK, since this is paho's thread.
+            # Retain handling 1: retained messages only for a subscription that did not exist, not on every
+            # reconnection.
+            for topic_filter, qos in self._subscriptions.items():
+                client.subscribe(topic_filter, options=SubscribeOptions(qos=qos, retainHandling=1))
             listeners = list(self._listeners)
         self._connect_reason = None
         self._connected.set()
@@ -315,6 +333,22 @@ class MqttLink:
             waiter[1].extend(reason_codes)
             waiter[0].set()
 
+    def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        with self._lock:
+            generation = self._generation
+            handlers = [
+                handler for route, handler in self._routes.items() if paho.topic_matches_sub(route, message.topic)
+            ]
+            if not handlers:
+                if len(self._unrouted) < MAX_UNROUTED:
+                    self._unrouted.append((message, generation))
+                else:
+                    # Unacknowledged (manual_ack), the broker sends it again on the next connection.
+                    log.warning("dropped a message no subscription handles yet", extra={"topic": message.topic})
+                return
+        for handler in handlers:
+            handler(message, generation)
+
     def _deliver(self, handler: MessageHandler, message: paho.MQTTMessage) -> None:
         try:
             handler(message.topic, Envelope.from_mqtt(message.payload, message.properties))
@@ -325,8 +359,8 @@ class MqttLink:
             if self._manual_ack:
                 self._ack(message.mid, message.qos)
 
-    def _hand_over(self, handler: DeliveryHandler, message: paho.MQTTMessage) -> None:
-        mid, qos, generation = message.mid, message.qos, self._generation
+    def _hand_over(self, handler: DeliveryHandler, message: paho.MQTTMessage, generation: int) -> None:
+        mid, qos = message.mid, message.qos
         delivery = Delivery(
             message.topic,
             Envelope.from_mqtt(message.payload, message.properties),
@@ -414,7 +448,7 @@ class MqttLink:
         Raises PublishRefused if the broker refused the subscription. The handler runs
         on paho's network thread: it must not block, and must not wait for a PUBACK.
         """
-        self._subscribe(topic_filter, lambda client, userdata, message: self._deliver(handler, message), qos, timeout_s)
+        self._subscribe(topic_filter, lambda message, generation: self._deliver(handler, message), qos, timeout_s)
 
     def consume(self, topic_filter: str, handler: DeliveryHandler, *, qos: int = 1, timeout_s: float = 10.0) -> None:
         """Subscribe as ``subscribe`` does, handing each message over as a Delivery to acknowledge later.
@@ -425,23 +459,30 @@ class MqttLink:
         if not self._manual_ack:
             raise ValueError("consume() needs a link made with manual_ack=True")
         self._subscribe(
-            topic_filter, lambda client, userdata, message: self._hand_over(handler, message), qos, timeout_s
+            topic_filter, lambda message, generation: self._hand_over(handler, message, generation), qos, timeout_s
         )
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop routing ``topic_filter`` to its handler at once, and ask the broker to stop sending it."""
-        self._client.message_callback_remove(_route(topic_filter))
         with self._lock:
+            self._routes.pop(_route(topic_filter), None)
             self._subscriptions.pop(topic_filter, None)
         rc, _ = self._client.unsubscribe(topic_filter)
         if rc != paho.MQTT_ERR_SUCCESS:
             log.warning("unsubscribe from %r failed: %s", topic_filter, paho.error_string(rc))
 
-    def _subscribe(self, topic_filter: str, callback, qos: int, timeout_s: float) -> None:
+    def _subscribe(
+        self, topic_filter: str, handler: Callable[[paho.MQTTMessage, int], None], qos: int, timeout_s: float
+    ) -> None:
         route = _route(topic_filter)
-        self._client.message_callback_add(route, callback)
         done = threading.Event()
         outcome: list = []
+        with self._lock:
+            self._routes[route] = handler
+            held = [item for item in self._unrouted if paho.topic_matches_sub(route, item[0].topic)]
+            self._unrouted = [item for item in self._unrouted if not paho.topic_matches_sub(route, item[0].topic)]
+        for message, generation in held:
+            handler(message, generation)
         with self._lock:
             self._subscriptions[topic_filter] = qos
             rc, mid = self._client.subscribe(topic_filter, qos=qos)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from pathlib import Path
 
@@ -15,14 +16,14 @@ from device.audio_sources import PlaylistSource
 from device.outbox import Outbox, OutboxSender
 from device.runtime import DeviceRuntime
 from device.settings import DropPolicy, OutboxSettings, settings_from_dict
-from schemas.mqtt import BrokerSettings, MqttLink
+from schemas.mqtt import BrokerSettings, Delivery, MqttLink
 from schemas.protocol import decode
 from schemas.result import Result, Source
 from schemas.status import DeviceState
-from schemas.topics import RESULT, STATUS
+from schemas.topics import RESULT, STATUS, UTTERANCE, shared_filter
 
 from . import action_hooks
-from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, REPO, Inbox, wait_until
+from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, REPO, Inbox, make_utterance, wait_until
 
 NOISE = REPO / "device" / "self_test_clips" / "negative_noise.flac"
 """A recording with no wake phrase: a device run over it says nothing of its own."""
@@ -214,3 +215,73 @@ def test_subscriptions_outlive_a_broker_restart(tmp_path: Path, clean_start: boo
     finally:
         listener.close()
         broker.stop()
+
+
+def worker_link(client_id: str, settings: BrokerSettings) -> MqttLink:
+    """A link as the cloud worker makes it: persistent session, messages acknowledged by hand."""
+    return MqttLink(client_id, settings, manual_ack=True, clean_start=False, session_expiry_s=600)
+
+
+def test_a_shared_subscription_outlives_a_broker_restart_that_says_it_kept_the_session(tmp_path: Path) -> None:
+    # Mosquitto 2.0.11 restores the session from its persistence file and reports it present, but without the
+    # shared subscription in it: the link subscribes again on every connection.
+    port = free_port()
+    settings = BrokerSettings(port=port, connect_timeout_s=5)
+    deliveries: queue.Queue[Delivery] = queue.Queue()
+    sessions: list[bool] = []
+    broker = Broker(data_dir=tmp_path / "broker", port=port).start()
+    worker = worker_link("restart-worker", settings)
+    try:
+        worker.on_connection(sessions.append)
+        worker.consume(shared_filter("workers", UTTERANCE), deliveries.put)
+        broker.stop()
+        assert wait_until(lambda: not worker.connected)
+        broker = Broker(data_dir=tmp_path / "broker", port=port).start()
+        assert wait_until(lambda: worker.connected, timeout_s=40)
+        assert sessions == [True]  # the broker says it kept the session
+        with MqttLink("restart-device", settings) as device:
+            utterance = make_utterance("restart-device")
+            device.send(utterance)
+            delivery = deliveries.get(timeout=10)
+            assert decode(delivery.topic, delivery.envelope).utterance_id == utterance.utterance_id
+            delivery.ack()
+    finally:
+        worker.close(end_session=True)
+        broker.stop()
+
+
+def test_redeliveries_that_arrive_before_consume_are_handed_over_when_it_registers(broker_settings) -> None:
+    # A restarted worker's session is resumed, and the broker sends what it had in flight as soon as it accepts
+    # the connection: before the worker has said where those messages go.
+    subscription = shared_filter("early", UTTERANCE)
+    first: queue.Queue[Delivery] = queue.Queue()
+    worker = worker_link("early-worker", broker_settings)
+    worker.consume(subscription, first.put)
+    sent = [make_utterance("early-device") for _ in range(3)]
+    with MqttLink("early-device", broker_settings) as device:
+        for utterance in sent:
+            device.send(utterance)
+    assert wait_until(lambda: first.qsize() == 3)
+    worker.close()  # nothing acknowledged: the session keeps all three in flight
+
+    again: queue.Queue[Delivery] = queue.Queue()
+    resumed = worker_link("early-worker", broker_settings)
+    try:
+        time.sleep(1.0)  # the redeliveries arrive now, with no handler for them yet
+        resumed.consume(subscription, again.put)
+        redelivered = [again.get(timeout=10) for _ in sent]
+        ids = sorted(decode(d.topic, d.envelope).utterance_id for d in redelivered)
+        assert ids == sorted(u.utterance_id for u in sent)
+        for delivery in redelivered:
+            delivery.ack()
+    finally:
+        resumed.close()
+    # Acknowledged: a third connection of the same session gets nothing.
+    last: queue.Queue[Delivery] = queue.Queue()
+    third = worker_link("early-worker", broker_settings)
+    try:
+        third.consume(subscription, last.put)
+        time.sleep(1.0)
+        assert last.empty()
+    finally:
+        third.close(end_session=True)
