@@ -8,6 +8,12 @@ listening and acting on confident commands; the outbox fills, within its bounds
 (messages, bytes, age), and its drop policy says what gives way. ``OutboxSender``
 replays what is held, oldest first, once the connection is back.
 
+An utterance is a request: the broker accepting it is not enough, a cloud worker must be
+subscribed to take it. When the broker answers that no one was (right after a broker
+restart, before the workers have subscribed again), the utterance stays and is sent again
+after a backoff, for as long as its age allows. A result is for whoever listens, and
+leaves the outbox once the broker has it.
+
 Delivery is at least once: a message whose PUBACK was lost with the connection is sent
 again. Results and utterances carry their utterance id, which is what receivers
 deduplicate on (the cloud worker answers a repeated utterance once).
@@ -28,8 +34,9 @@ from pathlib import Path
 from device.settings import DropPolicy, OutboxSettings
 from schemas.backoff import Backoff, BackoffSettings
 from schemas.envelope import Envelope
-from schemas.mqtt import MqttLink, PublishRefused
+from schemas.mqtt import MqttLink, NoMatchingSubscribers, PublishRefused
 from schemas.protocol import Message, encode
+from schemas.topics import UTTERANCE
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +233,8 @@ class Outbox:
 
 class OutboxSender:
     """Sends what the outbox holds while the link is up: oldest first, ``in_flight`` at a time, backing off
-    after a refusal. An entry leaves the outbox when the broker acknowledges it."""
+    after a refusal. An entry leaves the outbox when the broker acknowledges it, and an utterance only when the
+    broker had a subscriber to give it to."""
 
     def __init__(self, outbox: Outbox, link: MqttLink, *, on_sent: Callable[[OutboxEntry], None] | None = None) -> None:
         self.outbox = outbox
@@ -234,6 +242,8 @@ class OutboxSender:
         self._on_sent = on_sent
         settings = outbox.settings
         self._backoff = Backoff(BackoffSettings(settings.retry_initial_s, settings.retry_max_s))
+        self._no_consumer = Backoff(BackoffSettings(settings.retry_initial_s, settings.retry_max_s))
+        """Waits after utterances that found no cloud worker subscribed; never a reason to drop one."""
         self._in_flight: dict[int, OutboxEntry] = {}
         self._outcomes: queue.Queue[tuple[OutboxEntry, Exception | None]] = queue.Queue()
         self._wake = threading.Event()
@@ -307,9 +317,24 @@ class OutboxSender:
             except queue.Empty:
                 return
             self._in_flight.pop(entry.seq, None)
-            if error is None:
+            if isinstance(error, NoMatchingSubscribers) and entry.kind == UTTERANCE.name:
+                # Gone, delivered to no one: kept, and sent again once a worker may have subscribed. Only its age
+                # (outbox.max_age_s) ends this. The wait grows once per round, not once per message in flight.
+                now = time.monotonic()
+                if now >= self._resume_at:
+                    delay = self._no_consumer.next_delay()
+                    self._resume_at = now + delay
+                    log.warning(
+                        "outbox: no cloud worker is subscribed; utterances are kept and sent again in %.1f s",
+                        delay,
+                        extra=_ids(entry.utterance_id),
+                    )
+                continue
+            if error is None or isinstance(error, NoMatchingSubscribers):
                 self.outbox.remove(entry.seq)
                 self._backoff.reset()
+                if error is None and entry.kind == UTTERANCE.name:
+                    self._no_consumer.reset()
                 if self._on_sent is not None:
                     self._on_sent(entry)
                 continue

@@ -200,7 +200,8 @@ class OutboxSettings:
     in_flight: int = 8
     """Messages sent and not yet acknowledged at once, during a replay."""
     retry_initial_s: float = 1.0
-    """After the broker refuses a message, the first wait (seconds) before trying again; it doubles."""
+    """After the broker refuses a message, or has no cloud worker to give an utterance to, the first wait (seconds)
+    before trying again; it doubles."""
     retry_max_s: float = 60.0
     """The longest wait (seconds) between tries."""
     max_attempts: int = 5

@@ -35,6 +35,17 @@ class PublishRefused(RuntimeError):
     """A publish or subscription the broker refused, or one refused before sending because the broker would."""
 
 
+class NoMatchingSubscribers(Exception):
+    """The broker accepted a QoS 1 message but had no subscription to give it to (PUBACK reason 0x10): it is gone.
+
+    Not a failure for a publish/subscribe message; a request whose consumer is not subscribed right now (the
+    workers after a broker restart, before they subscribe again) is lost unless its sender keeps it and retries.
+    """
+
+
+NO_MATCHING_SUBSCRIBERS = 0x10
+"""MQTT 5 PUBACK reason: accepted, and delivered to no one; Mosquitto 2 sends it to MQTT 5 publishers."""
+
 SESSION_TAKEN_OVER = 0x8E
 """MQTT 5 DISCONNECT reason: another client connected with this client id, and the broker closed this one."""
 
@@ -119,7 +130,8 @@ MessageHandler = Callable[[str, Envelope], None]
 
 
 PublishDone = Callable[[Exception | None], None]
-"""Called once per ``publish_later``: with None when the broker acknowledged, else with why it did not."""
+"""Called once per ``publish_later``: with None when the broker acknowledged, NoMatchingSubscribers when it accepted
+the message but no one was subscribed, else with why it did not accept it."""
 
 ConnectionListener = Callable[[bool], None]
 """Called on paho's network thread after every successful (re)connection, with the broker's session-present flag."""
@@ -315,7 +327,11 @@ class MqttLink:
             self._last_error = message
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        outcome = PublishRefused(f"broker refused the publish: {reason_code}") if reason_code.is_failure else None
+        outcome: Exception | None = None
+        if reason_code.is_failure:
+            outcome = PublishRefused(f"broker refused the publish: {reason_code}")
+        elif reason_code.value == NO_MATCHING_SUBSCRIBERS:
+            outcome = NoMatchingSubscribers(f"no subscriber: {reason_code}")
         with self._ack_lock:
             done = self._acks.pop(mid, None)
             if done is None:
@@ -382,6 +398,9 @@ class MqttLink:
     def publish(self, topic: str, envelope: Envelope, *, qos: int, retain: bool, timeout_s: float = 10.0) -> None:
         """Publish and, for QoS > 0, wait for the PUBACK; raise PublishRefused or TimeoutError otherwise.
 
+        A message no one was subscribed to counts as published, as publish/subscribe has it; a sender that
+        needs a consumer uses ``publish_later``, whose ``done`` tells it so.
+
         While the connection is down, a QoS 1 message waits in paho's queue and goes out
         on reconnection; a TimeoutError leaves it there, so it may still be delivered.
 
@@ -405,7 +424,7 @@ class MqttLink:
                     self._abandoned.add(mid)
             if not done.is_set():
                 raise TimeoutError(f"no PUBACK for {topic!r} within {timeout_s} s")
-        if outcome[0] is not None:
+        if outcome[0] is not None and not isinstance(outcome[0], NoMatchingSubscribers):
             raise PublishRefused(f"publish to {topic!r}: {outcome[0]}")
 
     def publish_later(self, topic: str, envelope: Envelope, *, qos: int, retain: bool, done: PublishDone) -> int | None:

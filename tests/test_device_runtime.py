@@ -11,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from broker_config.broker import Broker, free_port
 from device.audio_sources import PlaylistSource
+from device.outbox import Outbox
 from device.recording import read_recording
 from device.runtime import DeviceRuntime
-from device.settings import settings_from_dict
+from device.settings import OutboxSettings, settings_from_dict
 from schemas.audio import decode_opus
+from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.protocol import decode
 from schemas.result import Result, Source
 from schemas.status import DeviceState
@@ -138,16 +141,46 @@ def test_the_device_acts_on_the_clouds_answer(links, broker_settings, device_id,
 
 
 def test_without_an_answer_the_device_publishes_a_cloud_timeout(links, broker_settings, device_id, local_model):
-    results = Inbox()
-    links().subscribe(RESULT.topic(device_id=device_id), results)
+    results, requests = Inbox(), Inbox()
+    observer = links()
+    observer.subscribe(RESULT.topic(device_id=device_id), results)
+    observer.subscribe(UTTERANCE.topic(device_id=device_id), requests)  # a worker that takes it and never answers
     started = time.monotonic()
     runtime = run_device(broker_settings, device_id, local_model, [OUT_OF_VOCABULARY_SAMPLE], cloud={"timeout_s": 1})
     assert time.monotonic() - started < 10
+    assert decode(*requests.get(5)).device_id == device_id
     ((result, _),) = drain(results)
     assert result.source == Source.EDGE and result.intent is None
     assert result.error.code == "cloud_timeout" and "1 s" in result.error.message
     assert result.timings_ms["total"] >= 1000
     assert runtime.presence.counters["cloud_timeouts"] == 1
+
+
+def test_with_no_worker_subscribed_the_request_is_kept_for_later_not_timed_out(tmp_path, device_id, local_model):
+    # A broker of its own, where surely no worker is subscribed: it accepts the request and gives it to no one.
+    port = free_port()
+    settings = BrokerSettings(port=port)
+    outbox = tmp_path / "outbox.sqlite3"
+    with Broker(data_dir=tmp_path / "broker", port=port), MqttLink("observer", settings) as observer:
+        results = Inbox()
+        observer.subscribe(RESULT.topic(device_id=device_id), results)
+        runtime = run_device(
+            settings,
+            device_id,
+            local_model,
+            [OUT_OF_VOCABULARY_SAMPLE],
+            cloud={"timeout_s": 1},
+            outbox={"path": str(outbox)},
+        )
+        assert drain(results) == []  # no cloud_timeout: the request is still to be answered
+    counters = runtime.presence.counters
+    assert (counters["cloud_deferred"], counters["cloud_timeouts"]) == (1, 0)
+    held = Outbox(OutboxSettings(path=str(outbox)))
+    try:
+        assert [entry.kind for entry in held.pending()] == ["utterance"]
+        assert held.stats().dropped == {}
+    finally:
+        held.close()
 
 
 def test_with_upload_never_no_audio_leaves_the_device(links, broker_settings, device_id, local_model):

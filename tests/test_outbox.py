@@ -285,3 +285,37 @@ def test_redeliveries_that_arrive_before_consume_are_handed_over_when_it_registe
         assert last.empty()
     finally:
         third.close(end_session=True)
+
+
+def test_an_utterance_no_worker_is_subscribed_to_stays_in_the_outbox_until_one_is(tmp_path: Path) -> None:
+    # A broker of its own: on the shared one, other tests' worker sessions may still hold utterance subscriptions.
+    port = free_port()
+    broker_settings = BrokerSettings(port=port)
+    broker = Broker(data_dir=tmp_path / "broker", port=port).start()
+    outbox = outbox_at(tmp_path / "o.sqlite3", retry_initial_s=0.2, retry_max_s=0.5)
+    device_id = "no-worker-device"
+    device = MqttLink(device_id, broker_settings)
+    sender = OutboxSender(outbox, device).start()
+    try:
+        utterance = make_utterance(device_id)
+        outbox.put(result(device_id, 1))  # a result is for whoever listens: no listener, still sent
+        outbox.put(utterance)
+        sender.wake()
+        assert wait_until(lambda: held_ids(outbox) == [utterance.utterance_id])
+        time.sleep(1.5)  # several tries, each answered "no matching subscribers"
+        assert held_ids(outbox) == [utterance.utterance_id]
+        assert outbox.stats().dropped == {}
+        deliveries: queue.Queue[Delivery] = queue.Queue()
+        worker = worker_link("no-worker-worker", broker_settings)
+        try:
+            worker.consume(shared_filter("late", UTTERANCE), deliveries.put)
+            delivery = deliveries.get(timeout=10)
+            assert decode(delivery.topic, delivery.envelope).utterance_id == utterance.utterance_id
+            delivery.ack()
+            assert wait_until(lambda: outbox.stats().messages == 0)
+        finally:
+            worker.close(end_session=True)
+    finally:
+        sender.stop()
+        device.close()
+        broker.stop()
