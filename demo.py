@@ -4,8 +4,9 @@ The device (python -m device run) listens to the recordings as one stream: it wa
 on "hey jarvis", decides "turn on the lights" on its own (an edge result, then its
 local action), and sends the sentence it does not know to the cloud as Opus over
 MQTT 5 request/response. The worker transcribes it with Whisper (tiny.en), finds it
-outside the vocabulary, stores it, and answers with the transcript on the device's
-result topic. The summary ends with what the worker's database holds.
+outside the vocabulary, stores it, and replies with the transcript on the device's
+reply topic; the device then publishes the utterance's one result on its result topic,
+with nothing acted on. The summary ends with what the worker's database holds.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def describe(topic: str, envelope: Envelope) -> str:
     kind = type(message).__name__
     if kind == "Utterance":
         detail = f"{len(message.audio)} bytes of Opus, {message.duration_s:.2f} s, reply to {envelope.response_topic}"
-    elif kind == "Result":
-        detail = f"source={message.source} intent={message.intent} error={message.error and message.error.code}"
+    elif kind in ("CloudReply", "Result"):
+        detail = f"intent={message.intent} error={message.error and message.error.code}"
+        if kind == "Result":
+            detail = f"source={message.source} {detail} acted={message.acted}"
         if message.transcript is not None:
             detail += f" transcript={message.transcript!r} confidence={message.confidence:.2f}"
     elif kind == "DeviceStatus":
@@ -121,15 +124,19 @@ def main() -> int:
     print("\nthe worker's database (.run/demo/worker.sqlite3):")
     print("  " + ", ".join(f"{table} {count}" for table, count in rows.items()))
     results = [line for line in traffic if "Result:" in line]
-    edge = any("source=edge intent=lights_on" in line for line in results)
-    cloud = any("source=cloud" in line and "error=None transcript=" in line for line in results)
+    edge = any("source=edge intent=lights_on error=None acted=True" in line for line in results)
+    replies = [index for index, line in enumerate(traffic) if "CloudReply:" in line and "transcript=" in line]
+    cloud = [index for index, line in enumerate(traffic) if "Result: source=cloud" in line and "transcript=" in line]
+    # The worker's reply, then the device's result of that utterance.
+    cloud = len(replies) == len(cloud) == 1 and replies[0] < cloud[0]
     ok = device.returncode == 0 and edge and cloud and rows["transcripts"] == 1
     if not ok:
         print(device.stderr, file=sys.stderr)
     print(
         "\nThe device decided 'turn on the lights' on its own (no audio left it) and asked the cloud about the"
         "\nsentence outside its vocabulary. The worker transcribed it, found no intent in the vocabulary,"
-        "\nstored it and answered with the transcript; logs are in .run/demo/."
+        "\nstored it and replied to the device with the transcript, which the device published as the"
+        "\nsentence's result, acting on nothing; logs are in .run/demo/."
         if ok
         else "\ndemo FAILED"
     )

@@ -51,7 +51,7 @@ from device.settings import CaptureSettings, DenoiseMode, settings_from_dict
 from firmware_tools.peers import load_peers
 from schemas.envelope import Envelope
 from schemas.mqtt import MqttLink
-from schemas.protocol import Message, decode
+from schemas.protocol import decode
 from schemas.result import Result, Source
 from schemas.topics import RESULT
 
@@ -344,10 +344,11 @@ class TimedRuntime(DeviceRuntime):
         finally:
             self._answering = None
 
-    def _send(self, message: Message) -> bool:
-        if isinstance(message, Result) and self._answering is not None:
+    def _keep(self, message: Result) -> bool:
+        # Results go through the outbox (_keep); _send is only the retained status.
+        if self._answering is not None:
             self.sent[message.utterance_id] = self._answering
-        return super()._send(message)
+        return super()._keep(message)
 
 
 def endpoint_to_result(model: LocalModel, utterances: int, folder: Path) -> dict:

@@ -22,11 +22,11 @@ and device/self_test_clips/, encoded to Opus) into their outboxes, paced over
   closes their connections and refuses new ones for ``--cut-s``, while they go on
   putting utterances into their outboxes.
 
-An observer with a persistent session counts the cloud results of each utterance on
-``mqvox/v1/devices/+/result``, until all are answered (then ``settle_s`` more, for late
+An observer with a persistent session counts the workers' replies to each utterance on
+``mqvox/v1/devices/+/reply``, until all are answered (then ``settle_s`` more, for late
 duplicates), ``--deadline-s`` passes, or none came for ``--stall-s``. Progress goes to
 stderr; the last stdout line is one JSON object mapping each fault to {"sent",
-"answered", "duplicated", "lost"}, with beside them: ``error_results`` (answers carrying
+"answered", "duplicated", "lost"}, with beside them: ``error_results`` (replies carrying
 an error), ``unsent`` (left in the outboxes), ``answered_twice_in_worker_logs``,
 ``elapsed_s``, ``fault`` (evidence that the fault happened mid-load), and when they
 apply ``lost_sample`` (some lost ids) and ``hung_devices`` (an outbox sender that would
@@ -61,8 +61,8 @@ from device.settings import OutboxSettings
 from schemas.envelope import Envelope
 from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.protocol import decode
-from schemas.result import Result, Source
-from schemas.topics import RESULT
+from schemas.reply import CloudReply
+from schemas.topics import REPLY
 from schemas.utterance import UploadReason, Utterance, new_utterance_id
 
 REPO = Path(__file__).resolve().parent.parent
@@ -339,20 +339,23 @@ class Database:
 
 
 class Observer:
-    """Counts the cloud results of each utterance, on a persistent session that misses nothing across restarts."""
+    """Counts the workers' replies to each utterance, on a persistent session that misses nothing across restarts.
+
+    The simulated devices are outboxes, not device runtimes: nobody turns the replies into results, so the
+    workers' answers are counted where they publish them, on the reply topics."""
 
     def __init__(self, client_id: str, broker: BrokerSettings) -> None:
         self._lock = threading.Lock()
         self.results: Counter[str] = Counter()
-        """Cloud results received, by utterance id."""
+        """Replies received, by utterance id."""
         self.errors: Counter[str] = Counter()
         """Of those, the ones carrying an error, by utterance id."""
         self.link = MqttLink(client_id, broker, clean_start=False, session_expiry_s=3600)
-        self.link.subscribe(RESULT.filter(), self._receive)
+        self.link.subscribe(REPLY.filter(), self._receive)
 
     def _receive(self, topic: str, envelope: Envelope) -> None:
         message = decode(topic, envelope)
-        if not isinstance(message, Result) or message.source != Source.CLOUD:
+        if not isinstance(message, CloudReply):
             return
         with self._lock:
             self.results[message.utterance_id] += 1
@@ -657,11 +660,11 @@ class FaultRig:
 
 
 PUBLISHING_EVENTS = ("answered", "answered again from storage")
-"""Worker log events that stand for one publication of a result."""
+"""Worker log events that stand for one publication of a reply."""
 
 
 def _publications(worker: WorkerProcess, ids: set[str]) -> Counter[str]:
-    """How many times the worker's log says it published a result, by utterance id (of ``ids``)."""
+    """How many times the worker's log says it published a reply, by utterance id (of ``ids``)."""
     return Counter(
         event.get("utterance_id")
         for event in worker.events()

@@ -4,8 +4,9 @@
   json.dumps + json.loads of the same document;
 - opus: encoding real speech to Opus in OGG, as a real-time factor, and its size
   against 16-bit PCM;
-- round trip: device -> worker -> device through a real Mosquitto (decode, checks,
-  answer) against a bare MQTT 5 echo of the same payload between the same two hosts.
+- round trip: device -> worker -> device (the utterance, then the worker's reply on the
+  device's reply topic) through a real Mosquitto (decode, checks, answer) against a bare
+  MQTT 5 echo of the same payload between the same two hosts.
 
 Prints one JSON object; every time is a median over repeats (the machine is shared).
 Run: .venv/bin/python bench/protocol.py [--repeats N]
@@ -100,6 +101,7 @@ def bench_round_trip(repeats: int) -> dict:
             started = time.perf_counter()
             assert cloud.ask(utterance, timeout_s=10) is not None
             protocol_times.append(time.perf_counter() - started)
+        cloud.close()
         service.stop()
 
         # Peer: the same payload echoed by a bare MQTT 5 client, no checks, no decoding.

@@ -11,16 +11,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from schemas.topics import ERROR, PREFIX, RESULT, STATUS, UTTERANCE, check_identifier
+from schemas.topics import ERROR, PREFIX, REPLY, RESULT, STATUS, UTTERANCE, check_identifier
 
 
 class Role(StrEnum):
     """What a client is, and so which topics it may use."""
 
     DEVICE = "device"
-    """A listening device: its own utterances, status and results; the model topics."""
+    """A listening device: its own utterances, status and results out, its own replies in; the model topics."""
     WORKER = "worker"
-    """A cloud worker: every device's utterances in, results and error reports out."""
+    """A cloud worker: every device's utterances in, replies to them and error reports out (never results)."""
     OPERATOR = "operator"
     """Fleet tooling (firmware_tools publish / rollout / status): model topics out, statuses and errors in."""
     CONSUMER = "consumer"
@@ -64,13 +64,15 @@ ROLE_RULES: dict[Role, tuple[Rule, ...]] = {
     Role.DEVICE: (
         Rule(Access.WRITE, _device_topic(UTTERANCE)),
         Rule(Access.WRITE, _device_topic(STATUS)),
-        # Edge results out, cloud results in.
-        Rule(Access.READWRITE, _device_topic(RESULT)),
+        # The one final result of each utterance, edge or cloud: the device alone publishes it.
+        Rule(Access.WRITE, _device_topic(RESULT)),
+        # The workers' replies to its utterances: no one else reads them.
+        Rule(Access.READ, _device_topic(REPLY)),
         Rule(Access.READ, MODELS),
     ),
     Role.WORKER: (
         Rule(Access.READ, UTTERANCE.filter()),
-        Rule(Access.WRITE, RESULT.filter()),
+        Rule(Access.WRITE, REPLY.filter()),
         Rule(Access.WRITE, ERROR.topic()),
     ),
     Role.OPERATOR: (

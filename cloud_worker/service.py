@@ -4,17 +4,20 @@ For each batch: check every utterance (schema, topic, Opus audio, the worker's l
 answer the ones already stored from storage (a redelivery is never transcribed twice,
 and one whose answer was already published is acknowledged without a second answer);
 transcribe the rest together; map each transcript to an intent; store everything in
-one commit; publish each result on its Response Topic with its Correlation Data; only
-then acknowledge the MQTT messages; and record the publications, so that a message the
-broker sends again (its acknowledgement lost with a connection) gets no second answer.
+one commit; reply to each on its device's reply topic (the utterance's Response Topic,
+which must be that topic) with its Correlation Data; only then acknowledge the MQTT
+messages; and record the publications, so that a message the broker sends again (its
+acknowledgement lost with a connection) gets no second answer.
 
 The worker's MQTT session is persistent: what arrives while it is down waits for it at
 the broker, and what it had not acknowledged comes again. While the database is
 unavailable, the batch in hand is retried with backoff and nothing is acknowledged, so
 the broker holds everything until the database is back.
 
-Refused input gets an error report on the error topic, and an error result when the
-request can be trusted that far; the worker goes on with the next one.
+Refused input gets an error report on the error topic, and an error reply when the
+request can be trusted that far; the worker goes on with the next one. The worker never
+publishes on a device's result topic: the device judges the reply and publishes the
+utterance's one result itself.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.mqtt import Delivery, MqttLink, PublishRefused
 from schemas.protocol import decode
+from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source
-from schemas.topics import RESULT, UTTERANCE, shared_filter
+from schemas.topics import REPLY, UTTERANCE, shared_filter
 from schemas.utterance import Utterance
 from schemas.vocabulary import load_vocabulary
 
@@ -355,9 +359,13 @@ class UtteranceService:
         )
 
     def _answer(self, received: _Received, result: Result, *, how: str) -> bool:
-        """Publish ``result`` on the device's result topic, then acknowledge; unacknowledged if the publish fails."""
+        """Reply with ``result`` on the device's reply topic, then acknowledge; unacknowledged if the publish fails.
+
+        Only there: the Response Topic was checked to be that topic (Utterance.from_wire), and the result topic is
+        the device's to publish on.
+        """
         try:
-            self._link.send(result)
+            self._link.send(CloudReply.of_result(result))
         except (PublishRefused, TimeoutError, ProtocolError) as error:
             log.error("could not publish the answer: %s", error, extra=_ids(result))
             return False
@@ -392,17 +400,18 @@ class UtteranceService:
         if device_id is None or utterance_id is None:
             return
         try:
-            # Answer only on the device's own result topic, never on a topic the request chose.
-            if envelope.response_topic != RESULT.topic(device_id=device_id):
+            # Answer only on the device's own reply topic, never on a topic the request chose: a device of the
+            # previous release, naming its result topic, gets the error report and no reply.
+            if envelope.response_topic != REPLY.topic(device_id=device_id):
                 return
-            answer = Result.failure(
+            failure = Result.failure(
                 device_id,
                 utterance_id,
                 Source.CLOUD,
                 ErrorInfo(error.code, str(error)[:1024]),
                 timings_ms={"total": 0.0},
             )
-            self._link.send(answer)
+            self._link.send(CloudReply.of_result(failure))
         except ProtocolError:
             # The ids themselves are what is wrong: the error report is all we can do.
             return

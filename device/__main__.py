@@ -13,6 +13,7 @@ from pathlib import Path
 
 from device.audio_sources import AudioSourceError, FileSource, open_configured_source
 from device.capture import NoSpeech
+from device.cloud_answer import cloud_result
 from device.cloud_client import CloudClient
 from device.detector import WakeEvent
 from device.local_model import ModelUnavailable, load_configured_model
@@ -21,9 +22,10 @@ from device.presence import Presence
 from device.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
 from device.self_test import SelfTestUnavailable
 from device.settings import DenoiseMode, DeviceSettings, SettingsError, load_settings
-from schemas.errors import ProtocolError
+from schemas.errors import ErrorCode, ProtocolError
 from schemas.logfmt import configure_logging
 from schemas.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, broker_from_arguments
+from schemas.result import ErrorInfo, Result, Source
 from schemas.signing import SignatureError
 from schemas.status import DeviceState
 from schemas.topics import check_identifier
@@ -33,7 +35,11 @@ log = logging.getLogger("device")
 
 
 def send(args: argparse.Namespace) -> int:
-    """Upload each file as an utterance, wait for the cloud's answer, print one JSON line per file."""
+    """Upload each file as an utterance, wait for the cloud's reply, publish and print one result per file.
+
+    ``send`` acts on nothing, so no confidence floor applies: each result carries the cloud's intent as heard,
+    with ``acted`` false (or a cloud_timeout error when no reply came).
+    """
     device_id = check_identifier("device_id", args.device_id)
     presence = Presence(device_id, model_version=None)
     broker = broker_from_arguments(args)
@@ -58,19 +64,23 @@ def send(args: argparse.Namespace) -> int:
                 continue
             started = time.monotonic()
             presence.counters["cloud_requests"] += 1
-            result = cloud.ask(utterance, timeout_s=args.timeout)
-            line |= {
-                "utterance_id": utterance.utterance_id,
-                "round_trip_ms": round(1000 * (time.monotonic() - started)),
-            }
-            if result is None:
+            reply = cloud.ask(utterance, timeout_s=args.timeout)
+            round_trip_ms = round(1000 * (time.monotonic() - started))
+            line |= {"utterance_id": utterance.utterance_id, "round_trip_ms": round_trip_ms}
+            if reply is None:
                 failures += 1
                 presence.counters["cloud_timeouts"] += 1
                 line["error"] = f"no answer from the cloud within {args.timeout} s"
+                timeout = ErrorInfo(ErrorCode.CLOUD_TIMEOUT, line["error"])
+                timings = {"total": round_trip_ms}
+                result = Result.failure(device_id, utterance.utterance_id, Source.EDGE, timeout, timings)
             else:
                 presence.counters["cloud_results"] += 1
+                result = cloud_result(reply, min_confidence=0.0, may_act=False, total_ms=round_trip_ms)
                 line["result"] = result.to_dict()
+            link.send(result)
             print(json.dumps(line), flush=True)
+        cloud.close()
         link.send(presence.status(DeviceState.OFFLINE))
     return 1 if failures else 0
 
@@ -170,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         "send",
         help="upload recordings to the cloud as utterances and print its answers",
         description="Upload each recording (WAV, FLAC or OGG; resampled to 16 kHz mono) as an utterance, "
-        "over MQTT 5 request/response, and print one JSON line per file with the cloud's result. "
-        "Announces the device online (retained status, with an offline Last Will) while it runs.",
+        "over MQTT 5 request/response, and print one JSON line per file with its result: the cloud's reply as "
+        "heard (send acts on nothing, so acted is false and no confidence floor applies), also published on the "
+        "device's result topic. Announces the device online (retained status, with an offline Last Will) while "
+        "it runs.",
     )
     sender.add_argument("files", nargs="+", type=Path, metavar="FILE")
     sender.add_argument("--device-id", required=True, help="this device's id (letters, digits, '_', '-', '.')")

@@ -67,6 +67,18 @@ class OutboxEntry:
 
 
 @dataclass(frozen=True)
+class HeldRequest:
+    """A request to the cloud (an utterance) still in the outbox."""
+
+    seq: int
+    """Its position in the outbox."""
+    utterance_id: str
+    """The utterance it asks about."""
+    created_at: float
+    """Unix time (seconds) it was put in the outbox."""
+
+
+@dataclass(frozen=True)
 class OutboxStats:
     """How full the outbox is, and what it gave up."""
 
@@ -168,6 +180,14 @@ class Outbox:
                 (after, limit),
             ).fetchall()
         return [_entry(row) for row in rows]
+
+    def held_requests(self) -> list[HeldRequest]:
+        """The utterances still waiting for the broker, oldest first (without their audio)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, utterance_id, created_at FROM messages WHERE kind = ? ORDER BY seq", (UTTERANCE.name,)
+            ).fetchall()
+        return [HeldRequest(seq, utterance_id, created_at) for seq, utterance_id, created_at in rows]
 
     def holds(self, seq: int) -> bool:
         """Whether the entry ``seq`` is still waiting for the broker."""

@@ -1,17 +1,24 @@
 """The device online: the listening pipeline, connected to the broker, acting on what it understands.
 
+Every utterance gets exactly one result on the device's result topic, published by
+the device, saying where the decision came from and whether the device acted on it.
 A confident command becomes an edge result at once, then its local action. An
 uncertain or out-of-vocabulary utterance goes to the cloud as Opus over MQTT 5
-request/response, on a pool of threads so that listening never waits for the
-cloud; the answer (or a ``cloud_timeout`` result) follows. With ``upload = never``
-no audio leaves the device, and the utterance is reported as ``not_understood``.
+request/response, on a pool of threads so that listening never waits for the cloud;
+the worker replies on the device's reply topic, and the device judges the reply
+(device/cloud_answer.py: it acts on a cloud intent only at ``cloud.min_confidence``
+or above) and publishes the result, then acts. Without a reply in time it publishes
+a ``cloud_timeout`` result, and a later reply is not acted on and gets no second
+result. With ``upload = never`` no audio leaves the device, and the utterance is
+reported as ``not_understood``.
 
 Results and requests go through the persistent outbox (device/outbox.py): the device
 starts, listens and acts on confident commands with the broker unreachable, and what
 it has to say is sent, in order, when the connection is back. A request that never
 reached the broker in time gets no ``cloud_timeout`` result: the cloud answers it
-once it arrives. The retained status is sent directly, and again on each reconnection
-(the broker published the offline Last Will meanwhile).
+once it arrives, and the device publishes its result then, not acted on. The retained
+status is sent directly, and again on each reconnection (the broker published the
+offline Last Will meanwhile).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from device.actions import ActionRequest, ActionRunner
 from device.audio_sources import AudioSource
 from device.capture import NoSpeech
-from device.cloud_client import CloudClient, CloudDeferred
+from device.cloud_answer import cloud_result
+from device.cloud_client import CloudClient, CloudDeferred, PastRequest
 from device.detector import WakeEvent
 from device.local_model import LocalModel
 from device.ota import ModelUpdater, StartingModel
@@ -35,6 +43,7 @@ from device.settings import DeviceSettings, UploadPolicy
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.mqtt import MqttLink, PublishRefused
 from schemas.protocol import Message
+from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source
 from schemas.status import DeviceState, OtaProgress
 from schemas.utterance import Hypothesis, UploadReason, Utterance, new_utterance_id
@@ -91,9 +100,18 @@ class DeviceRuntime:
         link = MqttLink(self.device_id, settings.broker, will=self.presence.last_will(), require_connection=False)
         with link:
             self._link = link
-            self._sender = OutboxSender(self.outbox, link, on_sent=self._sent).start()
+            self._sender = OutboxSender(self.outbox, link, on_sent=self._sent)
             if settings.cloud.upload == UploadPolicy.UNCERTAIN:
-                self._cloud = CloudClient(link, self.device_id, outbox=self.outbox, sender=self._sender)
+                # Before the sender starts: requests held from an earlier run are known as deferred before they go.
+                self._cloud = CloudClient(
+                    link,
+                    self.device_id,
+                    outbox=self.outbox,
+                    sender=self._sender,
+                    on_deferred_reply=self._deferred_reply,
+                    count=self.count,
+                )
+            self._sender.start()
             link.on_connection(lambda _session_present: self._announce.set())
             if link.connected:
                 self._send(self._status(DeviceState.ONLINE))
@@ -124,6 +142,12 @@ class DeviceRuntime:
                 # What the broker can take now goes; the rest waits in the outbox for the next start.
                 if link.connected:
                     self._sender.flush(FLUSH_ON_STOP_S)
+                    if self._cloud is not None:
+                        # Deferred requests just sent are answered within the cloud's timeout: their results too.
+                        self._cloud.settle(settings.cloud.timeout_s)
+                        self._sender.flush(FLUSH_ON_STOP_S)
+                if self._cloud is not None:
+                    self._cloud.close()
                 self._sender.stop()
                 held = self.outbox.stats().messages
                 if held:
@@ -236,6 +260,7 @@ class DeviceRuntime:
             slots=dict(event.slots),
             confidence=event.decision.confidence,
             timings_ms=event.timings_ms | {"total": _ms_since(event.utterance.endpointed_at)},
+            acted=True,
         )
         if self._keep(result):
             self.count("edge_results")
@@ -269,9 +294,9 @@ class DeviceRuntime:
             )
             self.count("cloud_requests")
             log.info("asking the cloud", extra=self._context(utterance_id, event))
-            result = self._cloud.ask(utterance, timeout_s=self.settings.cloud.timeout_s)
+            reply = self._cloud.ask(utterance, timeout_s=self.settings.cloud.timeout_s)
         except CloudDeferred as deferred:
-            # No cloud_timeout result: the request is answered by the cloud once it gets there.
+            # No cloud_timeout result: the request is answered by the cloud once it gets there (_deferred_reply).
             self.count("cloud_deferred")
             log.warning("cloud request deferred: %s", deferred, extra=self._ids(utterance_id))
             return
@@ -281,7 +306,7 @@ class DeviceRuntime:
                 "cannot ask the cloud: %s", error, extra={"device_id": self.device_id, "utterance_id": utterance_id}
             )
             return
-        if result is None:
+        if reply is None:
             self.count("cloud_timeouts")
             timeout = ErrorInfo(
                 ErrorCode.CLOUD_TIMEOUT, f"no answer from the cloud within {self.settings.cloud.timeout_s:g} s"
@@ -291,11 +316,33 @@ class DeviceRuntime:
             log.warning("cloud timeout", extra=self._ids(utterance_id))
             return
         self.count("cloud_results")
-        log.info(
-            "cloud result", extra={"device_id": self.device_id, "utterance_id": utterance_id, "intent": result.intent}
-        )
-        if result.intent is not None and result.error is None:
+        result = self._publish_cloud_result(reply, may_act=True, total_ms=_ms_since(captured.endpointed_at))
+        if result.acted:
             self._act(result.intent, result.slots, Source.CLOUD, result.confidence, utterance_id)
+
+    def _deferred_reply(self, reply: CloudReply, request: PastRequest) -> None:
+        """The cloud's reply to a request that waited in the outbox: its result, published now and not acted on
+        (a command obeyed minutes late could do harm)."""
+        self._publish_cloud_result(reply, may_act=False, total_ms=round(1000 * (time.time() - request.asked_at), 3))
+
+    def _publish_cloud_result(self, reply: CloudReply, *, may_act: bool, total_ms: float) -> Result:
+        """The utterance's one result, from the cloud's reply as this device judges it, put in the outbox."""
+        result = cloud_result(
+            reply, min_confidence=self.settings.cloud.min_confidence, may_act=may_act, total_ms=max(total_ms, 0.0)
+        )
+        under_floor = reply.error is None and result.error is not None
+        if under_floor:
+            self.count("cloud_under_floor")
+        self._keep(result)
+        context = self._ids(result.utterance_id) | {
+            "intent": reply.intent,
+            "confidence": reply.confidence,
+            "acted": result.acted,
+        }
+        if result.error is not None:
+            context |= {"code": str(result.error.code), "detail": result.error.message}
+        log.info("cloud result" if may_act else "cloud result of a deferred request, not acted on", extra=context)
+        return result
 
     def _act(self, intent: str | None, slots, source: Source, confidence: float, utterance_id: str) -> None:
         if intent is None:

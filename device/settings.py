@@ -151,6 +151,12 @@ class CaptureSettings:
             raise SettingsError(f"capture.speech_timeout_s must be positive, not {self.speech_timeout_s}")
 
 
+CLOUD_MIN_CONFIDENCE = 0.9
+"""Default of cloud.min_confidence: the cloud confidence a device needs to act on a cloud intent. Set from the
+calibration of bench/cloud.py on held-out real speakers (never trained on): the floor above which the cloud's
+wrong intents are rare enough to act on."""
+
+
 @dataclass(frozen=True)
 class CloudSettings:
     """Asking the cloud about utterances the device is unsure of."""
@@ -158,15 +164,20 @@ class CloudSettings:
     upload: UploadPolicy = UploadPolicy.UNCERTAIN
     """uncertain: send unsure utterances as Opus; never: keep all audio on the device."""
     timeout_s: float = 10.0
-    """How long to wait for the cloud's result before publishing a cloud_timeout result."""
+    """How long to wait for the cloud's reply before publishing a cloud_timeout result."""
     max_in_flight: int = 4
     """Cloud requests waiting for an answer at once; further unsure utterances wait their turn."""
+    min_confidence: float = CLOUD_MIN_CONFIDENCE
+    """The floor, in [0, 1]: the device acts on a cloud intent only when its confidence is at least this. Under
+    it the result says not_understood, with what the cloud heard and its confidence, and nothing is acted on."""
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise SettingsError(f"cloud.timeout_s must be positive, not {self.timeout_s}")
         if self.max_in_flight < 1:
             raise SettingsError(f"cloud.max_in_flight must be at least 1, not {self.max_in_flight}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise SettingsError(f"cloud.min_confidence must be in [0, 1], not {self.min_confidence}")
 
 
 class DropPolicy(StrEnum):
@@ -298,7 +309,7 @@ class DeviceSettings:
     denoise: DenoiseMode = DenoiseMode.UTTERANCE
     """RNNoise: off, utterance (on each captured utterance) or always (on the whole stream)."""
     cloud: CloudSettings = field(default_factory=CloudSettings)
-    """Upload policy and the cloud's timeout."""
+    """Upload policy, the cloud's timeout, and the confidence needed to act on a cloud intent."""
     actions: Mapping[str, ActionSettings] = field(default_factory=dict)
     """Action per intent name; the key "*" is the action for every intent without its own."""
     status_interval_s: float = 60.0

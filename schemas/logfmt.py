@@ -9,7 +9,7 @@ import time
 
 CONTEXT_FIELDS = (
     "device_id", "utterance_id", "topic", "code", "port",
-    "intent", "confidence", "score", "time_s", "detail", "duration_ms",
+    "intent", "confidence", "acted", "score", "time_s", "detail", "duration_ms",
 )  # fmt: skip
 """``extra=`` keys copied into each line when a log call gives them."""
 

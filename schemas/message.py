@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Self
 
 from schemas.envelope import Envelope
+from schemas.errors import ErrorCode, ProtocolError
 from schemas.topics import TopicSpec
 from schemas.validation import decode_json, encode_json
 
@@ -41,3 +42,23 @@ class JsonMessage:
         """Check content type and size, parse and validate; raises ProtocolError on anything else."""
         envelope.expect_content_type(cls.spec.content_type, cls.spec.name)
         return cls.from_dict(decode_json(cls.spec.name, envelope.payload, max_bytes=cls.spec.max_payload_bytes))
+
+
+class AnswerMessage(JsonMessage):
+    """Base of the JSON messages that answer one utterance (the worker's reply, the device's result).
+
+    A subclass has an ``utterance_id`` field; it travels as the MQTT 5 Correlation Data too.
+    """
+
+    def to_wire(self) -> Envelope:
+        """As any JSON message, with the utterance id as Correlation Data (it answers that request)."""
+        envelope = super().to_wire()
+        return Envelope(envelope.payload, envelope.content_type, correlation_data=self.utterance_id.encode("ascii"))
+
+    @classmethod
+    def from_wire(cls, envelope: Envelope) -> Self:
+        """As any JSON message; Correlation Data, when present, must be the utterance id."""
+        message = super().from_wire(envelope)
+        if envelope.correlation_data is not None and envelope.correlation_data != message.utterance_id.encode("ascii"):
+            raise ProtocolError(ErrorCode.MISMATCH, cls.spec.name, "correlation data must be the utterance id")
+        return message

@@ -6,16 +6,17 @@ from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.model import ModelBlob, ModelManifest
+from schemas.reply import CloudReply
 from schemas.result import Result
 from schemas.status import DeviceStatus
 from schemas.topics import spec_for
 from schemas.utterance import Utterance
 
-Message = Utterance | Result | DeviceStatus | ModelManifest | ModelBlob | ErrorReport
+Message = Utterance | CloudReply | Result | DeviceStatus | ModelManifest | ModelBlob | ErrorReport
 """Any message of the protocol."""
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.spec.name: cls for cls in (Utterance, Result, DeviceStatus, ModelManifest, ModelBlob, ErrorReport)
+    cls.spec.name: cls for cls in (Utterance, CloudReply, Result, DeviceStatus, ModelManifest, ModelBlob, ErrorReport)
 }
 """The message class of each topic kind, by TopicSpec.name."""
 
@@ -25,7 +26,7 @@ def decode(topic: str, envelope: Envelope) -> Message | None:
 
     Besides each message's own checks, the ids in the topic must be the ids in the
     message: a device cannot publish a result or status in another device's name
-    through its own topic, nor the other way round.
+    through its own topic, nor a worker reply to one device on another's reply topic.
     """
     spec, _ = spec_for(topic)
     if not envelope.payload and spec.retain:

@@ -1,4 +1,4 @@
-"""The answer to one utterance: what was said and what it means."""
+"""The final result of one utterance: what was said, what it means, who decided it and whether the device acted."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self
 
-from schemas.envelope import Envelope
-from schemas.errors import ErrorCode, ProtocolError
-from schemas.message import JsonMessage
+from schemas.errors import ErrorCode
+from schemas.message import AnswerMessage
 from schemas.topics import RESULT
 
 SlotValue = int | str
 
 
 class Source(StrEnum):
-    """Who decided the result."""
+    """Where the result's decision came from."""
 
     EDGE = "edge"
-    """The device's own model, with no audio leaving the device."""
+    """The device's own model, with no audio leaving the device (or the device alone, when the cloud did not
+    answer in time)."""
     CLOUD = "cloud"
-    """A cloud worker, from the uploaded audio."""
+    """A cloud worker's reply about the uploaded audio, as the device judged it."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,12 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True)
-class Result(JsonMessage):
-    """An edge or cloud result, published on the device's result topic."""
+class Result(AnswerMessage):
+    """The one final result of an utterance, published by the device on its result topic.
+
+    Cloud workers do not publish results: they reply to the device (schemas/reply.py), which decides whether to
+    act on the reply and then publishes this.
+    """
 
     spec = RESULT
 
@@ -66,6 +70,9 @@ class Result(JsonMessage):
     """Stage durations (milliseconds); always has ``total``."""
     error: ErrorInfo | None = None
     """Why the utterance could not be understood, or None on success."""
+    acted: bool = False
+    """Whether the device acted on the intent (handed it to its action for that intent). False for an error, a
+    cloud answer under the device's floor, one that came after the device stopped waiting, or no intent."""
     sent_at: float = field(default_factory=time.time)
     """Unix time (seconds) of publication."""
 
@@ -89,19 +96,6 @@ class Result(JsonMessage):
     def topic(self) -> str:
         return RESULT.topic(device_id=self.device_id)
 
-    def to_wire(self) -> Envelope:
-        """As any JSON message, with the utterance id as Correlation Data (it answers that request)."""
-        envelope = super().to_wire()
-        return Envelope(envelope.payload, envelope.content_type, correlation_data=self.utterance_id.encode("ascii"))
-
-    @classmethod
-    def from_wire(cls, envelope: Envelope) -> Self:
-        """As any JSON message; Correlation Data, when present, must be the utterance id."""
-        result = super().from_wire(envelope)
-        if envelope.correlation_data is not None and envelope.correlation_data != result.utterance_id.encode("ascii"):
-            raise ProtocolError(ErrorCode.MISMATCH, RESULT.name, "correlation data must be the utterance id")
-        return result
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "device_id": self.device_id,
@@ -113,6 +107,7 @@ class Result(JsonMessage):
             "confidence": self.confidence,
             "timings_ms": dict(self.timings_ms),
             "error": self.error.to_dict() if self.error else None,
+            "acted": self.acted,
             "sent_at": self.sent_at,
         }
 
@@ -128,5 +123,7 @@ class Result(JsonMessage):
             confidence=data["confidence"],
             timings_ms=data["timings_ms"],
             error=ErrorInfo.from_dict(data["error"]) if data["error"] else None,
+            # The schema requires it on the wire; a worker's database holds results stored before it existed.
+            acted=data.get("acted", False),
             sent_at=data["sent_at"],
         )

@@ -112,8 +112,18 @@ RESULT = TopicSpec(
     retain=False,
     max_payload_bytes=16 * KiB,
     content_type="application/json",
-    publisher="the device (edge) or a cloud worker (cloud)",
-    subscribers="the device, and consumers of results",
+    publisher="the device: one final result per utterance, edge or cloud",
+    subscribers="consumers of results",
+)
+REPLY = TopicSpec(
+    name="reply",
+    template=PREFIX + "/devices/{device_id}/reply",
+    qos=1,
+    retain=False,
+    max_payload_bytes=16 * KiB,
+    content_type="application/json",
+    publisher="cloud workers, answering the device's utterances",
+    subscribers="that device only",
 )
 STATUS = TopicSpec(
     name="status",
@@ -156,7 +166,7 @@ ERROR = TopicSpec(
     subscribers="operators, monitoring",
 )
 
-ALL_TOPICS = (UTTERANCE, RESULT, STATUS, MANIFEST, MODEL_BLOB, ERROR)
+ALL_TOPICS = (UTTERANCE, REPLY, RESULT, STATUS, MANIFEST, MODEL_BLOB, ERROR)
 """Every topic kind of the protocol."""
 
 MAX_PAYLOAD_BYTES = max(spec.max_payload_bytes for spec in ALL_TOPICS)

@@ -15,7 +15,7 @@ from schemas.audio import encode_opus
 from schemas.envelope import Envelope
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.result import SlotValue
-from schemas.topics import META_PROPERTY, RESULT, UTTERANCE, KiB
+from schemas.topics import META_PROPERTY, REPLY, UTTERANCE, KiB
 from schemas.validation import decode_json, encode_json
 
 MAX_META_BYTES = 8 * KiB
@@ -57,7 +57,7 @@ class Utterance:
     """A request to the cloud: Opus-in-OGG audio as the payload, metadata in the ``mqvox-meta`` user property.
 
     The request uses MQTT 5 request/response: Response Topic is the device's own
-    result topic and Correlation Data is the utterance id.
+    reply topic and Correlation Data is the utterance id.
     """
 
     spec = UTTERANCE
@@ -109,8 +109,8 @@ class Utterance:
         return UTTERANCE.topic(device_id=self.device_id)
 
     def response_topic(self) -> str:
-        """Where the answer goes: the device's own result topic."""
-        return RESULT.topic(device_id=self.device_id)
+        """Where the answer goes: the device's own reply topic, which only that device reads."""
+        return REPLY.topic(device_id=self.device_id)
 
     def meta(self) -> dict[str, Any]:
         """The metadata document (schema ``utterance``)."""
@@ -167,7 +167,7 @@ class Utterance:
             raise ProtocolError(
                 ErrorCode.MISMATCH,
                 UTTERANCE.name,
-                f"response topic must be the device's own result topic {utterance.response_topic()!r},"
+                f"response topic must be the device's own reply topic {utterance.response_topic()!r},"
                 f" not {envelope.response_topic!r}",
             )
         _check_audio(envelope.payload)

@@ -23,6 +23,7 @@ from schemas.errors import ErrorCode, ProtocolError
 SCHEMA_NAMES = (
     "common",
     "utterance",
+    "reply",
     "result",
     "status",
     "error",

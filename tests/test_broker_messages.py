@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,9 +19,10 @@ from schemas.errors import ErrorCode, ProtocolError
 from schemas.model import ModelBlob, ModelManifest
 from schemas.mqtt import PublishRefused
 from schemas.protocol import MESSAGE_TYPES, decode
+from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source
 from schemas.status import DeviceState, DeviceStatus, OtaProgress, OtaState
-from schemas.topics import MAX_PAYLOAD_BYTES, META_PROPERTY, MODEL_BLOB, RESULT, STATUS, UTTERANCE
+from schemas.topics import MAX_PAYLOAD_BYTES, META_PROPERTY, MODEL_BLOB, REPLY, RESULT, STATUS, UTTERANCE
 
 from .conftest import Inbox, make_utterance
 
@@ -36,6 +38,15 @@ def one_of_each(device_id: str) -> list:
     }
     return [
         make_utterance(device_id),
+        CloudReply(
+            device_id=device_id,
+            utterance_id="0123456789abcdef",
+            transcript="seven",
+            intent="digit",
+            slots={"value": 7},
+            confidence=0.91,
+            timings_ms={"queue": 1.5, "decode": 2.0, "asr": 150.0, "total": 154.0},
+        ),
         Result(
             device_id=device_id,
             utterance_id="0123456789abcdef",
@@ -45,6 +56,7 @@ def one_of_each(device_id: str) -> list:
             slots={"value": 7},
             confidence=0.97,
             timings_ms={"model": 11.5, "total": 13.0},
+            acted=True,
         ),
         DeviceStatus(
             device_id=device_id,
@@ -93,7 +105,7 @@ def test_utterance_request_carries_response_topic_and_correlation_data(links, de
     topic, envelope = inbox.get()
     while topic != utterance.topic():  # other tests' devices share the filter
         topic, envelope = inbox.get()
-    assert envelope.response_topic == RESULT.topic(device_id=device_id)
+    assert envelope.response_topic == REPLY.topic(device_id=device_id)
     assert envelope.correlation_data == utterance.utterance_id.encode()
     assert envelope.payload.startswith(b"OggS")  # binary Opus, not base64
     meta = json.loads(envelope.user_property(META_PROPERTY, "utterance"))
@@ -102,6 +114,7 @@ def test_utterance_request_carries_response_topic_and_correlation_data(links, de
 
 def raw_cases(device_id: str) -> list[tuple[str, str, Envelope, ErrorCode]]:
     valid_result = json.loads((FIXTURES / "result" / "valid" / "cloud_intent.json").read_text())
+    valid_reply = json.loads((FIXTURES / "reply" / "valid" / "intent.json").read_text())
     utterance_envelope = make_utterance(device_id).to_wire()
     json_type = "application/json"
     return [
@@ -117,6 +130,26 @@ def raw_cases(device_id: str) -> list[tuple[str, str, Envelope, ErrorCode]]:
             RESULT.topic(device_id=device_id),
             Envelope(json.dumps(valid_result).encode(), json_type),
             ErrorCode.MISMATCH,
+        ),
+        (
+            "reply_in_another_devices_name",
+            REPLY.topic(device_id=device_id),
+            Envelope(json.dumps(valid_reply).encode(), json_type),
+            ErrorCode.MISMATCH,
+        ),
+        (
+            "reply_answering_another_utterance",
+            REPLY.topic(device_id=device_id),
+            Envelope(
+                json.dumps(valid_reply | {"device_id": device_id}).encode(), json_type, correlation_data=b"someone-else"
+            ),
+            ErrorCode.MISMATCH,
+        ),
+        (
+            "result_as_a_reply",
+            REPLY.topic(device_id=device_id),
+            Envelope(json.dumps(valid_result | {"device_id": device_id}).encode(), json_type),
+            ErrorCode.SCHEMA_VIOLATION,
         ),
         (
             "status_without_content_type",
@@ -169,12 +202,12 @@ def raw_cases(device_id: str) -> list[tuple[str, str, Envelope, ErrorCode]]:
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(11))
 def test_invalid_messages_are_refused_by_the_receiver_with_a_clear_error(links, device_id: str, case: int) -> None:
     name, topic, envelope, code = raw_cases(device_id)[case]
     inbox = Inbox()
     links().subscribe(topic, inbox)
-    spec = {s.name: s for s in (RESULT, STATUS, UTTERANCE)}[topic.rsplit("/", 1)[1]]
+    spec = {s.name: s for s in (REPLY, RESULT, STATUS, UTTERANCE)}[topic.rsplit("/", 1)[1]]
     links().publish(topic, envelope, qos=1, retain=False)
     received_topic, received = inbox.get()
     with pytest.raises(ProtocolError) as refused:
@@ -228,7 +261,7 @@ def test_tampered_blob_is_refused(links, device_id: str) -> None:
 
 
 def test_retained_status_reaches_a_late_subscriber(links, device_id: str) -> None:
-    status = one_of_each(device_id)[2]
+    (status,) = [message for message in one_of_each(device_id) if isinstance(message, DeviceStatus)]
     links().send(status)
     inbox = Inbox()
     links().subscribe(status.topic(), inbox)
@@ -296,6 +329,15 @@ def test_error_result_cannot_carry_an_intent() -> None:
             timings_ms={"total": 1},
             error=ErrorInfo(ErrorCode.ASR_FAILED, "boom"),
         ).to_wire()
+
+
+def test_a_result_says_it_acted_only_on_an_intent_without_error() -> None:
+    acted = Result("pi-1", "0123456789abcdef", Source.CLOUD, "hm", None, {}, 0.4, {"total": 1}, acted=True)
+    with pytest.raises(ProtocolError):
+        acted.to_wire()
+    with pytest.raises(ProtocolError):
+        dataclasses.replace(acted, error=ErrorInfo(ErrorCode.NOT_UNDERSTOOD, "under the floor")).to_wire()
+    dataclasses.replace(acted, intent="stop").to_wire()
 
 
 def test_links_disable_nagle_on_their_socket(links) -> None:

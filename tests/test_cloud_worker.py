@@ -1,4 +1,5 @@
-"""The worker's utterance service against a real Mosquitto: every request answered once, bad input refused clearly."""
+"""The worker's utterance service against a real Mosquitto: every request answered once, on the device's reply topic
+only, bad input refused clearly."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode
 from schemas.protocol import decode
+from schemas.reply import CloudReply
 from schemas.result import Result, Source
-from schemas.topics import ERROR, META_PROPERTY, RESULT, UTTERANCE
+from schemas.topics import ERROR, META_PROPERTY, REPLY, RESULT, UTTERANCE
 
 from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox, make_utterance, wait_until
 
@@ -37,7 +39,15 @@ def worker(worker_factory) -> UtteranceService:
     return worker_factory(f"g{next(_groups)}", "solo")
 
 
+def replies_to(device_id: str, links) -> Inbox:
+    """What arrives on the device's reply topic, where the worker answers."""
+    inbox = Inbox()
+    links().subscribe(REPLY.topic(device_id=device_id), inbox)
+    return inbox
+
+
 def results_of(device_id: str, links) -> Inbox:
+    """What arrives on the device's result topic, which is the device's alone: the worker never publishes there."""
     inbox = Inbox()
     links().subscribe(RESULT.topic(device_id=device_id), inbox)
     return inbox
@@ -59,28 +69,25 @@ def next_report_about(inbox: Inbox, topic: str) -> ErrorReport:
 def test_an_out_of_vocabulary_utterance_is_answered_with_its_transcript_and_no_intent(
     worker, links, device_id: str
 ) -> None:
-    results = results_of(device_id, links)
+    results, device_results = replies_to(device_id, links), results_of(device_id, links)
     utterance = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE)
     links().send(utterance)
     topic, envelope = results.get(10)
     result = decode(topic, envelope)
     assert envelope.correlation_data == utterance.utterance_id.encode()
-    assert (result.utterance_id, result.source, result.intent, result.error) == (
-        utterance.utterance_id,
-        Source.CLOUD,
-        None,
-        None,
-    )
+    assert isinstance(result, CloudReply) and topic == REPLY.topic(device_id=device_id)
+    assert (result.utterance_id, result.intent, result.error) == (utterance.utterance_id, None, None)
     assert "weather be like tomorrow" in result.transcript.lower()
     assert 0 < result.confidence <= 1
     timings = result.timings_ms
     assert set(timings) == {"queue", "decode", "asr", "total"}
     assert timings["total"] >= timings["queue"] + timings["asr"] and timings["decode"] > 0
     results.expect_nothing()  # exactly one answer
+    device_results.expect_nothing()  # and none on the result topic, which is the device's to publish on
 
 
 def test_a_command_is_answered_with_its_intent(worker, links, device_id: str) -> None:
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     links().send(make_utterance(device_id))  # "hey jarvis, turn on the lights"
     result = decode(*results.get(10))
     assert (result.intent, result.slots, result.error) == ("lights_on", {}, None)
@@ -88,7 +95,7 @@ def test_a_command_is_answered_with_its_intent(worker, links, device_id: str) ->
 
 
 def test_corrupt_audio_gets_an_error_result_and_a_report(worker, links, device_id: str) -> None:
-    results, reports = results_of(device_id, links), error_reports(links)
+    results, reports = replies_to(device_id, links), error_reports(links)
     good = make_utterance(device_id).to_wire()
     corrupt = Envelope(
         b"OggS" + bytes(3000), good.content_type, good.user_properties, good.response_topic, good.correlation_data
@@ -101,7 +108,7 @@ def test_corrupt_audio_gets_an_error_result_and_a_report(worker, links, device_i
 
 
 def test_announced_duration_must_match_the_audio(worker, links, device_id: str) -> None:
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     links().send(make_utterance(device_id, duration_s=9.5))
     answer = decode(*results.get(10))
     assert answer.error.code == ErrorCode.MISMATCH and "9.500 s" in answer.error.message
@@ -109,13 +116,13 @@ def test_announced_duration_must_match_the_audio(worker, links, device_id: str) 
 
 def test_a_request_cannot_redirect_the_answer(worker, links, device_id: str) -> None:
     victim = f"{device_id}-victim"
-    victim_results, own_results, reports = results_of(victim, links), results_of(device_id, links), error_reports(links)
+    victim_results, own_results, reports = replies_to(victim, links), replies_to(device_id, links), error_reports(links)
     good = make_utterance(device_id).to_wire()
     redirected = Envelope(
         good.payload,
         good.content_type,
         good.user_properties,
-        RESULT.topic(device_id=victim),
+        REPLY.topic(device_id=victim),
         good.correlation_data,
     )
     links().publish(UTTERANCE.topic(device_id=device_id), redirected, qos=1, retain=False)
@@ -123,6 +130,22 @@ def test_a_request_cannot_redirect_the_answer(worker, links, device_id: str) -> 
     assert report.code == ErrorCode.MISMATCH
     victim_results.expect_nothing()
     own_results.expect_nothing()
+
+
+def test_a_request_naming_the_result_topic_as_before_is_refused_and_answered_nowhere(
+    worker, links, device_id: str
+) -> None:
+    """A device of the previous release names its result topic as Response Topic: no reply, no result, a report."""
+    replies, results, reports = replies_to(device_id, links), results_of(device_id, links), error_reports(links)
+    good = make_utterance(device_id).to_wire()
+    previous = dataclasses.replace(good, response_topic=RESULT.topic(device_id=device_id))
+    links().publish(UTTERANCE.topic(device_id=device_id), previous, qos=1, retain=False)
+    report = next_report_about(reports, UTTERANCE.topic(device_id=device_id))
+    assert report.code == ErrorCode.MISMATCH and "reply topic" in report.message
+    assert RESULT.topic(device_id=device_id) in report.message
+    replies.expect_nothing()
+    results.expect_nothing()
+    assert worker.counts["refused"] == 1 and worker.counts["answered"] == 0
 
 
 def test_unicode_device_id_in_the_topic_is_reported_not_answered(worker, links, device_id: str) -> None:
@@ -134,7 +157,7 @@ def test_unicode_device_id_in_the_topic_is_reported_not_answered(worker, links, 
 
 
 def test_worker_keeps_answering_after_bad_input(worker, links, device_id: str) -> None:
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     sender = links()
     topic = UTTERANCE.topic(device_id=device_id)
     for junk in (Envelope(b"", None), Envelope(b"\x00" * 10, "audio/ogg; codecs=opus"), Envelope(b"{}", "x")):
@@ -153,12 +176,12 @@ def test_workers_of_one_group_split_the_load_and_answer_each_utterance_once(
 ) -> None:
     group = f"g{next(_groups)}"
     workers = [worker_factory(group, "a"), worker_factory(group, "b")]
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     sender = links()
     sent = [make_utterance(device_id) for _ in range(8)]
     for utterance in sent:
         sender.send(utterance)
-    answers: list[Result] = [decode(*results.get(15)) for _ in sent]
+    answers: list[CloudReply] = [decode(*results.get(15)) for _ in sent]
     results.expect_nothing()
     assert sorted(a.utterance_id for a in answers) == sorted(u.utterance_id for u in sent)
     assert wait_until(lambda: sum(w.counts["answered"] for w in workers) == len(sent))
@@ -185,7 +208,7 @@ def _with_audio(utterance, samples: np.ndarray) -> Envelope:
 def test_unusable_audio_gets_an_error_result_and_the_worker_goes_on(
     worker, links, device_id: str, audio: np.ndarray, code: ErrorCode
 ) -> None:
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     sender = links()
     refused = make_utterance(device_id)
     sender.publish(refused.topic(), _with_audio(refused, audio), qos=1, retain=False)
@@ -199,7 +222,7 @@ def test_unusable_audio_gets_an_error_result_and_the_worker_goes_on(
 
 
 def test_metadata_that_breaks_the_schema_is_refused(worker, links, device_id: str) -> None:
-    results, reports = results_of(device_id, links), error_reports(links)
+    results, reports = replies_to(device_id, links), error_reports(links)
     utterance = make_utterance(device_id)
     good = utterance.to_wire()
     meta = json.loads(dict(good.user_properties)[META_PROPERTY]) | {"sample_rate": 44100}
@@ -213,7 +236,7 @@ def test_metadata_that_breaks_the_schema_is_refused(worker, links, device_id: st
 def test_a_redelivered_utterance_whose_answer_went_out_is_acknowledged_not_answered_twice(
     worker, links, device_id: str
 ) -> None:
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     sender = links()
     utterance = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE)
     sender.send(utterance)
@@ -243,9 +266,9 @@ def test_a_stored_answer_that_never_went_out_is_published_from_storage_not_trans
         timings_ms={"total": 12.0},
     )
     worker.store.save([StoredUtterance(utterance, time.time(), None, stored)])
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     links().send(utterance)
-    assert decode(*results.get(10)) == stored
+    assert decode(*results.get(10)) == CloudReply.of_result(stored)
     assert wait_until(lambda: worker.counts["replayed"] == 1)
     assert worker.counts["transcribed"] == 0
     assert wait_until(lambda: worker.store.answer_of(device_id, utterance.utterance_id).published_at is not None)
@@ -255,7 +278,7 @@ def test_the_same_utterance_twice_in_one_batch_is_transcribed_and_answered_once(
     worker_factory, links, device_id: str
 ) -> None:
     worker = worker_factory(f"g{next(_groups)}", "batch", batching=BatchSettings(max_batch=8, window_ms=500))
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     sender = links()
     utterance = make_utterance(device_id)
     sender.send(utterance)
@@ -269,7 +292,7 @@ def test_the_same_utterance_twice_in_one_batch_is_transcribed_and_answered_once(
 
 def test_a_batch_answers_each_utterance_with_its_own_words(worker_factory, links, device_id: str) -> None:
     worker = worker_factory(f"g{next(_groups)}", "batch", batching=BatchSettings(max_batch=8, window_ms=1000))
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     sender = links()
     sent = {}
     for index in range(6):
@@ -303,7 +326,7 @@ def test_nothing_is_answered_or_acknowledged_while_the_database_is_locked_and_al
     storage = StorageSettings(url=f"sqlite:///{database}", busy_timeout_s=0.2)
     retry = BackoffSettings(initial_s=0.1, max_s=0.5)
     worker = worker_factory(f"g{next(_groups)}", "locked", storage=storage, storage_retry=retry)
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another writer holds the file: every write of the worker times out
     sender = links()
@@ -328,7 +351,7 @@ def test_nothing_is_answered_or_acknowledged_while_the_database_is_locked_and_al
 
 def test_metrics_are_served_for_prometheus(worker_factory, links, device_id: str) -> None:
     worker = worker_factory(f"g{next(_groups)}", "metrics", metrics_port=0)
-    results = results_of(device_id, links)
+    results = replies_to(device_id, links)
     links().send(make_utterance(device_id))
     results.get(10)
     assert wait_until(lambda: worker.counts["answered"] == 1)

@@ -1,44 +1,130 @@
-"""The device online, against a real Mosquitto: edge results, cloud requests, timeouts, upload = never, status."""
+"""The device online, against a real Mosquitto: edge results, cloud requests and replies, the confidence floor,
+timeouts and late or unknown replies, upload = never, status."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from broker_config.broker import Broker, free_port
-from device.audio_sources import PlaylistSource
+from device.audio_sources import AudioSource, PlaylistSource
 from device.outbox import Outbox
 from device.recording import read_recording
 from device.runtime import DeviceRuntime
 from device.settings import OutboxSettings, settings_from_dict
+from device.simulated import SilenceSource
 from schemas.audio import decode_opus
+from schemas.envelope import Envelope
+from schemas.errors import ErrorCode
 from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.protocol import decode
+from schemas.reply import CloudReply
 from schemas.result import Result, Source
 from schemas.status import DeviceState
-from schemas.topics import META_PROPERTY, RESULT, STATUS, UTTERANCE
-from schemas.utterance import UploadReason
+from schemas.topics import META_PROPERTY, REPLY, RESULT, STATUS, UTTERANCE
+from schemas.utterance import UploadReason, Utterance, new_utterance_id
 
 from . import action_hooks
-from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox
+from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, REPO, Inbox, wait_until
+
+NOISE = REPO / "device" / "self_test_clips" / "negative_noise.flac"
+"""A recording with no wake phrase: a device that hears it says nothing of its own."""
 
 
-def run_device(broker_settings, device_id: str, local_model, files, **overrides) -> DeviceRuntime:
-    """Run a device over ``files`` until they end (it waits for pending cloud answers), as `device run` does."""
+def device_settings(broker_settings, device_id: str, files, **overrides):
     config = {
         "device_id": device_id,
         "broker": {"port": broker_settings.port},
         "audio": {"source": "file", "files": [str(path) for path in files]},
     } | overrides
-    runtime = DeviceRuntime(settings_from_dict(config), local_model)
+    return settings_from_dict(config)
+
+
+def run_device(broker_settings, device_id: str, local_model, files, **overrides) -> DeviceRuntime:
+    """Run a device over ``files`` until they end (it waits for pending cloud answers), as `device run` does."""
+    runtime = DeviceRuntime(device_settings(broker_settings, device_id, files, **overrides), local_model)
     runtime.run(PlaylistSource(runtime.settings.audio.files))
     return runtime
+
+
+class PlaylistThenQuiet(AudioSource):
+    """Recordings, then a quiet room until closed: a device that stays up after it has spoken."""
+
+    def __init__(self, paths) -> None:
+        self.playlist = PlaylistSource(paths)
+        self.quiet = SilenceSource(interval_s=0.05)
+
+    def blocks(self) -> Iterator:
+        yield from self.playlist.blocks()
+        yield from self.quiet.blocks()
+
+    def close(self) -> None:
+        self.playlist.close()
+        self.quiet.close()
+
+
+@contextlib.contextmanager
+def device_running(broker_settings, device_id: str, local_model, files, **overrides) -> Iterator[DeviceRuntime]:
+    """A device that hears ``files``, then stays up listening to silence until the block ends, and stops cleanly."""
+    runtime = DeviceRuntime(device_settings(broker_settings, device_id, files, **overrides), local_model)
+    thread = threading.Thread(target=runtime.run, args=(PlaylistThenQuiet(runtime.settings.audio.files),))
+    thread.start()
+    try:
+        yield runtime
+    finally:
+        runtime.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+class CloudPeer:
+    """A cloud worker played by the test: a real MQTT client on the real broker that answers each utterance of one
+    device with ``make_reply(utterance)``, on the utterance's Response Topic, once ``release`` is set."""
+
+    def __init__(self, link: MqttLink, device_id: str, make_reply: Callable[[Utterance], CloudReply]) -> None:
+        self.link = link
+        self.make_reply = make_reply
+        self.release = threading.Event()
+        self.release.set()
+        self.utterances: queue.Queue[Utterance] = queue.Queue()
+        link.subscribe(UTTERANCE.topic(device_id=device_id), self._on_utterance)
+
+    def _on_utterance(self, topic: str, envelope: Envelope) -> None:
+        utterance = decode(topic, envelope)
+        self.utterances.put(utterance)
+        # Off paho's thread, which the publish's PUBACK needs.
+        threading.Thread(target=self._answer, args=(envelope.response_topic, self.make_reply(utterance))).start()
+
+    def _answer(self, topic: str, reply: CloudReply) -> None:
+        self.release.wait(30)
+        self.link.publish(topic, reply.to_wire(), qos=1, retain=False)
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    """The device's log records whose message contains ``text``."""
+    return [record for record in caplog.records if record.name.startswith("device") and text in record.getMessage()]
+
+
+def lights(confidence: float) -> Callable[[Utterance], CloudReply]:
+    """Replies that heard "turn on the lights" as lights_on at ``confidence``."""
+
+    def reply(utterance: Utterance) -> CloudReply:
+        timings = {"queue": 1.0, "decode": 2.0, "asr": 40.0, "total": 44.0}
+        return CloudReply(
+            utterance.device_id, utterance.utterance_id, "turn on the lights", "lights_on", {}, confidence, timings
+        )
+
+    return reply
 
 
 def drain(inbox: Inbox, wait_s: float = 0.5) -> list:
@@ -70,6 +156,7 @@ def test_a_confident_command_is_published_at_once_then_acted_on(links, broker_se
     assert envelope.content_type == "application/json"
     assert envelope.correlation_data == result.utterance_id.encode()
     assert (result.source, result.intent, result.slots, result.error) == (Source.EDGE, "lights_on", {}, None)
+    assert result.acted
     assert result.confidence >= local_model.package.detection.command_threshold
     assert {"denoise", "inference", "decide", "total"} <= set(result.timings_ms)
     assert action_hooks.CALLS == [{"intent": "lights_on", "slots": {}}]
@@ -89,16 +176,17 @@ def test_a_confident_command_is_published_at_once_then_acted_on(links, broker_se
 def test_an_uncertain_utterance_goes_to_the_cloud_as_opus_with_mqtt5_properties(
     links, broker_settings, device_id, local_model, worker_factory, database_url
 ):
-    """The whole loop: device audio in, a cloud result out, and its rows in the worker's database."""
-    utterances, results = Inbox(), Inbox()
+    """The whole loop: device audio in, the worker's reply to the device, one result out, rows in the database."""
+    utterances, replies, results = Inbox(), Inbox(), Inbox()
     observer = links()
     observer.subscribe(UTTERANCE.topic(device_id=device_id), utterances)
+    observer.subscribe(REPLY.topic(device_id=device_id), replies)
     observer.subscribe(RESULT.topic(device_id=device_id), results)
     worker = worker_factory(f"g-{device_id}", device_id, database_url=database_url)
     runtime = run_device(broker_settings, device_id, local_model, [OUT_OF_VOCABULARY_SAMPLE])
     ((utterance, envelope),) = drain(utterances)
     assert envelope.content_type == UTTERANCE.content_type
-    assert envelope.response_topic == RESULT.topic(device_id=device_id)
+    assert envelope.response_topic == REPLY.topic(device_id=device_id)
     assert envelope.correlation_data == utterance.utterance_id.encode()
     assert META_PROPERTY in dict(envelope.user_properties)
     assert utterance.reason in (UploadReason.LOW_CONFIDENCE, UploadReason.OUT_OF_VOCABULARY)
@@ -106,38 +194,76 @@ def test_an_uncertain_utterance_goes_to_the_cloud_as_opus_with_mqtt5_properties(
     audio = decode_opus(utterance.audio, expected_rate=16000)
     assert audio.size / 16000 == pytest.approx(utterance.duration_s, abs=0.05)
     assert 2.0 < utterance.duration_s < 4.0  # the sentence after the wake phrase
-    # One answer, from the cloud, with the words; no edge result was published for it.
+    # One reply from the worker, to the device; one result from the device, with the words and nothing acted on.
+    ((reply, _),) = drain(replies)
     ((answer, _),) = drain(results)
     assert answer.source == Source.CLOUD and answer.utterance_id == utterance.utterance_id
     assert "weather be like tomorrow" in answer.transcript.lower() and answer.intent is None
+    assert (answer.error, answer.acted) == (None, False)
     assert runtime.presence.counters["cloud_requests"] == runtime.presence.counters["cloud_results"] == 1
-    assert worker.store.answer_of(device_id, utterance.utterance_id).result == answer
+    stored = worker.store.answer_of(device_id, utterance.utterance_id).result
+    assert reply == CloudReply.of_result(stored)
+    assert (answer.transcript, answer.confidence) == (stored.transcript, stored.confidence)
+    assert answer.timings_ms["cloud"] == stored.timings_ms["total"] < answer.timings_ms["total"]
     counts = worker.store.counts()
     assert (counts["utterances"], counts["transcripts"], counts["results"]) == (1, 1, 1), counts
 
 
-def test_the_device_acts_on_the_clouds_answer(links, broker_settings, device_id, local_model):
-    # A cloud peer on the real broker that understands everything as "lights_off".
-    responder = links()
-
-    def answer(topic, envelope):
-        utterance = decode(topic, envelope)
-        result = Result(
-            device_id, utterance.utterance_id, Source.CLOUD, "lights off", "lights_off", {}, 0.93, {"total": 1}
-        )
-        responder.publish(envelope.response_topic, result.to_wire(), qos=0, retain=False)
-
-    responder.subscribe(UTTERANCE.topic(device_id=device_id), answer)
+def answered_at(confidence: float, links, broker_settings, device_id, local_model):
+    """A device with a floor of 0.9 asks about a sentence it does not know, and a cloud peer replies that it heard
+    lights_on at ``confidence``: the device, the utterance it sent, and the one result and envelope it published."""
+    results = Inbox()
+    links().subscribe(RESULT.topic(device_id=device_id), results)
+    peer = CloudPeer(links(), device_id, lights(confidence))
     action_hooks.CALLS.clear()
     runtime = run_device(
         broker_settings,
         device_id,
         local_model,
         [OUT_OF_VOCABULARY_SAMPLE],
+        cloud={"min_confidence": 0.9},
         actions={"*": {"entry_point": "tests.action_hooks:record"}},
     )
-    assert action_hooks.CALLS == [{"intent": "lights_off", "slots": {}}]
-    assert runtime.presence.counters["cloud_results"] == 1
+    ((result, envelope),) = drain(results)  # the device's result; the peer published only its reply
+    return runtime, peer.utterances.get(5), result, envelope
+
+
+def test_a_cloud_answer_over_the_floor_is_acted_on_and_its_one_result_says_so(
+    links, broker_settings, device_id, local_model
+):
+    runtime, asked, result, envelope = answered_at(0.93, links, broker_settings, device_id, local_model)
+    assert action_hooks.CALLS == [{"intent": "lights_on", "slots": {}}]
+    assert (result.utterance_id, result.source, result.intent, result.acted) == (
+        asked.utterance_id,
+        Source.CLOUD,
+        "lights_on",
+        True,
+    )
+    assert (result.transcript, result.confidence, result.error) == ("turn on the lights", 0.93, None)
+    assert envelope.correlation_data == asked.utterance_id.encode()
+    assert result.timings_ms["cloud"] == 44.0 and result.timings_ms["asr"] == 40.0
+    assert runtime.presence.counters["cloud_results"] == 1 and runtime.presence.counters["cloud_under_floor"] == 0
+
+
+def test_a_cloud_answer_under_the_floor_is_not_acted_on_and_its_result_says_not_understood(
+    links, broker_settings, device_id, local_model
+):
+    runtime, asked, result, _ = answered_at(0.62, links, broker_settings, device_id, local_model)
+    assert action_hooks.CALLS == []
+    assert (result.utterance_id, result.source, result.intent, result.slots, result.acted) == (
+        asked.utterance_id,
+        Source.CLOUD,
+        None,
+        {},
+        False,
+    )
+    assert result.error.code == ErrorCode.NOT_UNDERSTOOD
+    assert result.error.message == (
+        "the cloud heard 'turn on the lights' as lights_on at 0.62, under this device's floor of 0.90"
+    )
+    assert (result.transcript, result.confidence) == ("turn on the lights", 0.62)  # what was heard, still said
+    counters = runtime.presence.counters
+    assert (counters["cloud_results"], counters["cloud_under_floor"], counters["actions_run"]) == (1, 1, 0)
 
 
 def test_without_an_answer_the_device_publishes_a_cloud_timeout(links, broker_settings, device_id, local_model):
@@ -154,6 +280,68 @@ def test_without_an_answer_the_device_publishes_a_cloud_timeout(links, broker_se
     assert result.error.code == "cloud_timeout" and "1 s" in result.error.message
     assert result.timings_ms["total"] >= 1000
     assert runtime.presence.counters["cloud_timeouts"] == 1
+
+
+def test_a_reply_after_the_timeout_gets_no_second_result_and_is_counted_late(
+    links, broker_settings, device_id, local_model, caplog
+):
+    caplog.set_level(logging.INFO, logger="device")
+    results = Inbox()
+    links().subscribe(RESULT.topic(device_id=device_id), results)
+    peer = CloudPeer(links(), device_id, lights(0.99))
+    peer.release.clear()  # the worker is slow: it answers once the device has given up
+    action_hooks.CALLS.clear()
+    with device_running(
+        broker_settings,
+        device_id,
+        local_model,
+        [OUT_OF_VOCABULARY_SAMPLE],
+        cloud={"timeout_s": 1},
+        actions={"*": {"entry_point": "tests.action_hooks:record"}},
+    ) as runtime:
+        timed_out = decode(*results.get(30))
+        assert (timed_out.source, timed_out.error.code, timed_out.acted) == (Source.EDGE, "cloud_timeout", False)
+        peer.release.set()
+        assert wait_until(lambda: runtime.presence.counters["cloud_late_replies"] == 1, timeout_s=10)
+        results.expect_nothing(1.0)  # one result for the utterance: the cloud_timeout
+    assert drain(results) == []
+    assert action_hooks.CALLS == []
+    assert runtime.presence.counters["cloud_results"] == 0
+    late = logged(caplog, "cloud answer after the device gave up")
+    assert len(late) == 1 and late[0].utterance_id == timed_out.utterance_id
+    assert "no second result" in late[0].getMessage() and late[0].levelno == logging.WARNING
+
+
+def test_a_reply_about_an_unknown_utterance_is_warned_about_counted_and_ignored(
+    links, broker_settings, device_id, local_model, caplog
+):
+    caplog.set_level(logging.INFO, logger="device")
+    results, statuses = Inbox(), Inbox()
+    observer = links()
+    observer.subscribe(RESULT.topic(device_id=device_id), results)
+    observer.subscribe(STATUS.topic(device_id=device_id), statuses)
+    action_hooks.CALLS.clear()
+    unknown = new_utterance_id()
+    stray = CloudReply(device_id, unknown, "turn on the lights", "lights_on", {}, 0.99, {"total": 40.0})
+    with device_running(
+        broker_settings, device_id, local_model, [NOISE], actions={"*": {"entry_point": "tests.action_hooks:record"}}
+    ) as runtime:
+        assert decode(*statuses.get(30)).state == DeviceState.ONLINE  # subscribed to its reply topic by now
+        worker = links()
+        worker.publish(REPLY.topic(device_id=device_id), stray.to_wire(), qos=1, retain=False)
+        # And replies that are not valid: logged and ignored, as any invalid message.
+        worker.publish(REPLY.topic(device_id=device_id), Envelope(b"{oops", "application/json"), qos=1, retain=False)
+        someone_else = CloudReply(f"{device_id}-other", unknown, None, None, {}, 0.0, {"total": 1.0})
+        worker.publish(REPLY.topic(device_id=device_id), someone_else.to_wire(), qos=1, retain=False)
+        assert wait_until(lambda: len(logged(caplog, "ignored invalid cloud reply")) == 2)
+        assert runtime.presence.counters["cloud_unknown_replies"] == 1
+        results.expect_nothing(1.0)
+    assert action_hooks.CALLS == []
+    warnings = [record for record in logged(caplog, unknown) if record.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "not waiting for and does not remember" in warnings[0].getMessage()
+    assert drain(results) == []
+    assert runtime.presence.counters["cloud_late_replies"] == 0
 
 
 def test_with_no_worker_subscribed_the_request_is_kept_for_later_not_timed_out(tmp_path, device_id, local_model):

@@ -32,7 +32,7 @@ from schemas.envelope import Envelope
 from schemas.mqtt import BrokerSettings, BrokerUnavailable, MqttLink, PublishRefused, TlsSettings
 from schemas.protocol import decode
 from schemas.result import Result
-from schemas.topics import ALL_TOPICS, ERROR, MANIFEST, MODEL_BLOB, RESULT, STATUS, UTTERANCE
+from schemas.topics import ALL_TOPICS, ERROR, MANIFEST, MODEL_BLOB, REPLY, RESULT, STATUS, UTTERANCE
 
 from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, REPO, wait_until
 
@@ -45,6 +45,8 @@ SENTINEL_TOPIC = "test/sentinel"
 TOPICS = {
     "utterance A": UTTERANCE.topic(device_id=DEVICE_A),
     "utterance B": UTTERANCE.topic(device_id=DEVICE_B),
+    "reply A": REPLY.topic(device_id=DEVICE_A),
+    "reply B": REPLY.topic(device_id=DEVICE_B),
     "result A": RESULT.topic(device_id=DEVICE_A),
     "result B": RESULT.topic(device_id=DEVICE_B),
     "status A": STATUS.topic(device_id=DEVICE_A),
@@ -57,8 +59,8 @@ TOPICS = {
 
 MATRIX = {
     # client: (may publish, may read), by TOPICS name. Everything else is denied.
-    DEVICE_A: ({"utterance A", "status A", "result A"}, {"result A", "manifest", "blob"}),
-    WORKER: ({"result A", "result B", "errors"}, {"utterance A", "utterance B"}),
+    DEVICE_A: ({"utterance A", "status A", "result A"}, {"reply A", "manifest", "blob"}),
+    WORKER: ({"reply A", "reply B", "errors"}, {"utterance A", "utterance B"}),
     OPERATOR: ({"manifest", "blob"}, {"manifest", "blob", "status A", "status B", "errors"}),
     CONSUMER: (set(), {"result A", "result B"}),
 }
@@ -180,7 +182,7 @@ def test_acl_matrix_publish(fleet, prod_broker, observer, name: str) -> None:
 
 
 # A topic each role may read, for its sentinel.
-SENTINEL_READ = {DEVICE_A: "result A", WORKER: "utterance A", OPERATOR: "status A", CONSUMER: "result A"}
+SENTINEL_READ = {DEVICE_A: "reply A", WORKER: "utterance A", OPERATOR: "status A", CONSUMER: "result A"}
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
@@ -209,12 +211,12 @@ def test_wildcards_do_not_widen_a_device_s_reach(fleet, prod_broker, observer) -
     with tls_link(prod_broker, fleet.client_dir(DEVICE_A)) as link:
         link.subscribe("#", collector)
         link.subscribe(f"$share/thieves/{UTTERANCE.filter()}", collector)
-        for topic_name in ("utterance B", "result B", "status B", "result A"):
+        for topic_name in ("utterance B", "reply B", "result B", "status B", "result A", "reply A"):
             observer_link.publish(TOPICS[topic_name], raw(f"{marker} {topic_name}".encode()), qos=1, retain=False)
         sentinel = f"{marker} sentinel".encode()
-        observer_link.publish(TOPICS["result A"], raw(sentinel), qos=1, retain=False)
+        observer_link.publish(TOPICS["reply A"], raw(sentinel), qos=1, retain=False)
         arrived = {payload.decode().split(" ", 1)[1] for _, payload in collector.until(sentinel)}
-    assert arrived == {"result A"}
+    assert arrived == {"reply A"}
 
 
 def test_the_worker_s_shared_subscription_gets_device_utterances(fleet, prod_broker) -> None:
@@ -228,25 +230,55 @@ def test_the_worker_s_shared_subscription_gets_device_utterances(fleet, prod_bro
         assert collector.arrived.get(timeout=5) == (TOPICS["utterance B"], b"audio")
 
 
-def test_device_a_cannot_take_over_device_b_s_session_or_read_its_results(fleet, prod_broker) -> None:
-    b_results = Collector()
-    a_results = Collector()
+def test_device_a_cannot_take_over_device_b_s_session_or_read_its_replies(fleet, prod_broker) -> None:
+    b_replies = Collector()
+    a_replies = Collector()
     log_start = prod_broker.log_size()
     with tls_link(prod_broker, fleet.client_dir(DEVICE_B)) as device_b:
-        device_b.subscribe(TOPICS["result B"], b_results)
+        device_b.subscribe(TOPICS["reply B"], b_replies)
         # The broker takes the client id from the certificate, so naming B's id gets A its own session.
         with (
             tls_link(prod_broker, fleet.client_dir(DEVICE_A), client_id=DEVICE_B) as device_a,
             tls_link(prod_broker, fleet.client_dir(WORKER)) as worker,
         ):
-            device_a.subscribe(TOPICS["result B"], a_results)
-            device_a.subscribe(TOPICS["result A"], a_results)
-            worker.publish(TOPICS["result B"], raw(b"for B"), qos=1, retain=False)
-            worker.publish(TOPICS["result A"], raw(b"for A"), qos=1, retain=False)
-            assert b_results.arrived.get(timeout=5) == (TOPICS["result B"], b"for B")  # B is still connected
-            assert a_results.until(b"for A") == []
+            device_a.subscribe(TOPICS["reply B"], a_replies)
+            device_a.subscribe(TOPICS["reply A"], a_replies)
+            worker.publish(TOPICS["reply B"], raw(b"for B"), qos=1, retain=False)
+            worker.publish(TOPICS["reply A"], raw(b"for A"), qos=1, retain=False)
+            assert b_replies.arrived.get(timeout=5) == (TOPICS["reply B"], b"for B")  # B is still connected
+            assert a_replies.until(b"for A") == []
         log = prod_broker.log_since(log_start)
         assert log.count(f"as {DEVICE_B} (") == 1 and f"as {DEVICE_A} (" in log  # A's connection was named pi-a
+
+
+def test_only_the_device_publishes_its_results_and_only_it_reads_its_replies(fleet, prod_broker, observer) -> None:
+    """The reply route of issue 18: a worker answers on the device's reply topic, never on its result topic."""
+    observer_link, _ = observer
+    own, other, results = Collector(), Collector(), Collector()
+    with (
+        tls_link(prod_broker, fleet.client_dir(WORKER)) as worker,
+        tls_link(prod_broker, fleet.client_dir(DEVICE_A)) as device_a,
+        tls_link(prod_broker, fleet.client_dir(DEVICE_B)) as device_b,
+        tls_link(prod_broker, fleet.client_dir(CONSUMER)) as consumer,
+    ):
+        device_a.subscribe(TOPICS["reply A"], own)
+        device_b.subscribe(TOPICS["reply A"], other)
+        device_b.subscribe(TOPICS["reply B"], other)  # for its sentinel
+        consumer.subscribe(RESULT.filter(), results)
+        consumer.subscribe(REPLY.filter(), results)
+        with pytest.raises(PublishRefused, match="Not authorized"):
+            worker.publish(TOPICS["result A"], raw(b"worker result"), qos=1, retain=False)
+        worker.publish(TOPICS["reply A"], raw(b"worker reply"), qos=1, retain=False)
+        assert own.arrived.get(timeout=5) == (TOPICS["reply A"], b"worker reply")
+        device_a.publish(TOPICS["result A"], raw(b"device result"), qos=1, retain=False)
+        # Each sentinel is published after the broker acknowledged what it follows, so it arrives after whatever
+        # of that its reader may read.
+        observer_link.publish(TOPICS["reply A"], raw(b"reply sentinel"), qos=1, retain=False)
+        observer_link.publish(TOPICS["reply B"], raw(b"b sentinel"), qos=1, retain=False)
+        observer_link.publish(TOPICS["result A"], raw(b"result sentinel"), qos=1, retain=False)
+        assert own.until(b"reply sentinel") == []
+        assert other.until(b"b sentinel") == []  # B reads its own replies, not A's
+        assert results.until(b"result sentinel") == [(TOPICS["result A"], b"device result")]
 
 
 WILL_CLIENT = """
@@ -366,10 +398,10 @@ def test_a_certificate_the_acl_does_not_know_can_do_nothing(fleet, prod_broker, 
     observer_link, collector = observer
     own = Collector()
     with tls_link(prod_broker, stranger) as link:
-        link.subscribe(RESULT.topic(device_id="pi-stranger"), own)
+        link.subscribe(REPLY.topic(device_id="pi-stranger"), own)
         with pytest.raises(PublishRefused, match="Not authorized"):
             link.publish(UTTERANCE.topic(device_id="pi-stranger"), raw(b"x"), qos=1, retain=False)
-        observer_link.publish(RESULT.topic(device_id="pi-stranger"), raw(b"answer"), qos=1, retain=False)
+        observer_link.publish(REPLY.topic(device_id="pi-stranger"), raw(b"answer"), qos=1, retain=False)
         observer_link.publish(SENTINEL_TOPIC, raw(b"stranger sentinel"), qos=1, retain=False)
         assert not [item for item in collector.until(b"stranger sentinel") if item[0].endswith("pi-stranger/utterance")]
         assert own.arrived.empty()
@@ -498,7 +530,7 @@ def test_a_provisioned_device_runs_over_tls_end_to_end(fleet, prod_broker, obser
         topic, payload = results.arrived.get(timeout=10)
         result = decode(topic, Envelope(payload=payload, content_type="application/json"))
         assert isinstance(result, Result) and result.device_id == DEVICE_B
-        assert result.intent == "lights_on" and result.source == "edge"
+        assert result.intent == "lights_on" and result.source == "edge" and result.acted
         seen = []
         while not statuses.arrived.empty():
             seen.append(json.loads(statuses.arrived.get()[1]))

@@ -1,6 +1,6 @@
 """Hostile utterances through a real Mosquitto to a real cloud worker.
 
-Each is refused clearly: an error result on the device's result topic when the request can be trusted that far,
+Each is refused clearly: an error reply on the device's reply topic when the request can be trusted that far,
 an error report on mqvox/v1/errors, a warning in the worker's log and its failure metric; or, where no MQTT
 client may publish it, the broker drops it with a reason in its log. After each, the worker answers the next
 valid utterance.
@@ -38,8 +38,8 @@ from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode
 from schemas.mqtt import MqttLink
 from schemas.protocol import decode
-from schemas.result import Result
-from schemas.topics import ERROR, MAX_PAYLOAD_BYTES, META_PROPERTY, RESULT, UTTERANCE
+from schemas.reply import CloudReply
+from schemas.topics import ERROR, MAX_PAYLOAD_BYTES, META_PROPERTY, REPLY, RESULT, UTTERANCE
 from schemas.utterance import Utterance, new_utterance_id
 
 from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox, make_utterance, wait_until
@@ -56,7 +56,8 @@ class Requester:
     device_id: str
     link: MqttLink
     results: Inbox
-    """Everything published on the device's result topic."""
+    """Everything published on the device's reply topic, where the worker answers, and on its result topic, where
+    the worker must never publish."""
     reports: Inbox
     """Everything published on mqvox/v1/errors."""
 
@@ -71,6 +72,7 @@ class Requester:
 
 def requester_of(worker: UtteranceService, links, device_id: str) -> Requester:
     results, reports = Inbox(), Inbox()
+    links().subscribe(REPLY.topic(device_id=device_id), results)
     links().subscribe(RESULT.topic(device_id=device_id), results)
     links().subscribe(ERROR.topic(), reports)
     return Requester(worker, device_id, links(), results, reports)
@@ -123,13 +125,15 @@ def worker_errors(caplog: pytest.LogCaptureFixture) -> str:
     )
 
 
-def next_result(requester: Requester, caplog: pytest.LogCaptureFixture, timeout_s: float = 15.0) -> Result:
+def next_result(requester: Requester, caplog: pytest.LogCaptureFixture, timeout_s: float = 15.0) -> CloudReply:
     try:
-        return decode(*requester.results.get(timeout_s))
+        answer = decode(*requester.results.get(timeout_s))
     except queue.Empty:
         raise AssertionError(
-            f"no result for {requester.device_id} in {timeout_s} s; worker errors: {worker_errors(caplog) or 'none'}"
+            f"no reply for {requester.device_id} in {timeout_s} s; worker errors: {worker_errors(caplog) or 'none'}"
         ) from None
+    assert isinstance(answer, CloudReply), f"the worker published on the result topic: {answer}"
+    return answer
 
 
 def _printable(text: str) -> str:
@@ -488,6 +492,7 @@ def test_a_device_id_in_the_topic_that_is_not_safe_is_reported_and_answered_nowh
     # 'é' in the topic is tested in test_cloud_worker.py.
     topic = f"mqvox/v1/devices/{claimed}/utterance"
     answers_there = Inbox()
+    links().subscribe(f"mqvox/v1/devices/{claimed}/reply", answers_there)
     links().subscribe(f"mqvox/v1/devices/{claimed}/result", answers_there)
     requester.publish(make_utterance(requester.device_id).to_wire(), topic)
     report = expect_refused(requester, caplog, ErrorCode.BAD_TOPIC, utterance_id=None, topic=topic)
@@ -596,6 +601,7 @@ def test_metadata_in_another_devices_name_gets_a_mismatch_result_and_the_other_d
     # A Response Topic naming the victim is tested in test_cloud_worker.py; here it is the metadata.
     victim = f"{requester.device_id}-victim"
     victim_results = Inbox()
+    links().subscribe(REPLY.topic(device_id=victim), victim_results)
     links().subscribe(RESULT.topic(device_id=victim), victim_results)
     utterance, envelope = hostile_request(requester.device_id, device_id=victim)
     requester.publish(envelope)

@@ -32,6 +32,7 @@ from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.model import MAX_BLOB_META_BYTES, Detection, Frontend, ModelBlob, ModelManifest, RolloutStage
 from schemas.protocol import MESSAGE_TYPES, Message, decode, encode
+from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source
 from schemas.status import DeviceState, DeviceStatus, OtaProgress, OtaState
 from schemas.topics import MANIFEST, META_PROPERTY, MODEL_BLOB, UTTERANCE, check_identifier, spec_for
@@ -67,19 +68,38 @@ slots = st.dictionaries(names, st.integers() | st.text(max_size=16), max_size=3)
 
 
 @st.composite
+def replies(draw: st.DrawFn) -> CloudReply:
+    error = draw(st.none() | st.builds(ErrorInfo, st.sampled_from(ErrorCode), st.text(min_size=1, max_size=200)))
+    timings = draw(st.dictionaries(_matching(r"[a-z][a-z0-9_]{0,31}"), st.floats(0, 1e9), max_size=6))
+    return CloudReply(
+        device_id=draw(device_ids),
+        utterance_id=draw(utterance_ids),
+        transcript=draw(st.none() | st.text(max_size=300)),
+        intent=None if error else draw(st.none() | names),  # the schema: an error reply has no intent
+        slots=draw(slots),
+        confidence=draw(probabilities),
+        timings_ms=timings | {"total": draw(st.floats(0, 1e9))},
+        error=error,
+        sent_at=draw(unix_times),
+    )
+
+
+@st.composite
 def results(draw: st.DrawFn) -> Result:
     error = draw(st.none() | st.builds(ErrorInfo, st.sampled_from(ErrorCode), st.text(min_size=1, max_size=200)))
     timings = draw(st.dictionaries(_matching(r"[a-z][a-z0-9_]{0,31}"), st.floats(0, 1e9), max_size=6))
+    intent = None if error else draw(st.none() | names)  # the schema: an error result has no intent
     return Result(
         device_id=draw(device_ids),
         utterance_id=draw(utterance_ids),
         source=draw(st.sampled_from(Source)),
         transcript=draw(st.none() | st.text(max_size=300)),
-        intent=None if error else draw(st.none() | names),  # the schema: an error result has no intent
+        intent=intent,
         slots=draw(slots),
         confidence=draw(probabilities),
         timings_ms=timings | {"total": draw(st.floats(0, 1e9))},
         error=error,
+        acted=intent is not None and draw(st.booleans()),  # and nothing is acted on without an intent
         sent_at=draw(unix_times),
     )
 
@@ -176,6 +196,7 @@ utterances = st.builds(
 
 MESSAGES: dict[str, st.SearchStrategy[Message]] = {
     "utterance": utterances,
+    "reply": replies(),
     "result": results(),
     "status": statuses,
     "error": error_reports,
@@ -413,6 +434,7 @@ def fixed_messages() -> dict[str, Message]:
             reason=UploadReason(meta["reason"]),
             audio=b"OggS" + bytes(64),
         ),
+        "reply": CloudReply.from_dict(load("reply", "digit")),
         "result": Result.from_dict(load("result", "edge_digit")),
         "status": DeviceStatus.from_dict(load("status", "online")),
         "error": ErrorReport.from_dict(load("error", "bad_audio")),

@@ -12,6 +12,7 @@ from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.model import ModelManifest
 from schemas.protocol import MESSAGE_TYPES
+from schemas.reply import CloudReply
 from schemas.result import Result
 from schemas.status import DeviceStatus
 from schemas.validation import SCHEMA_NAMES, decode_json, encode_json, schema_text, validate, validator
@@ -56,7 +57,13 @@ def test_invalid_fixture_is_refused_with_a_clear_error(case: tuple[str, Path]) -
     assert str(refused.value).startswith(f"invalid {name}")
 
 
-JSON_MESSAGES = {"result": Result, "status": DeviceStatus, "error": ErrorReport, "manifest": ModelManifest}
+JSON_MESSAGES = {
+    "reply": CloudReply,
+    "result": Result,
+    "status": DeviceStatus,
+    "error": ErrorReport,
+    "manifest": ModelManifest,
+}
 
 
 @pytest.mark.parametrize("case", [case for case in fixtures("valid") if case[0] in JSON_MESSAGES], ids=fixture_id)

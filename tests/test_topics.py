@@ -13,6 +13,7 @@ from schemas.topics import (
     ALL_TOPICS,
     MANIFEST,
     MODEL_BLOB,
+    REPLY,
     RESULT,
     UTTERANCE,
     check_identifier,
@@ -46,6 +47,7 @@ def test_topics_format_and_parse_back() -> None:
     assert UTTERANCE.topic(device_id="pi-1") == "mqvox/v1/devices/pi-1/utterance"
     assert MODEL_BLOB.topic(channel="stable", version="1.2.0") == "mqvox/v1/models/stable/blobs/1.2.0"
     assert spec_for("mqvox/v1/devices/pi-1/result") == (RESULT, {"device_id": "pi-1"})
+    assert spec_for("mqvox/v1/devices/pi-1/reply") == (REPLY, {"device_id": "pi-1"})
     assert spec_for("mqvox/v1/models/beta/manifest") == (MANIFEST, {"channel": "beta"})
     assert UTTERANCE.filter() == "mqvox/v1/devices/+/utterance"
     assert shared_filter("workers", UTTERANCE) == "$share/workers/mqvox/v1/devices/+/utterance"
