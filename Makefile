@@ -12,7 +12,7 @@ APT_PACKAGES := mosquitto mosquitto-clients espeak-ng flite festival festvox-kal
 	festvox-us-slt-hts libportaudio2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages demo test bench train evaluate lint format broker broker-stop clean
+.PHONY: setup system-packages demo test bench bench-real-commands train evaluate lint format broker broker-stop clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -48,6 +48,21 @@ evaluate: setup
 
 bench: setup
 	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# The cloud's real-command figures (bench/cloud.py --fsdd): FSDD from a data directory, FSDD=DIR, and real
+# non-commands from Debian game and education packages, installed here when missing (about 2.5 GB).
+VOICE_PACKAGES := hedgewars-data nexuiz-data openarena-data redeclipse-data klettres-data ktuberling-data \
+	warzone2100-data
+
+bench-real-commands: setup
+	@test -n "$(FSDD)" || { echo "usage: make bench-real-commands FSDD=DIR (the FSDD recordings)"; exit 2; }
+	@missing=""; for p in $(VOICE_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+	$(PY) bench/cloud.py --fsdd $(FSDD)
 
 lint: setup
 	$(PY) -m ruff check .

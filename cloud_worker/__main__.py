@@ -11,7 +11,8 @@ import threading
 from dataclasses import replace
 
 from cloud_worker.asr import AsrSettings, AsrUnavailable, Transcriber
-from cloud_worker.intents import IntentMatcher
+from cloud_worker.calibration import Calibration
+from cloud_worker.intents import IntentDecider
 from cloud_worker.settings import BatchSettings, UtteranceLimits, WorkerSettings
 from cloud_worker.storage import StorageSettings, StorageUnavailable
 from schemas.audio import MAX_UTTERANCE_S
@@ -35,12 +36,11 @@ def add_asr_arguments(parser: argparse.ArgumentParser) -> None:
     )
     asr.add_argument("--beam-size", type=int, default=AsrSettings.beam_size, help="1 is greedy (default: %(default)s)")
     asr.add_argument("--threads", type=int, help="CPU threads (default: every core this process may use)")
-    asr.add_argument(
-        "--prompt",
-        default=AsrSettings.prompt,
-        help="text that biases decoding; 'vocabulary' (default) builds it from the vocabulary, '' for none",
-    )
     asr.add_argument("--vocabulary", help="vocabulary TOML (default: the one shipped in schemas/)")
+    asr.add_argument(
+        "--calibration",
+        help="calibration JSON that turns phrase scores into confidences (default: cloud_worker/calibration.json)",
+    )
 
 
 def asr_from_arguments(args: argparse.Namespace) -> AsrSettings:
@@ -50,7 +50,6 @@ def asr_from_arguments(args: argparse.Namespace) -> AsrSettings:
         device=args.device,
         compute_type=args.compute_type,
         beam_size=args.beam_size,
-        prompt=args.prompt or None,
         **named,
     )
 
@@ -66,6 +65,7 @@ def serve(args: argparse.Namespace) -> int:
         batching=BatchSettings(max_batch=args.max_batch, window_ms=args.batch_window_ms),
         storage=StorageSettings(url=args.database, keep_audio=not args.no_audio),
         vocabulary=args.vocabulary,
+        calibration=args.calibration,
         metrics_port=args.metrics_port,
         session_expiry_s=args.session_expiry,
         limits=UtteranceLimits(max_audio_s=args.max_audio_s, max_payload_bytes=args.max_payload_bytes),
@@ -88,8 +88,8 @@ def transcribe(args: argparse.Namespace) -> int:
     from device.recording import RecordingError, read_recording
 
     vocabulary = load_vocabulary(args.vocabulary)
+    decider = IntentDecider(vocabulary, Calibration.load(args.calibration))
     transcriber = Transcriber(asr_from_arguments(args), vocabulary)
-    matcher = IntentMatcher(vocabulary)
     clips, readable, failed = [], [], 0
     for name in args.files:
         try:
@@ -102,14 +102,15 @@ def transcribe(args: argparse.Namespace) -> int:
             continue
         clips.append(samples)
         readable.append(name)
+    # Each file is read on its own audio alone, whichever files share its batch (tests/test_asr.py checks it).
     for name, transcript in zip(readable, transcriber.transcribe(clips) if clips else [], strict=True):
-        match = matcher.match(transcript.text)
+        match = decider.decide(transcript)
         line = {
             "file": name,
             "transcript": transcript.text,
             "intent": match.intent,
             "slots": dict(match.slots),
-            "confidence": match.confidence(transcript.confidence),
+            "confidence": match.score,
         }
         _emit(args.json, line)
     return 1 if failed else 0

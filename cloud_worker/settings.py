@@ -82,6 +82,9 @@ class WorkerSettings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     """The database, and what is kept in it."""
     vocabulary: str | None = None
-    """Vocabulary file for the prompt and intents; None for the one shipped in schemas/."""
+    """Vocabulary file of the phrases scored and the intents; None for the one shipped in schemas/."""
+    calibration: str | None = None
+    """Calibration JSON that turns phrase scores into confidences (cloud_worker/calibration.py); None for the
+    shipped cloud_worker/calibration.json."""
     metrics_port: int | None = None
     """TCP port of the Prometheus /metrics endpoint on 127.0.0.1 (0 picks a free one); None serves none."""

@@ -49,6 +49,30 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class PhraseScores:
+    """How well each command's phrases, and anything else, explain the audio (natural-log likelihoods).
+
+    cloud_worker/intents.py turns them into an intent and a calibrated confidence.
+    """
+
+    commands: Mapping[str, float]
+    """log P(any way of writing one of the command's phrases, then the end | audio), by ``Command.label``; a
+    command whose phrases were too improbable to score is absent."""
+    other: float
+    """log P(the utterance is something else | audio): words that no phrase starts with, and the free reading
+    when it starts like a phrase but is none. -inf when nothing else is possible."""
+    free: float | None
+    """log P(the free reading | audio), or None when it read no words."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"commands": dict(self.commands), "other": self.other, "free": self.free}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        return cls(commands=dict(data["commands"]), other=float(data["other"]), free=data["free"])
+
+
+@dataclass(frozen=True)
 class Transcript:
     """The recogniser's reading of one utterance."""
 
@@ -58,6 +82,14 @@ class Transcript:
     """The segments, in time order."""
     model: str
     """Which recogniser made it (model directory name and compute type)."""
+    phrases: PhraseScores | None = None
+    """The vocabulary's phrases scored against the audio; None for silence and for transcripts read back from
+    storage, which keeps only the words."""
+
+    @classmethod
+    def silence(cls, model: str) -> Self:
+        """What a silent clip reads as: no words, and nothing but "something else" possible."""
+        return cls(text="", segments=(), model=model, phrases=PhraseScores(commands={}, other=0.0, free=None))
 
     @property
     def confidence(self) -> float:

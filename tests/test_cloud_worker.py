@@ -308,6 +308,25 @@ def test_a_batch_answers_each_utterance_with_its_own_words(worker_factory, links
     assert max(_batch_sizes(worker)) > 1  # they were transcribed together
 
 
+def test_no_word_of_one_devices_utterance_reaches_another_devices_reply(worker_factory, links, device_id: str) -> None:
+    """Two devices speak at once, into one batch: each reply holds its own device's words only."""
+    worker = worker_factory(f"g{next(_groups)}", "batch", batching=BatchSettings(max_batch=8, window_ms=1000))
+    other = f"{device_id}-b"
+    own_replies, other_replies = replies_to(device_id, links), replies_to(other, links)
+    sender = links()
+    for _ in range(2):
+        sender.send(make_utterance(device_id, IN_VOCABULARY_SAMPLE))
+        sender.send(make_utterance(other, OUT_OF_VOCABULARY_SAMPLE))
+    own = [decode(*own_replies.get(15)) for _ in range(2)]
+    theirs = [decode(*other_replies.get(15)) for _ in range(2)]
+    assert max(_batch_sizes(worker)) > 1  # they shared a batch
+    weather_words = {"what", "will", "weather", "be", "like", "tomorrow"}
+    for reply in own:
+        assert reply.intent == "lights_on" and not set(reply.transcript.lower().strip(".?").split()) & weather_words
+    for reply in theirs:
+        assert reply.intent is None and not {"turn", "lights"} & set(reply.transcript.lower().split())
+
+
 def _batch_sizes(worker) -> list[float]:
     """Upper bounds of the batch-size histogram buckets that counted at least one batch."""
     buckets = [s for s in worker.metrics.batch_size.collect()[0].samples if s.name.endswith("_bucket")]
