@@ -111,7 +111,7 @@ def test_a_device_acts_from_the_shipped_calibrations_floor() -> None:
     """The device's default floor is the calibration's act_floor rounded up to two decimals, never under it."""
     from device.settings import CLOUD_MIN_CONFIDENCE
 
-    assert CLOUD_MIN_CONFIDENCE == math.ceil(Calibration.load().act_floor * 100) / 100
+    assert math.ceil(Calibration.load().act_floor * 100) / 100 == CLOUD_MIN_CONFIDENCE
 
 
 @pytest.mark.parametrize(
