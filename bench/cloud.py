@@ -472,7 +472,8 @@ def summary(report: dict) -> str:
         (
             f"cloud worker on {report['machine']['cpu_count']} cores, {report['n_utterances']} read-speech clips"
             f" ({report['audio_s']:.0f} s)",
-            f"  WER {100 * report['wer']:.1f}% (target 6%, {mark[passed['wer']]}); one at a time"
+            f"  WER {100 * report['wer']:.1f}% (target {100 * TARGETS['wer']:.0f}%, {mark[passed['wer']]});"
+            " one at a time"
             f" {100 * report['wer_unbatched']:.1f}%,"
             f" faster-whisper {100 * report['wer_faster_whisper']:.1f}%",
             f"  RTF {report['rtf']:.3f} one at a time; faster-whisper {report['rtf_faster_whisper']:.3f}"
