@@ -230,7 +230,7 @@ class Transcriber:
         encoded = self._encode(prepared)
         decoded = self._decode_free(encoded)
         for row, index in enumerate(audible):
-            transcripts[index] = self._read(encoded[row], decoded[row], _seconds(prepared[row]))
+            transcripts[index] = self._read(encoded[row], decoded[row], _seconds(prepared[row]), _seconds(clips[index]))
         return transcripts
 
     def _prepare(self, clip: np.ndarray, lead: int) -> np.ndarray:
@@ -268,12 +268,13 @@ class Transcriber:
             suppress_tokens=[-1],
         )
 
-    def _read(self, encoded: np.ndarray, free, duration_s: float) -> Transcript:
-        """The free transcript and every likely phrase's score, from one utterance's encoding alone."""
+    def _read(self, encoded: np.ndarray, free, window_s: float, duration_s: float) -> Transcript:
+        """The free transcript and every likely phrase's score, from one utterance's encoding alone; ``window_s``
+        is how far its sound reaches in the window (the lead included), ``duration_s`` the clip's own length."""
         words = [token for token in free.sequences_ids[0] if token < self._tokenizer.eot]
         while words and words[-1] in self._ends:
             words.pop()
-        frames = min(encoded.shape[0], math.ceil((duration_s + self.settings.score_margin_s) * FRAMES_PER_S))
+        frames = min(encoded.shape[0], math.ceil((window_s + self.settings.score_margin_s) * FRAMES_PER_S))
         audio = encoded[:frames]
         if getattr(free, "logits", None):
             first = _log_softmax(free.logits[0][0])
