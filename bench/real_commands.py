@@ -21,7 +21,6 @@ import hashlib
 import json
 import random
 import re
-import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,10 +30,10 @@ import numpy as np
 import cloud_worker.asr
 from cloud_worker.asr import Transcriber
 from cloud_worker.calibration import OTHER, Calibration, Sample, act_floor, fit, reliability
-from cloud_worker.intents import IntentDecider, IntentMatcher
+from cloud_worker.intents import IntentDecider, IntentMatch, IntentMatcher
 from cloud_worker.transcript import PhraseScores, Transcript
 from device.recording import read_recording
-from schemas.vocabulary import Vocabulary, vocabulary_sha256
+from schemas.vocabulary import Command, Vocabulary, vocabulary_sha256
 
 CACHE = Path(".cache/bench/cloud_scores")
 BATCH = 8
@@ -179,12 +178,10 @@ class Judged:
 
 def judge(readings: Sequence[Reading], calibration: Calibration, vocabulary: Vocabulary) -> list[Judged]:
     decider = IntentDecider(vocabulary, calibration)
-    labels = {(command.intent, tuple(sorted(command.slots.items()))): command.label for command in vocabulary.commands}
     judged = []
     for reading in readings:
         match = decider.decide(Transcript(reading.text, (), "cached", reading.phrases))
-        label = None if match.intent is None else labels[(match.intent, tuple(sorted(match.slots.items())))]
-        judged.append(Judged(reading, label, match.score))
+        judged.append(Judged(reading, _label(match), match.score))
     return judged
 
 
@@ -254,12 +251,12 @@ def peer_intents(
 ) -> list[str | None]:
     """The command label that text matching gives a peer's transcript of each recording (the old way)."""
     matcher = IntentMatcher(vocabulary)
-    labels = {(command.intent, tuple(sorted(command.slots.items()))): command.label for command in vocabulary.commands}
-    found = []
-    for recording in recordings:
-        match = matcher.match(transcribe(recording.read()))
-        found.append(None if match.intent is None else labels[(match.intent, tuple(sorted(match.slots.items())))])
-    return found
+    return [_label(matcher.match(transcribe(recording.read()))) for recording in recordings]
+
+
+def _label(match: IntentMatch) -> str | None:
+    """The command label of a match ('digit[value=7]'), or None without an intent."""
+    return None if match.intent is None else Command(match.intent, match.slots, ()).label
 
 
 def peer_shares(recordings: Sequence[Recording], labels: Sequence[str | None]) -> dict:
@@ -289,10 +286,6 @@ def calibration_error(judged: Sequence[Judged]) -> float:
 
 def floor_from(judged: Sequence[Judged], precision: float = 0.995) -> float | None:
     return act_floor([(j.confidence, j.right) for j in judged if j.intent_label is not None], precision)
-
-
-def median_or_none(values: Sequence[float]) -> float | None:
-    return round(statistics.median(values), 4) if values else None
 
 
 def with_floor(calibration: Calibration, floor: float, fitted_on: str) -> Calibration:
