@@ -133,9 +133,13 @@ def detect(args: argparse.Namespace) -> int:
             _print(args, {"event": "error", "file": str(path), "error": str(error)})
             continue
         events += pipeline.finish()
-        for event in events:
-            if not isinstance(event, NoSpeech):
-                _print(args, event_line(path, event))
+        shown = [event for event in events if not isinstance(event, NoSpeech)]
+        for event in shown:
+            _print(args, event_line(path, event))
+        if not shown:
+            # Said plainly, so that a file that yields nothing is not mistaken for one that was skipped.
+            detail = "a wake word, then no speech" if events else "no wake word heard"
+            _print(args, {"event": "nothing", "file": str(path), "detail": detail})
     return 1 if failures else 0
 
 
@@ -151,6 +155,8 @@ def _print(args: argparse.Namespace, line: dict) -> None:
             f"  confidence {line['confidence']:.4f}  -> {line['decision']}",
             flush=True,
         )
+    elif line["event"] == "nothing":
+        print(f"{line['file']}  nothing: {line['detail']}", flush=True)
     else:
         print(f"{line['file']}  error: {line['error']}", flush=True)
 

@@ -58,6 +58,18 @@ def test_detect_skip_wake_gives_one_command_event_per_file(tmp_path: Path) -> No
     assert (nothing["intent"], nothing["decision"]) == (None, "cloud")
 
 
+def test_detect_says_so_when_a_file_yields_nothing(tmp_path: Path) -> None:
+    quiet = tmp_path / "quiet.flac"
+    soundfile.write(quiet, np.zeros(48000, np.float32), 16000)
+    shown = device("detect", "--json", str(quiet), str(IN_VOCABULARY_SAMPLE))
+    assert shown.returncode == 0, shown.stderr
+    nothing, wake, command = lines(shown)
+    assert nothing == {"event": "nothing", "file": str(quiet), "detail": "no wake word heard"}
+    assert (wake["event"], command["event"]) == ("wake", "command")
+    readable = device("detect", str(quiet))
+    assert readable.stdout.strip() == f"{quiet}  nothing: no wake word heard"
+
+
 def test_detect_without_json_is_readable() -> None:
     shown = device("detect", str(IN_VOCABULARY_SAMPLE))
     assert shown.returncode == 0
