@@ -33,7 +33,8 @@ class CloudReply(AnswerMessage):
     slots: Mapping[str, SlotValue]
     """Slot values of the intent."""
     confidence: float
-    """Confidence in [0, 1] of the intent; of the transcript when there is no intent."""
+    """Calibrated probability in [0, 1] that the answer is right: that the intent is, or, without an intent, that
+    no command of the vocabulary was said (cloud_worker/README.md)."""
     timings_ms: Mapping[str, float]
     """The worker's stage durations (milliseconds): ``queue``, ``decode``, ``asr`` and ``total`` (receipt to
     answer ready); always has ``total``."""
