@@ -52,6 +52,7 @@ import numpy as np
 from read_speech import Clip, load_corpus
 from real_commands import (
     OTHER,
+    answered,
     calibration_error,
     debian_recordings,
     floor_from,
@@ -406,7 +407,7 @@ def real_commands(args: argparse.Namespace, transcriber: Transcriber, peer: Fast
                 for speaker, c in calibrations.items()
             },
             "calibration_error": calibration_error(judged),
-            "reliability": reliability([(j.confidence, j.right) for j in judged if j.intent_label is not None]),
+            "reliability": reliability(answered(judged)),
             "peer_faster_whisper_text_matching": peer_shares(peer_fsdd, peer_fsdd_labels)
             | {"every": args.peer_every, "ours_on_the_same_clips": shares(ours_on_peer_clips, floor)},
         },

@@ -276,16 +276,20 @@ def per_speaker(judged: Sequence[Judged], floor: float) -> dict[str, dict]:
     return {s: shares([j for j in judged if j.reading.recording.speaker == s], floor) for s in speakers}
 
 
+def answered(judged: Sequence[Judged]) -> list[tuple[float, bool]]:
+    """(confidence, right) of the answers that name an intent: what a device could act on."""
+    return [(j.confidence, j.right) for j in judged if j.intent_label is not None]
+
+
 def calibration_error(judged: Sequence[Judged]) -> float:
     """Expected calibration error of the answers that name an intent: |confidence - share right|, weighted."""
-    named = [(j.confidence, j.right) for j in judged if j.intent_label is not None]
-    table = reliability(named)
+    table = reliability(answered(judged))
     total = sum(row["count"] for row in table)
     return round(sum(row["count"] * abs(row["mean_confidence"] - row["right"]) for row in table) / max(total, 1), 4)
 
 
 def floor_from(judged: Sequence[Judged], precision: float = 0.995) -> float | None:
-    return act_floor([(j.confidence, j.right) for j in judged if j.intent_label is not None], precision)
+    return act_floor(answered(judged), precision)
 
 
 def with_floor(calibration: Calibration, floor: float, fitted_on: str) -> Calibration:
