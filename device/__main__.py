@@ -150,9 +150,13 @@ def _print(args: argparse.Namespace, line: dict) -> None:
         print(f"{line['file']}  {line['time_s']:7.2f} s  wake      score {line['score']:.4f}", flush=True)
     elif line["event"] == "command":
         slots = f" {line['slots']}" if line["slots"] else ""
+        # The confidence printed is always that of the class named beside it: the intent when the device
+        # decides, otherwise its best guess, which is what the cloud is asked about.
+        best = line["alternatives"][0]
+        said = f"{line['intent']}{slots}" if line["intent"] is not None else f"not sure, best guess {best['label']}"
         print(
-            f"{line['file']}  {line['time_s']:7.2f} s  command   {line['intent']}{slots}"
-            f"  confidence {line['confidence']:.4f}  -> {line['decision']}",
+            f"{line['file']}  {line['time_s']:7.2f} s  command   {said}  confidence {best['score']:.4f}"
+            f"  -> {line['decision']}",
             flush=True,
         )
     elif line["event"] == "nothing":

@@ -76,6 +76,19 @@ def test_detect_without_json_is_readable() -> None:
     assert "wake" in shown.stdout and "lights_on" in shown.stdout and "-> edge" in shown.stdout
 
 
+def test_detect_text_gives_the_confidence_of_the_class_it_names() -> None:
+    """A cloud decision names the device's best guess beside its score, never "None" beside another class's."""
+    for sample in (IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE):
+        (command,) = [line for line in lines(device("detect", "--json", str(sample))) if line["event"] == "command"]
+        text = device("detect", str(sample)).stdout.splitlines()[-1]
+        best = command["alternatives"][0]
+        assert f"confidence {best['score']:.4f}" in text and "None" not in text
+        if command["decision"] == "cloud":
+            assert f"not sure, best guess {best['label']}" in text and text.endswith("-> cloud")
+        else:
+            assert command["intent"] in text and best["intent"] == command["intent"]
+
+
 def test_detect_reports_unreadable_files_and_goes_on(tmp_path: Path) -> None:
     not_audio = tmp_path / "notes.wav"
     not_audio.write_text("not a recording")
