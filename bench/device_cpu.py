@@ -33,7 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -284,9 +286,9 @@ SLOW_RENDERINGS = ((1.15, 1.15), (1.15, 1.1), (1.0, 1.15), (1.0, 1.1))
 def long_utterance(folder: Path, model: LocalModel) -> tuple[Path, str]:
     """The ~2 s test utterance: rendered as samples/render.py renders the samples, but spoken more slowly.
 
-    The command model's score for a slowed "turn on the lights" sits near the command threshold, so
-    the first of ``SLOW_RENDERINGS`` that the pipeline decides at the edge (lights_on) is used: an
-    utterance sent to the cloud has no edge result to time. If none does, the committed sample is used.
+    The first of ``SLOW_RENDERINGS`` after whose wake the pipeline captures one command is used (the
+    always-on model must wake on it; what the command is taken for does not matter, see
+    :func:`endpoint_to_result`). If none does, the committed sample is used.
     """
     silence = np.zeros(DEVICE_SAMPLE_RATE // 10, np.float32)
     for wake_stretch, command_stretch in SLOW_RENDERINGS:
@@ -301,12 +303,11 @@ def long_utterance(folder: Path, model: LocalModel) -> tuple[Path, str]:
         )
         pipeline = ListeningPipeline(model, CaptureSettings(), DenoiseMode.UTTERANCE)
         events = [event for chunk in blocks(audio) for event in pipeline.push(chunk)] + pipeline.finish()
-        commands = [event for event in events if isinstance(event, CommandEvent)]
-        if len(commands) == 1 and commands[0].local and commands[0].intent == "lights_on":
+        if len([event for event in events if isinstance(event, CommandEvent)]) == 1:
             path = folder / "hey_jarvis_turn_on_the_lights_slow.wav"
             soundfile.write(path, audio, DEVICE_SAMPLE_RATE, subtype="FLOAT")
             return path, f"flite rms, duration_stretch {wake_stretch} (wake) and {command_stretch} (command)"
-    return LIGHTS_ON, "samples/hey_jarvis_turn_on_the_lights.flac (no slowed rendering decided at the edge)"
+    return LIGHTS_ON, "samples/hey_jarvis_turn_on_the_lights.flac (no slowed rendering woke the device)"
 
 
 class RealTimeSource(AudioSource):
@@ -352,6 +353,14 @@ class TimedRuntime(DeviceRuntime):
 
 
 def endpoint_to_result(model: LocalModel, utterances: int, folder: Path) -> dict:
+    """Endpoint to edge result, with the edge decision forced: the model's command threshold is set to 0.
+
+    The edge path costs the same whatever the model's confidence, and the figure must not depend on the
+    model being sure of one synthetic clip; so every captured command is decided on the device here.
+    """
+    model = replace(
+        model, package=replace(model.package, detection=replace(model.package.detection, command_threshold=0.0))
+    )
     path, described = long_utterance(folder, model)
     arrived: dict[str, tuple[float, Result]] = {}
 
@@ -383,7 +392,7 @@ def endpoint_to_result(model: LocalModel, utterances: int, folder: Path) -> dict
         if utterance_id not in arrived:
             continue
         at, result = arrived[utterance_id]
-        if result.source != Source.EDGE or result.intent != "lights_on":
+        if result.source != Source.EDGE:
             continue
         latencies.append(1000 * (at - event.utterance.endpointed_at))
         durations.append(event.utterance.duration_s)
@@ -398,6 +407,8 @@ def endpoint_to_result(model: LocalModel, utterances: int, folder: Path) -> dict
         "endpoint_to_result_results": len(latencies),
         "endpoint_to_result_utterances": utterances,
         "endpoint_to_result_utterance": described,
+        "endpoint_to_result_decision": "forced: command threshold 0, every captured command decided on the device",
+        "endpoint_to_result_intents": dict(Counter(arrived[u][1].intent for u in runtime.sent if u in arrived)),
         "endpoint_to_result_captured_s": round(statistics.median(durations), 3),
         "endpoint_to_result_timings_ms": {
             name: round(statistics.median(values), 3) for name, values in components.items()
