@@ -89,6 +89,25 @@ class Detection(FlatRecord):
     """After a wake, no other wake for this long (seconds)."""
     command_threshold: float
     """A command scored at or above this is decided on the device; below it, the cloud decides (0-1)."""
+    head_signature: str = ""
+    """Signature (in the same .tflite file) of a command head on the pretrained speech embedding, scoring the same
+    labels; empty when the always-on model scores commands too."""
+    head_temperature: float = 1.0
+    """The head's logits are divided by this before the softmax, so that its confidence is calibrated."""
+    verify_threshold: float = 0.0
+    """A first-stage wake stands only if the head scores the wake label at least this high on the audio before it
+    (0: every first-stage wake stands)."""
+
+    _OPTIONAL = ("head_signature", "head_temperature", "verify_threshold")
+
+    def to_dict(self) -> dict[str, Any]:
+        # The head's fields are written only when they say something: a manifest without a head stays the same
+        # JSON, and so keeps the signature it was signed with, whichever release reads and writes it.
+        data = super().to_dict()
+        for name in self._OPTIONAL:
+            if data[name] == Detection.__dataclass_fields__[name].default:
+                del data[name]
+        return data
 
 
 @dataclass(frozen=True)
