@@ -42,12 +42,19 @@ class CommandDecision:
     """True when the device decides on its own (a command at or above the command threshold)."""
 
 
+def silence_features(frontend) -> np.ndarray:
+    """A window of the features of silence: what a stream is taken to have heard before it starts."""
+    return window_features(frontend, np.zeros(window_samples(frontend), np.float32))[: frontend.frames]
+
+
 class WakeDetector:
     """Streams audio through the front end and runs the model every ``stride_frames`` frames.
 
     Keeps the last ``frontend.frames`` feature frames in a ring buffer; the wake
     score is the mean of the last ``smoothing_windows`` runs, and after a wake no
-    other fires for ``refractory_s``.
+    other fires for ``refractory_s``. The buffer starts full of silence, so the model
+    runs from the first stride: a recording that starts straight into the wake
+    phrase is heard as if someone had been quiet before it.
     """
 
     def __init__(self, classifier: TfliteClassifier, package: ModelPackage) -> None:
@@ -66,7 +73,7 @@ class WakeDetector:
         self.frontend.reset()
         self._pending: list[np.ndarray] = []
         self._pending_samples = 0
-        self._frames = np.zeros((0, frontend.num_features), np.float32)  # the last frames, oldest first
+        self._frames = silence_features(frontend)  # the last frames, oldest first
         self._recent: list[float] = []
         self._last_wake_s = -np.inf
         self.runs = 0
@@ -93,9 +100,10 @@ class WakeDetector:
         self._frames = np.concatenate((self._frames[-frontend.frames :], new_frames))
         first = total - len(self._frames)  # stream index of self._frames[0]
         events = []
-        # The model runs once the window is full, then every stride: after frames n = F, F + s, F + 2s, ...
-        due = max(frontend.frames, total - len(new_frames) + 1)
-        offset = (due - frontend.frames) % detection.stride_frames
+        # The model runs every stride, after frames n = s, 2s, 3s, ... (windows reach back into the silence before
+        # the stream until F frames have arrived).
+        due = total - len(new_frames) + 1
+        offset = due % detection.stride_frames
         if offset:
             due += detection.stride_frames - offset
         for end in range(due, total + 1, detection.stride_frames):
@@ -118,11 +126,12 @@ def wake_scores(classifier: TfliteClassifier, package: ModelPackage, audio: np.n
     # Streaming in 10 s chunks gives the batch features (a test holds them equal) without hours in memory at once.
     stream = StreamingFrontend(frontend)
     chunk = 10 * frontend.sample_rate
-    pieces = [stream.push(audio[start : start + chunk]) for start in range(0, len(audio), chunk)]
-    features = np.concatenate(pieces) if pieces else np.zeros((0, frontend.num_features), np.float32)
-    ends = np.arange(frontend.frames, len(features) + 1, detection.stride_frames)
+    heard = [stream.push(audio[start : start + chunk]) for start in range(0, len(audio), chunk)]
+    features = np.concatenate([silence_features(frontend), *heard])
+    # As WakeDetector: a run every stride of the stream, its window reaching back into silence at the start.
+    ends = np.arange(detection.stride_frames, len(features) - frontend.frames + 1, detection.stride_frames)
     wake_index = package.labels.index(detection.wake_label)
-    raw = np.array([classifier(features[end - frontend.frames : end])[wake_index] for end in ends], np.float32)
+    raw = np.array([classifier(features[end : end + frontend.frames])[wake_index] for end in ends], np.float32)
     if len(raw) == 0:
         return raw
     kernel = detection.smoothing_windows
@@ -131,19 +140,31 @@ def wake_scores(classifier: TfliteClassifier, package: ModelPackage, audio: np.n
     return np.nanmean(windows, axis=1).astype(np.float32)
 
 
-def count_wakes(scores: np.ndarray, threshold: float, step_s: float, refractory_s: float) -> int:
-    """Wakes a score series fires at ``threshold``, with the refractory period applied."""
+def wake_triggers(scores: np.ndarray, threshold: float, step_s: float, refractory_s: float) -> list[int]:
+    """Indices of the scores at which a wake fires at ``threshold``, with the refractory period applied."""
     above = np.flatnonzero(scores >= threshold)
-    count, last = 0, -np.inf
+    fired, last = [], -np.inf
     for index in above:
         if (index - last) * step_s >= refractory_s:
-            count, last = count + 1, index
-    return count
+            fired.append(int(index))
+            last = index
+    return fired
 
 
-def utterance_window(package: ModelPackage, audio: np.ndarray, start: int, end: int) -> np.ndarray:
-    """The model-sized stretch of ``audio`` centred on the utterance [start, end) (samples), zero-padded at edges."""
-    length = window_samples(package.frontend)
+def count_wakes(scores: np.ndarray, threshold: float, step_s: float, refractory_s: float) -> int:
+    """Wakes a score series fires at ``threshold``, with the refractory period applied."""
+    return len(wake_triggers(scores, threshold, step_s, refractory_s))
+
+
+def score_end_sample(package: ModelPackage, index: int) -> int:
+    """The audio sample at which the window of score ``index`` (from :func:`wake_scores`) ends."""
+    frontend = package.frontend
+    end_frame = (index + 1) * package.detection.stride_frames
+    return round(end_frame * frontend.step_s * frontend.sample_rate)
+
+
+def centred_window(audio: np.ndarray, start: int, end: int, length: int) -> np.ndarray:
+    """``length`` samples of ``audio`` centred on [start, end), zero-padded past the edges."""
     centre = (start + end) // 2
     first = centre - length // 2
     window = np.zeros(length, np.float32)
@@ -153,10 +174,13 @@ def utterance_window(package: ModelPackage, audio: np.ndarray, start: int, end: 
     return window
 
 
-def decide_command(classifier: TfliteClassifier, package: ModelPackage, window_audio: np.ndarray) -> CommandDecision:
-    """Classify one utterance window (from :func:`utterance_window`) and decide edge or cloud."""
-    features = window_features(package.frontend, window_audio)
-    scores = classifier(features[: package.frontend.frames])
+def utterance_window(package: ModelPackage, audio: np.ndarray, start: int, end: int) -> np.ndarray:
+    """The model-sized stretch of ``audio`` centred on the utterance [start, end) (samples), zero-padded at edges."""
+    return centred_window(audio, start, end, window_samples(package.frontend))
+
+
+def decide_scores(package: ModelPackage, scores: np.ndarray) -> CommandDecision:
+    """The decision that class scores (in the package's label order) lead to: edge, cloud, or no command."""
     order = np.argsort(scores)[::-1]
     best = package.labels[order[0]]
     confidence = float(scores[order[0]])
@@ -167,3 +191,9 @@ def decide_command(classifier: TfliteClassifier, package: ModelPackage, window_a
         alternatives=tuple((package.labels[i], round(float(scores[i]), 4)) for i in order[:3]),
         local=is_command and confidence >= package.detection.command_threshold,
     )
+
+
+def decide_command(classifier: TfliteClassifier, package: ModelPackage, window_audio: np.ndarray) -> CommandDecision:
+    """Classify one utterance window (from :func:`utterance_window`) with the always-on model and decide."""
+    features = window_features(package.frontend, window_audio)
+    return decide_scores(package, classifier(features[: package.frontend.frames]))

@@ -16,7 +16,8 @@ class ModelLoadError(RuntimeError):
     """A model file that no TFLite runtime here can load."""
 
 
-def _interpreter_class():
+def interpreter_class():
+    """LiteRT's Interpreter, or tflite_runtime's where that is all there is."""
     # Imported here, not at module level: a device without LiteRT may still have tflite_runtime.
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -31,20 +32,30 @@ def _interpreter_class():
 
 
 class TfliteClassifier:
-    """One .tflite model: features [frames, num_features] in, probabilities [labels] out."""
+    """One .tflite model (or one signature of it): a window [frames, num_features] in, scores [labels] out.
 
-    def __init__(self, model: str | Path | bytes, num_threads: int = 1) -> None:
-        interpreter_class = _interpreter_class()
+    ``signature`` picks one model of a file that holds several (the command head beside the always-on model,
+    firmware_tools/tflite_merge.py); None takes the first subgraph, which is the always-on model.
+    """
+
+    def __init__(self, model: str | Path | bytes, num_threads: int = 1, signature: str | None = None) -> None:
+        runtime = interpreter_class()
         try:
             if isinstance(model, bytes):
-                self._interpreter = interpreter_class(model_content=model, num_threads=num_threads)
+                self._interpreter = runtime(model_content=model, num_threads=num_threads)
             else:
-                self._interpreter = interpreter_class(model_path=str(model), num_threads=num_threads)
+                self._interpreter = runtime(model_path=str(model), num_threads=num_threads)
             self._interpreter.allocate_tensors()
+            if signature is None:
+                (input_detail,) = self._interpreter.get_input_details()
+                (output_detail,) = self._interpreter.get_output_details()
+                self._runner = None
+            else:
+                self._runner = self._interpreter.get_signature_runner(signature)
+                ((self._input_name, input_detail),) = self._runner.get_input_details().items()
+                ((self._output_name, output_detail),) = self._runner.get_output_details().items()
         except (ValueError, RuntimeError) as error:
             raise ModelLoadError(f"cannot load TFLite model: {error}") from None
-        (input_detail,) = self._interpreter.get_input_details()
-        (output_detail,) = self._interpreter.get_output_details()
         self._input_index = input_detail["index"]
         self._output_index = output_detail["index"]
         self.input_shape = tuple(int(n) for n in input_detail["shape"][1:])
@@ -62,7 +73,7 @@ class TfliteClassifier:
         return self.input_dtype == np.int8
 
     def __call__(self, window: np.ndarray) -> np.ndarray:
-        """Class probabilities (float32) for one window of features."""
+        """Scores (float32) for one window: class probabilities, or a head's logits."""
         if window.shape != self.input_shape:
             raise ValueError(f"window shape {window.shape} does not match the model's {self.input_shape}")
         if self.quantized:
@@ -70,9 +81,12 @@ class TfliteClassifier:
             tensor = np.clip(scaled, -128, 127).astype(np.int8)[np.newaxis]
         else:
             tensor = window.astype(np.float32)[np.newaxis]
-        self._interpreter.set_tensor(self._input_index, tensor)
-        self._interpreter.invoke()
-        output = self._interpreter.get_tensor(self._output_index)[0]
+        if self._runner is not None:
+            output = self._runner(**{self._input_name: tensor})[self._output_name][0]
+        else:
+            self._interpreter.set_tensor(self._input_index, tensor)
+            self._interpreter.invoke()
+            output = self._interpreter.get_tensor(self._output_index)[0]
         if self.output_dtype == np.int8:
             return ((output.astype(np.float32) - self._output_zero) * self._output_scale).astype(np.float32)
         return output.astype(np.float32)

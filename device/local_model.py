@@ -12,10 +12,14 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from device.detector import NON_COMMAND_LABELS
+import numpy as np
+
+from device.command_head import CommandHead
+from device.detector import NON_COMMAND_LABELS, CommandDecision, decide_command, utterance_window
 from device.features import UnsupportedFrontend, check_frontend
 from device.inference import ModelLoadError, TfliteClassifier
 from device.settings import ModelSettings
+from device.speech_embedding import SpeechEmbedding
 from schemas.errors import ProtocolError
 from schemas.model import ModelPackage
 from schemas.result import SlotValue
@@ -55,6 +59,8 @@ class LocalModel:
     """Every label of the model, mapped to its intent and slots."""
     directory: Path
     """Where the package was loaded from."""
+    head: CommandHead | None = None
+    """The command head on the speech embedding, when the package has one: it decides commands and verifies wakes."""
 
     @property
     def version(self) -> str:
@@ -62,6 +68,12 @@ class LocalModel:
 
     def meaning(self, label: str) -> LabelMeaning:
         return self.meanings[label]
+
+    def decide(self, audio: np.ndarray, start: int, end: int) -> CommandDecision:
+        """The command of the utterance [start, end) (samples of ``audio``): by the head when there is one."""
+        if self.head is not None:
+            return self.head.decide(self.package, audio, start, end)
+        return decide_command(self.classifier, self.package, utterance_window(self.package, audio, start, end))
 
 
 def load_local_model(
@@ -85,6 +97,13 @@ def load_local_model(
         model_path = package.model_path(directory)
         check_frontend(package.frontend)
         classifier = TfliteClassifier(model_path, num_threads=num_threads)
+        head_classifier = embedding = None
+        if package.detection.head_signature:
+            head_classifier = TfliteClassifier(model_path, num_threads, signature=package.detection.head_signature)
+            if head_classifier.num_labels != len(package.labels):
+                scored = head_classifier.num_labels
+                raise ModelLoadError(f"its command head scores {scored} classes, not the {len(package.labels)} labels")
+            embedding = SpeechEmbedding(num_threads=num_threads)
     except (ProtocolError, UnsupportedFrontend, ModelLoadError, OSError) as error:
         raise ModelUnavailable(f"cannot use the model in {directory}: {error}") from None
     expected_input = (package.frontend.frames, package.frontend.num_features)
@@ -99,7 +118,9 @@ def load_local_model(
         detection = replace(detection, wake_threshold=wake_threshold)
     if command_threshold is not None:
         detection = replace(detection, command_threshold=command_threshold)
-    return LocalModel(replace(package, detection=detection), classifier, meanings, directory)
+    package = replace(package, detection=detection)
+    head = CommandHead(head_classifier, embedding) if head_classifier is not None else None
+    return LocalModel(package, classifier, meanings, directory, head)
 
 
 def load_configured_model(settings: ModelSettings, directory: str | Path | None = None) -> LocalModel:

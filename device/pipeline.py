@@ -18,7 +18,7 @@ import numpy as np
 
 from device.capture import NO_SPEECH, CapturedUtterance, NoSpeech, UtteranceCapture
 from device.denoise import StreamDenoiser
-from device.detector import CommandDecision, WakeDetector, WakeEvent, decide_command, utterance_window
+from device.detector import CommandDecision, WakeDetector, WakeEvent
 from device.local_model import LocalModel
 from device.settings import CaptureSettings, DenoiseMode
 from schemas.result import SlotValue
@@ -110,9 +110,7 @@ class CommandStage:
             denoised = np.concatenate(self._denoised)[captured.offset : captured.offset + len(audio)]
             audio = np.pad(denoised, (0, len(audio) - len(denoised)))
         denoised_at = time.perf_counter()
-        package = self.model.package
-        window = utterance_window(package, audio, captured.speech_start, captured.speech_end)
-        decision = decide_command(self.model.classifier, package, window)
+        decision = self.model.decide(audio, captured.speech_start, captured.speech_end)
         decided_at = time.perf_counter()
         meaning = self.model.meaning(decision.alternatives[0][0])
         alternatives = tuple(
@@ -160,7 +158,10 @@ class ListeningPipeline:
         # the wake up to a stride (and a block) later.
         self._recent: deque[np.ndarray] = deque()
         self._recent_samples = 0
-        self._history_samples = self.sample_rate  # 1 s: well over a stride plus a block
+        # 1 s is well over a stride plus a block; a wake verifier also needs its window before the wake.
+        self._history_samples = self.sample_rate + (model.head.window_samples if model.head is not None else 0)
+        self.rejected_wakes = 0
+        """First-stage wakes that the command head did not confirm."""
         self._stage: CommandStage | None = self._new_stage(0.0) if skip_wake else None
 
     def _new_stage(self, start_s: float) -> CommandStage:
@@ -192,13 +193,25 @@ class ListeningPipeline:
         # The detector hears everything, capture or not, so a wake right after a command is not missed;
         # wakes during a capture are part of that utterance and are not reported.
         for wake in self.detector.push(audio):
-            if self._stage is None:
+            if self._stage is None and self._confirmed(wake):
                 events.append(wake)
                 self._stage = self._new_stage(wake.time_s)
                 events += self._feed(self._since(round(wake.time_s * self.sample_rate)))
         if capturing_before and self._stage is not None:
             events += self._feed(audio)
         return events
+
+    def _confirmed(self, wake: WakeEvent) -> bool:
+        """Whether the head, when the package has a verifier, hears the wake phrase in the audio up to the wake."""
+        head, threshold = self.model.head, self.model.package.detection.verify_threshold
+        if head is None or threshold <= 0:
+            return True
+        history = np.concatenate(self._recent)
+        until = len(history) - (self._samples - round(wake.time_s * self.sample_rate))
+        if head.wake_score(self.model.package, history[: max(0, until)]) >= threshold:
+            return True
+        self.rejected_wakes += 1
+        return False
 
     def _remember(self, audio: np.ndarray) -> None:
         self._recent.append(audio)

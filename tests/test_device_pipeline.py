@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,43 @@ def test_two_requests_in_a_row_are_each_heard(local_model) -> None:
     assert kinds(events) == ["WakeEvent", "CommandEvent", "WakeEvent", "CommandEvent"], events
     assert all(event.intent == "lights_on" for event in events if isinstance(event, CommandEvent))
     assert [event.time_s for event in events if isinstance(event, WakeEvent)][1] > events[1].time_s
+
+
+def _with_detection(model, **changes):
+    return dataclasses.replace(
+        model,
+        package=dataclasses.replace(model.package, detection=dataclasses.replace(model.package.detection, **changes)),
+    )
+
+
+def test_the_command_head_verifies_each_first_stage_wake(local_model) -> None:
+    assert local_model.head is not None and local_model.package.detection.verify_threshold > 0
+    audio = read_recording(IN_VOCABULARY_SAMPLE)
+    # A verifier nothing passes: the first stage fires, the head refuses, nothing is captured.
+    runs = local_model.head.runs
+    refusing = ListeningPipeline(
+        _with_detection(local_model, verify_threshold=1.0), CaptureSettings(), DenoiseMode.UTTERANCE
+    )
+    events = [event for start in range(0, len(audio), 480) for event in refusing.push(audio[start : start + 480])]
+    assert events + refusing.finish() == []
+    assert refusing.rejected_wakes == 1 and local_model.head.runs == runs + 1
+    # The shipped verifier lets the real wake phrase through.
+    shipped = ListeningPipeline(local_model, CaptureSettings(), DenoiseMode.UTTERANCE)
+    events = [event for start in range(0, len(audio), 480) for event in shipped.push(audio[start : start + 480])]
+    assert kinds(events + shipped.finish()) == ["WakeEvent", "CommandEvent"]
+    assert shipped.rejected_wakes == 0
+
+
+def test_without_a_verifier_every_first_stage_wake_stands(local_model) -> None:
+    events = listen(_with_detection(local_model, verify_threshold=0.0), read_recording(IN_VOCABULARY_SAMPLE))
+    assert kinds(events) == ["WakeEvent", "CommandEvent"]
+
+
+def test_a_recording_that_starts_with_the_wake_phrase_is_heard_at_once(local_model) -> None:
+    """The stream's history starts as silence: the model runs from the first stride, not once 1.5 s have come."""
+    audio = read_recording(IN_VOCABULARY_SAMPLE)[RATE // 2 :]  # "hey jarvis" from the first sample
+    events = listen(local_model, audio)
+    assert kinds(events) == ["WakeEvent", "CommandEvent"], events
+    window_s = local_model.package.frontend.frames * local_model.package.frontend.step_s
+    assert events[0].time_s < window_s
+    assert events[1].intent == "lights_on"
