@@ -52,8 +52,11 @@ def stages(args: argparse.Namespace) -> int:
         vocabulary=load_vocabulary(args.vocabulary),
         work_dir=(args.work_dir or DEFAULT_WORK_ROOT / recipe.name).resolve(),
         out_dir=(args.out or Path(f"device/models/{recipe.name}")).resolve(),
+        fsdd_dir=args.fsdd.resolve() if args.fsdd is not None else None,
     )
     names = args.stages or list(STAGES)
+    if "head" in names and context.fsdd_dir is None:
+        raise ValueError("the head stage trains on real speech: give the FSDD recordings with --fsdd DIR")
     print(json.dumps({"recipe": recipe.name, "seconds": run_stages(context, names)}))
     return 0
 
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         ("features", "compute the front end's features of every window, with SpecAugment"),
         ("train", "fit the network"),
         ("quantize", "convert to full-int8 TFLite with a representative dataset"),
+        ("head", "train the command head and wake verifier on the speech embedding, real and synthetic speech"),
         ("package", "tune thresholds on validation and write model, manifest and training report"),
         ("train-all", "run every stage above in order (what make train does)"),
     ):
@@ -293,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_argument("--work-dir", type=Path, help="cache of intermediate results (default: .cache/train/NAME)")
         stage.add_argument("--out", type=Path, help="package directory (default: device/models/NAME)")
         stage.add_argument("--vocabulary", type=Path, help="vocabulary TOML (default: schemas/vocabulary.toml)")
+        stage.add_argument(
+            "--fsdd", type=Path, help="FSDD recordings, real digits the head trains on (needed by head and train-all)"
+        )
         stage.set_defaults(run=stages, stages=None if name == "train-all" else [name])
     assert set(STAGES) <= set(commands.choices)
     evaluation = commands.add_parser(

@@ -35,21 +35,27 @@ def render_model_card(model_dir: Path, recipe: Recipe) -> str:
     lines = [
         f"# mqvox device model {package.version} ({recipe.name} recipe)",
         "",
-        "One int8 TFLite network both spots the wake phrase and recognises the commands of "
-        "`schemas/vocabulary.toml`. It reads one window of "
+        "An int8 TFLite file with two networks behind two signatures. The always-on network (`wake`, the first "
+        "subgraph) reads one window of "
         f"{package.frontend.frames} log-mel frames ({package.frontend.frames * package.frontend.step_s:.2f} s) and "
-        f"scores {len(package.labels)} classes: `_silence_`, `_unknown_`, `wake` and each command.",
+        f"scores {len(package.labels)} classes: `_silence_`, `_unknown_`, `wake` and each command."
+        + (
+            " A second network (`command_head`, see below) reads a pretrained speech embedding, scores the same "
+            "classes, decides the commands after a wake and verifies each wake of the first."
+            if detection.head_signature
+            else ""
+        ),
         "",
-        "## Why one model for wake and commands",
-        "- The over-the-air protocol (issue 2) ships one signed blob with one front end and one label list; one model "
-        "keeps that contract, and the wake threshold and command threshold travel in the same manifest.",
-        "- The always-on path runs it every "
-        f"{detection.stride_frames * package.frontend.step_s * 1000:.0f} ms and reads only the `wake` score; after a "
-        "wake the device runs it once more on the window centred on the captured utterance. Inference costs "
-        "tens of microseconds, so a second, smaller wake model would save little and double what can go wrong "
-        "in a rollout.",
-        "- The classes compete in one softmax, so a command, a confusable phrase or the start of a sentence pulls "
-        "the wake score down, and the wake phrase pulls command scores down.",
+        "## Why two stages",
+        "- The over-the-air protocol (issue 2) ships one signed blob; both networks travel in it, with their "
+        "thresholds in the same manifest. A device of an older release reads the first subgraph only.",
+        "- The always-on path runs the small network every "
+        f"{detection.stride_frames * package.frontend.step_s * 1000:.0f} ms and reads only the `wake` score; it "
+        "costs tens of microseconds a run. The speech embedding costs far more, so it runs only on the two seconds "
+        "before a first-stage wake (to verify it) and on the utterance after a wake (to decide the command).",
+        "- The first network was trained on synthetic voices only; the head reads an embedding Google trained on "
+        "a large amount of real speech, and was itself trained on real and synthetic speech, so it holds on "
+        "real voices where the first does not (figures below).",
         "",
         "## Intended use",
         "- Wake phrase and a fixed command vocabulary, English, on low-power devices (Raspberry Pi, industrial "
@@ -57,10 +63,10 @@ def render_model_card(model_dir: Path, recipe: Recipe) -> str:
         "- A command is decided on the device only when its score reaches the command threshold; anything else "
         "goes to the cloud worker (Whisper). The threshold was tuned for precision, not coverage.",
         "- Not for: open-vocabulary speech, speaker identification, safety-critical control without a confirmation "
-        "step, languages other than English. Trained on synthetic speech only: validate on real voices and rooms "
-        "of the deployment before relying on it.",
+        "step, languages other than English. Real speech in training is limited (six FSDD speakers, digits only, "
+        "and game voice lines as other speech): validate on the voices and rooms of the deployment.",
         "",
-        "## Training data (all synthetic; rendered, never committed)",
+        "## Always-on network: training data (all synthetic; rendered, never committed)",
         f"- {data['rendered_clips']} rendered clips plus {data['world_speakers']} WORLD-transformed speakers "
         f"(pitch x{recipe.synth.world_f0_range[0]}-{recipe.synth.world_f0_range[1]}, vocal tract "
         f"x{recipe.synth.world_formant_range[0]}-{recipe.synth.world_formant_range[1]}).",
@@ -113,8 +119,81 @@ def render_model_card(model_dir: Path, recipe: Recipe) -> str:
         lines.append("Not evaluated yet: run `make evaluate`.")
     else:
         lines += _evaluation_lines(evaluation)
+    lines += _head_lines(training.get("head"), model_dir)
     lines += _trial_lines()
     return "\n".join(lines) + "\n"
+
+
+def _head_lines(head: dict[str, Any] | None, model_dir: Path) -> list[str]:
+    """The command head: its data (and FSDD's licence), how it was judged on real speakers, the real-voice bench."""
+    if head is None:
+        return []
+    held = head["held_out_fsdd"]
+    examples = head["examples"]
+    lines = [
+        "",
+        "## Command head and wake verifier (second stage, on a pretrained speech embedding)",
+        "- After a wake, commands are decided by a second network in the same .tflite file (signature "
+        f"`command_head`): two 1-D convolutions over {head['window_embeddings']} embeddings (about 2 s of audio) "
+        "of Google's speech embedding (`melspectrogram.tflite` and `embedding_model.tflite` as packaged in "
+        "pyopen-wakeword, Apache-2.0, shipped in `device/models/speech_embedding/`). It scores the same labels; "
+        f"int8, {head['size_bytes']} bytes.",
+        "- The same head verifies each first-stage wake on the two seconds before it: the wake stands only if it "
+        f"scores `wake` at least {head['verify_threshold']}.",
+        f"- Trained on: FSDD's real digits ({examples.get('fsdd', 0)} augmented windows of 6 speakers), "
+        f"synthetic speech of the training voices ({examples.get('synth', 0)} windows: every label, wake phrase "
+        f"and other speech), real other speech from the training Debian packages ({examples.get('debian', 0)} "
+        f"windows of hedgewars, nexuiz, openarena and redeclipse voice lines) and {examples.get('silence', 0)} "
+        "windows of noise. Every window goes through the same augmenter, real or synthetic.",
+        "- **Licence:** FSDD is CC BY-SA 4.0 (Z. Jackson et al., Free Spoken Digit Dataset). This head was trained "
+        "on it, so the weights are offered under CC BY-SA 4.0 with that attribution; the always-on model and the "
+        "rest of mqvox are not trained on it.",
+        f"- Calibration: the logits are divided by {head['temperature']} (fitted on speakers held out from "
+        f"training), and a command is decided on the device at a calibrated score of {head['command_threshold']} "
+        f"or more, the lowest threshold at which the held-out decisions were at least "
+        f"{_percent(head['settings']['precision_target'])} right.",
+        "",
+        "Held out, real speakers never trained on (one head per FSDD speaker, trained without that speaker; each "
+        "clip as recorded, centred in the window):",
+        "",
+        "| speakers | clips | closed-set top-1 | open-set top-1 | decided on the device | right when decided |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, figures in [("all six", held), *held["per_speaker"].items()]:
+        lines.append(
+            f"| {name} | {figures['clips']} | {_percent(figures['closed_set_top1'])} | "
+            f"{_percent(figures['open_set_top1'])} | {_percent(figures['decided_on_device'])} | "
+            f"{_percent(figures['precision_when_decided'])} |"
+        )
+    real_path = model_dir / "real_voices.json"
+    if real_path.exists():
+        real = json.loads(real_path.read_text())
+        lines += ["", "From `bench/real_voices.py --write` (`real_voices.json`), through the device's pipeline:", ""]
+        fsdd = real.get("fsdd_unseen_speakers", {})
+        if "clips" in fsdd:
+            lines.append(
+                f"- FSDD, speakers never trained on: closed-set {_percent(fsdd['closed_set_top1'])}, open-set "
+                f"{_percent(fsdd['open_set_top1'])}, decided on the device {_percent(fsdd['decided_on_device'])} "
+                f"at {_percent(fsdd['precision_when_decided'])} precision; the always-on model alone: closed-set "
+                f"{_percent(fsdd['always_on_model_alone']['closed_set_top1'])}."
+            )
+        non = real["real_non_commands"]
+        lines.append(
+            f"- Real non-commands ({non['lines']} voice lines of the evaluation packages): "
+            f"{_percent(non['decided_on_device'])} decided on the device as a command."
+        )
+        wakes = real["false_wakes"]
+        peers = ", ".join(f"{name} {p['false_wakes_per_hour']:.2f}" for name, p in wakes["peers"].items())
+        lines.append(
+            f"- False wakes on {wakes['hours']:.2f} h of real evaluation-only speech: "
+            f"{wakes['false_wakes_per_hour']:.2f} per hour (peers on the same audio: {peers}); the verifier "
+            f"rejected {wakes['rejected_by_verifier']} of {wakes['first_stage_triggers']} first-stage triggers."
+        )
+        lines.append(
+            f"- Always-on CPU with the verifier's runs: {wakes['always_on_cpu_ms_per_audio_s']:.2f} ms per audio "
+            f"second against microWakeWord's {wakes['microwakeword_cpu_ms_per_audio_s']:.2f} in the same run."
+        )
+    return lines
 
 
 TRIALS = RECIPES_DIR / "trials" / "results.jsonl"
@@ -202,8 +281,8 @@ def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
     if "int8_vs_float" in evaluation:
         pair = evaluation["int8_vs_float"]
         lines.append(
-            f"- int8 against float, command top-1 at 10 dB: {_percent(pair['command_top1_int8'])} vs "
-            f"{_percent(pair['command_top1_float'])}."
+            f"- The always-on model's own command classes, int8 against float, top-1 at 10 dB: "
+            f"{_percent(pair['always_on_command_top1_int8'])} vs {_percent(pair['always_on_command_top1_float'])}."
         )
     lines.append(
         f"- Inference: {evaluation['cost']['inference_us_per_window_median']:.0f} µs per window (median, LiteRT, "

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from firmware_tools.model_card import write_model_card
 from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
 from firmware_tools.recipe import Recipe
 from firmware_tools.synth import describe_voices, plan_renders
+from firmware_tools.tflite_merge import HEAD_SIGNATURE, merge_models
 from firmware_tools.train import load_split
 from firmware_tools.voices import espeak_variants
 from schemas.model import MODEL_FILE, Detection, ModelPackage
@@ -78,8 +79,21 @@ def run_package(recipe: Recipe, work_dir: Path, out_dir: Path, vocabulary_path: 
         command_threshold=tune_command_threshold(int8_scores, targets, labels, tuning.local_precision_target),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(quantized_path, out_dir / MODEL_FILE)
-    data = (out_dir / MODEL_FILE).read_bytes()
+    data = quantized_path.read_bytes()
+    head_dir = work_dir / "head"
+    head_report = None
+    if (head_dir / "head.tflite").exists():
+        # The head decides commands and verifies wakes; its thresholds were fitted on held-out real speakers.
+        head_report = json.loads((head_dir / "head.json").read_text())
+        data = merge_models(data, (head_dir / "head.tflite").read_bytes())
+        detection = replace(
+            detection,
+            head_signature=HEAD_SIGNATURE,
+            head_temperature=head_report["temperature"],
+            command_threshold=head_report["command_threshold"],
+            verify_threshold=head_report["verify_threshold"],
+        )
+    (out_dir / MODEL_FILE).write_bytes(data)
     package = ModelPackage(
         version=recipe.version,
         model_file=MODEL_FILE,
@@ -105,6 +119,8 @@ def run_package(recipe: Recipe, work_dir: Path, out_dir: Path, vocabulary_path: 
         "validation_accuracy_int8": round(accuracy(int8_scores, targets), 4),
         "detection": detection.to_dict(),
         "data": _data_summary(recipe, work_dir, vocabulary_path),
+        "always_on_size_bytes": quantized_path.stat().st_size,
+        "head": head_report,
     }
     (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     write_model_card(out_dir, recipe)

@@ -29,6 +29,8 @@ class StageContext:
     """Cache of this recipe's intermediate results."""
     out_dir: Path
     """Where the package stage writes the model."""
+    fsdd_dir: Path | None = None
+    """FSDD's recordings (a data directory), real speech for the command head."""
 
 
 def _synth(context: StageContext) -> None:
@@ -61,6 +63,13 @@ def _quantize(context: StageContext) -> None:
     run_quantize(context.recipe, context.work_dir)
 
 
+def _head(context: StageContext) -> None:
+    from firmware_tools.command_head import run_head
+
+    assert context.fsdd_dir is not None, "the CLI asks for --fsdd before the head stage"
+    run_head(context.recipe, context.vocabulary, context.work_dir, context.fsdd_dir)
+
+
 def _package(context: StageContext) -> None:
     from firmware_tools.package import run_package
 
@@ -73,6 +82,7 @@ STAGES: dict[str, Callable[[StageContext], None]] = {
     "features": _features,
     "train": _train,
     "quantize": _quantize,
+    "head": _head,
     "package": _package,
 }
 """Every stage, in pipeline order; each reads what the previous one wrote in the work directory."""

@@ -146,6 +146,39 @@ class DetectionTuning:
 
 
 @dataclass(frozen=True)
+class HeadSettings:
+    """The command head on the speech embedding (firmware_tools/command_head.py)."""
+
+    fsdd_copies: int = 3
+    """Augmented windows per FSDD clip."""
+    synthetic_per_label: int = 250
+    """Synthetic clips per label, drawn from the bank's training split (four times as many of other speech)."""
+    real_other_windows: int = 4000
+    """Windows cut from the training packages' voice lines (firmware_tools/real_speech.py), labelled as other
+    speech; 0 leaves real other speech out (the tiny recipe, which must run without those packages)."""
+    silence_windows: int = 1500
+    """Windows of noise or silence only."""
+    centre_jitter_s: float = 0.3
+    """A command's centre lands this far either side of the window's centre, at most (seconds)."""
+    wake_tail_s: tuple[float, float] = (0.0, 0.35)
+    """A wake window ends this long after the phrase, as a first-stage trigger sees it (seconds)."""
+    filters: int = 64
+    """Channels of each of the two convolutions over time."""
+    input_dropout: float = 0.3
+    """Dropout on the embeddings, in training."""
+    dropout: float = 0.3
+    """Dropout before the output layer."""
+    members: int = 1
+    """Networks trained from different seeds whose logits the head averages."""
+    epochs: int = 30
+    """Passes over the training windows."""
+    batch_size: int = 64
+    """Windows per step."""
+    precision_target: float = 0.995
+    """The command threshold is the lowest that keeps the held-out decisions at least this precise."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything a training run depends on."""
 
@@ -167,6 +200,8 @@ class Recipe:
     """Stage 4."""
     detection: DetectionTuning = field(default_factory=DetectionTuning)
     """Thresholds written into the manifest."""
+    head: HeadSettings = field(default_factory=HeadSettings)
+    """The command head and wake verifier."""
 
 
 class RecipeError(ValueError):

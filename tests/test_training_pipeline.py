@@ -12,22 +12,29 @@ import pytest
 
 from device.detector import WakeDetector, wake_scores
 from device.inference import TfliteClassifier
+from device.local_model import load_local_model
+from device.recording import read_recording
 from firmware_tools.clips import ClipBank
+from firmware_tools.command_head import WINDOW_EMBEDDINGS
 from firmware_tools.phrases import model_labels
 from firmware_tools.pipeline import STAGES, StageContext, run_stages
 from firmware_tools.recipe import RecipeError, load_recipe
 from firmware_tools.synth import plan_renders
+from firmware_tools.tflite_merge import HEAD_SIGNATURE
 from firmware_tools.voices import HeldOutVoice, VoiceSpec, render
 from schemas.model import ModelPackage
 from schemas.vocabulary import load_vocabulary
 
 pytestmark = pytest.mark.timeout(400)
 
+FSDD = Path(__file__).parent / "data" / "fsdd"
+"""Six real FSDD digits, one per speaker: the head stage's real speech here (the full set is a data directory)."""
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, float]]:
     root = tmp_path_factory.mktemp("tiny")
-    context = StageContext(load_recipe("tiny"), load_vocabulary(), root / "work", root / "model")
+    context = StageContext(load_recipe("tiny"), load_vocabulary(), root / "work", root / "model", fsdd_dir=FSDD)
     seconds = run_stages(context, list(STAGES))
     return context.work_dir, context.out_dir, seconds
 
@@ -74,6 +81,47 @@ def test_the_package_loads_in_litert_with_int8_input_and_output(tiny_run) -> Non
     assert abs(float(probabilities.sum()) - 1.0) < 0.05
     report = json.loads((out / "training.json").read_text())
     assert abs(report["validation_accuracy_int8"] - report["validation_accuracy_float"]) <= 0.05
+
+
+def test_the_package_joins_the_always_on_model_and_the_head_without_changing_either(tiny_run) -> None:
+    work, out, _ = tiny_run
+    package = ModelPackage.load(out)
+    assert package.detection.head_signature == HEAD_SIGNATURE
+    rng = np.random.default_rng(5)
+    window = rng.standard_normal((package.frontend.frames, package.frontend.num_features)).astype(np.float32)
+    # The first subgraph is the always-on model, as an older device reads it.
+    np.testing.assert_array_equal(
+        TfliteClassifier(package.model_path(out))(window), TfliteClassifier(work / "quantize" / "model.tflite")(window)
+    )
+    head = TfliteClassifier(package.model_path(out), signature=HEAD_SIGNATURE)
+    alone = TfliteClassifier(work / "head" / "head.tflite")
+    assert head.quantized and head.input_shape == alone.input_shape == (WINDOW_EMBEDDINGS, 96)
+    embeddings = rng.uniform(0, 1, head.input_shape).astype(np.float32)
+    np.testing.assert_array_equal(head(embeddings), alone(embeddings))
+    assert head.num_labels == len(package.labels)
+
+
+def test_the_head_is_judged_on_each_fsdd_speaker_by_a_fold_that_never_heard_them(tiny_run) -> None:
+    work, out, _ = tiny_run
+    report = json.loads((work / "head" / "head.json").read_text())
+    speakers = sorted(path.name.split("_")[1] for path in FSDD.glob("*.flac"))
+    assert sorted(path.stem for path in (work / "head" / "folds").glob("*.tflite")) == speakers
+    held_out = report["held_out_fsdd"]
+    assert held_out["clips"] == len(speakers) and sorted(held_out["per_speaker"]) == speakers
+    detection = ModelPackage.load(out).detection
+    assert detection.head_temperature == report["temperature"] > 0
+    assert detection.command_threshold == report["command_threshold"]
+    assert 0 < detection.verify_threshold <= 0.5
+
+
+def test_the_device_decides_commands_with_the_head(tiny_run) -> None:
+    _, out, _ = tiny_run
+    model = load_local_model(out)
+    assert model.head is not None
+    audio = read_recording(sorted(FSDD.glob("*.flac"))[0], 16000)
+    decision = model.decide(audio, 0, len(audio))
+    scores = [score for _, score in decision.alternatives]
+    assert model.head.runs == 1 and scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
 
 
 def test_a_tampered_model_file_is_refused(tiny_run, tmp_path: Path) -> None:
