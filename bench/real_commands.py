@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,13 +31,12 @@ from cloud_worker.asr import Transcriber
 from cloud_worker.calibration import OTHER, Calibration, Sample, act_floor, fit, reliability
 from cloud_worker.intents import IntentDecider, IntentMatch, IntentMatcher
 from cloud_worker.transcript import PhraseScores, Transcript
-from device.recording import read_recording
+from firmware_tools.fsdd import fsdd_clips
 from schemas.vocabulary import Command, Vocabulary, vocabulary_sha256
 
 CACHE = Path(".cache/bench/cloud_scores")
 BATCH = 8
 """Clips transcribed together while scoring: the service's default batch."""
-_FSDD_NAME = re.compile(r"(?P<digit>[0-9])_(?P<speaker>[a-z]+)_(?P<take>[0-9]+)\.(flac|wav)")
 
 
 @dataclass(frozen=True)
@@ -72,27 +70,16 @@ class Reading:
 def fsdd_recordings(directory: Path, vocabulary: Vocabulary, takes: int = 50) -> list[Recording]:
     """FSDD's clips of the first ``takes`` takes, in take order (so a shorter run spans every speaker)."""
     labels = {command.slots.get("value"): command.label for command in vocabulary.commands if command.intent == "digit"}
-    found = []
-    for path in sorted(directory.iterdir()):
-        name = _FSDD_NAME.fullmatch(path.name)
-        if name is None or int(name["take"]) >= takes:
-            continue
-        digit = int(name["digit"])
-        found.append(
-            (
-                int(name["take"]),
-                Recording(
-                    key=str(path),
-                    speaker=name["speaker"],
-                    truth=labels[digit],
-                    words=str(digit),
-                    read=lambda path=path: read_recording(path, 16000),
-                ),
-            )
+    try:
+        clips = fsdd_clips(directory, takes)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
+    return [
+        Recording(
+            key=str(clip.path), speaker=clip.speaker, truth=labels[clip.digit], words=str(clip.digit), read=clip.read
         )
-    if not found:
-        raise SystemExit(f"error: no FSDD clips ({{digit}}_{{speaker}}_{{take}}.flac) in {directory}")
-    return [recording for _, recording in sorted(found, key=lambda pair: (pair[0], pair[1].key))]
+        for clip in clips
+    ]
 
 
 def debian_recordings(packages: Iterable[str], vocabulary: Vocabulary, root: str = "/") -> list[Recording]:
