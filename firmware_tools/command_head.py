@@ -106,23 +106,21 @@ def _windows(
     fsdd_dir: Path,
     settings: HeadSettings,
     rng: np.random.Generator,
-) -> Iterator[tuple[np.ndarray, str, str]]:
-    """(window audio before augmentation, label, group) for every training example."""
+) -> Iterator[tuple[np.ndarray, str, str, bool]]:
+    """(window audio before augmentation, label, group, whether to augment it) for every training example."""
     labels_by_digit = {int(c.slots["value"]): c.label for c in vocabulary.commands if c.intent == "digit"}
     for clip in fsdd_clips(fsdd_dir):
         audio = clip.read(SAMPLE_RATE)
-        for _ in range(settings.fsdd_copies):
-            yield (
-                place(audio, rng, at_end=None, jitter_s=settings.centre_jitter_s),
-                labels_by_digit[clip.digit],
-                f"fsdd:{clip.speaker}",
-            )
+        for copy in range(settings.fsdd_copies):
+            # The first copy as recorded (only moved in the window), the others augmented.
+            window = place(audio, rng, at_end=None, jitter_s=settings.centre_jitter_s)
+            yield window, labels_by_digit[clip.digit], f"fsdd:{clip.speaker}", copy > 0
     for label in model_labels(vocabulary):
         indices = bank.select(split="train", labels=[label])
         wanted = settings.synthetic_per_label * (4 if label == UNKNOWN_LABEL else 1)
         for index in rng.choice(indices, size=min(wanted, len(indices)), replace=False) if indices else ():
             at_end = settings.wake_tail_s if label == WAKE_LABEL and rng.random() < 0.7 else None
-            yield place(bank.audio(index), rng, at_end=at_end, jitter_s=settings.centre_jitter_s), label, "synth"
+            yield place(bank.audio(index), rng, at_end=at_end, jitter_s=settings.centre_jitter_s), label, "synth", True
     if settings.real_other_windows == 0:
         lines = []
     else:
@@ -135,11 +133,11 @@ def _windows(
         if len(audio) > WINDOW_SAMPLES:
             start = int(rng.integers(0, len(audio) - WINDOW_SAMPLES + 1))
             audio = audio[start : start + WINDOW_SAMPLES]
-        yield place(audio, rng, at_end=None, jitter_s=0.6), UNKNOWN_LABEL, "debian"
+        yield place(audio, rng, at_end=None, jitter_s=0.6), UNKNOWN_LABEL, "debian", True
     for _ in range(settings.silence_windows):
         level = 10 ** rng.uniform(-4.5, -1.5)
         kind = rng.choice(["white", "pink", "brown", "hum"])
-        yield (level * make_noise(kind, WINDOW_SAMPLES, rng)).astype(np.float32), SILENCE_LABEL, "silence"
+        yield (level * make_noise(kind, WINDOW_SAMPLES, rng)).astype(np.float32), SILENCE_LABEL, "silence", False
 
 
 def build_examples(
@@ -151,7 +149,7 @@ def build_examples(
     # Only what changes the windows: the network's settings can change without embedding everything again.
     making = {name: value for name, value in asdict(settings).items() if name in EXAMPLE_SETTINGS}
     identity = json.dumps(
-        {"settings": making, "augment": asdict(recipe.dataset.augment), "fsdd": str(fsdd_dir), "seed": recipe.seed},
+        {"settings": making, "fsdd": str(fsdd_dir), "seed": recipe.seed},
         sort_keys=True,
         default=str,
     )
@@ -163,12 +161,14 @@ def build_examples(
     rng = np.random.default_rng(recipe.seed)
     bank = ClipBank(work_dir / "synth")
     babble = [bank.audio(i) for i in rng.choice(bank.select(split="train"), size=200, replace=False)]
-    augment = Augmenter(recipe.dataset.augment, rng, babble)
+    augment = Augmenter(settings.augment, rng, babble)
     embed = SpeechEmbedding(num_threads=recipe.train.threads)
     index = {label: i for i, label in enumerate(model_labels(vocabulary))}
     embeddings, labels, groups = [], [], []
-    for window, label, group in tqdm(_windows(recipe, vocabulary, bank, fsdd_dir, settings, rng), desc="head windows"):
-        heard = augment(window) if group != "silence" else window
+    for window, label, group, augmented in tqdm(
+        _windows(recipe, vocabulary, bank, fsdd_dir, settings, rng), desc="head windows"
+    ):
+        heard = augment(window) if augmented else window
         embeddings.append(embed(heard).astype(np.float16))
         labels.append(index[label])
         groups.append(group)
@@ -433,7 +433,7 @@ def _verify_threshold(
     """The wake score that keeps VERIFY_RECALL of the validation voices' wake clips, each ending its window."""
     bank = ClipBank(work_dir / "synth")
     rng = np.random.default_rng(recipe.seed + 1)
-    augment = Augmenter(recipe.dataset.augment, rng)
+    augment = Augmenter(settings.augment, rng)
     embed = SpeechEmbedding(num_threads=recipe.train.threads)
     wake_index = model_labels(vocabulary).index(WAKE_LABEL)
     windows = [

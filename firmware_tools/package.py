@@ -86,8 +86,10 @@ def run_package(recipe: Recipe, work_dir: Path, out_dir: Path, vocabulary_path: 
         # The head decides commands and verifies wakes; its thresholds were fitted on held-out real speakers.
         head_report = json.loads((head_dir / "head.json").read_text())
         data = merge_models(data, (head_dir / "head.tflite").read_bytes())
+        quantile = tuning.verified_wake_false_accept_quantile
         detection = replace(
             detection,
+            wake_threshold=tune_wake_threshold(int8_scores, targets, wake_index, quantile),
             head_signature=HEAD_SIGNATURE,
             head_temperature=head_report["temperature"],
             command_threshold=head_report["command_threshold"],
