@@ -55,7 +55,7 @@ bench: setup
 # The cloud's real-command figures (bench/cloud.py --fsdd): FSDD from a data directory, FSDD=DIR, and real
 # non-commands from Debian game and education packages, installed here when missing (about 2.5 GB).
 VOICE_PACKAGES := hedgewars-data nexuiz-data openarena-data redeclipse-data klettres-data ktuberling-data \
-	warzone2100-data asterisk-core-sounds-en-wav asterisk-core-sounds-en pocketsphinx-testdata
+	warzone2100-data asterisk-core-sounds-en-wav asterisk-core-sounds-en pocketsphinx-testdata codec2-examples
 
 voice-packages:
 	@missing=""; for p in $(VOICE_PACKAGES); do \

@@ -17,12 +17,14 @@ device detect`` and the running device use.
   device decides as a command.
 - False wakes: every evaluation-only real recording this machine has, streamed through
   the pipeline as a device hears it: the evaluation packages' voice lines, the Asterisk
-  prompts (asterisk-core-sounds-en-wav) and pocketsphinx's test recordings, with a
+  prompts (asterisk-core-sounds-en-wav), pocketsphinx's test recordings and codec2's
+  speech samples (codec2-examples), with a
   second of silence between files. microWakeWord and openWakeWord hear the same audio
   (``firmware_tools/peers.py``, their own thresholds: 0.97 and 0.5, with our refractory
   period). The always-on CPU per audio second counts the verifier's runs at the trigger
   rate this speech causes; microWakeWord's is measured on the same audio in the same run.
-- Sizes of the models, and peak RSS of ``python -m device detect`` in a child process.
+- Sizes of the models, and peak RSS of ``python -m device detect`` over the committed samples in a
+  child process (VmHWM, as bench/device_cpu.py measures it).
 
 The held-out synthetic voices (wake recall, commands at 10 and 5 dB) are measured by
 ``make evaluate`` (firmware_tools/evaluate.py), which runs the same package.
@@ -35,36 +37,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import soundfile
+from device_cpu import peak_rss
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from device.command_head import CommandHead  # noqa: E402
-from device.detector import (  # noqa: E402
+from device.command_head import CommandHead
+from device.detector import (
     NON_COMMAND_LABELS,
     WakeEvent,
     count_wakes,
 )
-from device.inference import TfliteClassifier  # noqa: E402
-from device.local_model import LocalModel, load_local_model  # noqa: E402
-from device.pipeline import CommandEvent, ListeningPipeline  # noqa: E402
-from device.settings import CaptureSettings, DenoiseMode  # noqa: E402
-from device.speech_embedding import SpeechEmbedding, embedding_directory  # noqa: E402
-from firmware_tools.fsdd import fsdd_clips  # noqa: E402
-from firmware_tools.real_speech import EVALUATION_PACKAGES, VocabularyCheck, find_voice_lines  # noqa: E402
-from schemas.vocabulary import load_vocabulary  # noqa: E402
+from device.inference import TfliteClassifier
+from device.local_model import LocalModel, load_local_model
+from device.pipeline import CommandEvent, ListeningPipeline
+from device.recording import read_recording
+from device.settings import CaptureSettings, DenoiseMode
+from device.speech_embedding import SpeechEmbedding, embedding_directory
+from firmware_tools.fsdd import fsdd_clips
+from firmware_tools.real_speech import EVALUATION_PACKAGES, VocabularyCheck, find_voice_lines
+from schemas.vocabulary import load_vocabulary
 
+ROOT = Path(__file__).resolve().parent.parent
 RATE = 16000
 BLOCK = 480
 """The device's 30 ms block."""
@@ -73,8 +73,13 @@ PEER_THRESHOLDS = {"microwakeword": 0.97, "openwakeword": 0.5}
 EVALUATION_RECORDINGS = (
     ("asterisk", Path("/usr/share/asterisk/sounds/en_US_f_Allison"), "*.wav"),
     ("pocketsphinx", Path("/usr/share/pocketsphinx/test/data"), "*.wav"),
+    ("codec2", Path("/usr/share/codec2/raw"), "*.raw"),
 )
 """Real speech kept for evaluation only (never trained on): where Debian installs it."""
+CODEC2_NOT_SPEECH = ("sine", "test", "700d")
+"""codec2-examples' raw files that hold modem frames or tones, not speech (by name prefix)."""
+CODEC2_RATE = 8000
+"""codec2-examples' .raw files are headerless 16-bit mono at 8 kHz."""
 
 
 def log(message: str) -> None:
@@ -177,11 +182,16 @@ def evaluation_speech(quick: bool) -> Iterator[tuple[str, np.ndarray]]:
     for source, folder, pattern in EVALUATION_RECORDINGS:
         paths = sorted(folder.rglob(pattern)) if folder.is_dir() else []
         for path in paths[:: 8 if quick else 1]:
-            try:
-                samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
-            except (RuntimeError, soundfile.LibsndfileError):
-                continue
-            mono = samples.mean(axis=1)
+            if path.suffix == ".raw":
+                if path.name.startswith(CODEC2_NOT_SPEECH):
+                    continue
+                mono, rate = np.fromfile(path, "<i2").astype(np.float32) / 32768.0, CODEC2_RATE
+            else:
+                try:
+                    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+                except (RuntimeError, soundfile.LibsndfileError):
+                    continue
+                mono = samples.mean(axis=1)
             if rate != RATE:
                 import soxr
 
@@ -251,20 +261,6 @@ def sizes(model: LocalModel) -> dict:
     }
 
 
-def peak_rss_mb(audio_files: Iterable[Path]) -> float:
-    """Peak RSS (MB) of ``python -m device detect`` over ``audio_files``, run in a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(
-        [sys.executable, "-m", "device", "detect", "--skip-wake", *map(str, audio_files)],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(before, after) * 1024 / 1e6, 1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fsdd", type=Path, help="FSDD recordings (a data directory); without it, no command figures")
@@ -286,7 +282,10 @@ def main() -> None:
     log("false wakes")
     report["false_wakes"] = false_wakes(model, args.quick)
     report["sizes"] = sizes(model)
-    report["peak_rss_mb"] = peak_rss_mb(sorted((ROOT / "samples").glob("*.flac")))
+    # The committed samples: each wakes the device and is decided, so both stages and the embedding are loaded.
+    samples = np.concatenate([read_recording(path) for path in sorted((ROOT / "samples").glob("*.flac"))])
+    with tempfile.TemporaryDirectory() as folder:
+        report["peak_rss"] = peak_rss(samples, Path(folder))
     report["quick"] = args.quick
     report["seconds"] = round(time.monotonic() - started, 1)
     if args.write:
