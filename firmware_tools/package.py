@@ -31,6 +31,8 @@ from schemas.vocabulary import load_vocabulary, vocabulary_sha256
 
 log = logging.getLogger("mqvox.package")
 
+STALE_FILES = ("evaluation.json", "confusion_matrix.png", "det_curve.png", "real_voices.json")
+"""Measurements of a packaged model, left out of a new package until they are measured again."""
 THRESHOLD_GRID = np.round(np.arange(0.30, 0.996, 0.005), 3)
 """Thresholds tried when tuning."""
 
@@ -86,16 +88,17 @@ def run_package(recipe: Recipe, work_dir: Path, out_dir: Path, vocabulary_path: 
         # The head decides commands and verifies wakes; its thresholds were fitted on held-out real speakers.
         head_report = json.loads((head_dir / "head.json").read_text())
         data = merge_models(data, (head_dir / "head.tflite").read_bytes())
-        quantile = tuning.verified_wake_false_accept_quantile
         detection = replace(
             detection,
-            wake_threshold=tune_wake_threshold(int8_scores, targets, wake_index, quantile),
             head_signature=HEAD_SIGNATURE,
             head_temperature=head_report["temperature"],
             command_threshold=head_report["command_threshold"],
             verify_threshold=head_report["verify_threshold"],
         )
     (out_dir / MODEL_FILE).write_bytes(data)
+    for stale in STALE_FILES:
+        # They describe the model this package replaces: evaluate and bench/real_voices.py write them anew.
+        (out_dir / stale).unlink(missing_ok=True)
     package = ModelPackage(
         version=recipe.version,
         model_file=MODEL_FILE,

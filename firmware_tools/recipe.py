@@ -137,9 +137,6 @@ class DetectionTuning:
     """The command threshold is the lowest whose local decisions reach this precision on validation."""
     wake_false_accept_quantile: float = 0.999
     """The wake threshold sits at this quantile of the wake score on validation windows that hold no wake."""
-    verified_wake_false_accept_quantile: float = 0.99
-    """The same quantile when a command head verifies each wake: the first stage can then fire more often, to
-    miss fewer wakes, since the verifier turns most of its false triggers away."""
     stride_frames: int = 10
     """Frames between runs of the model on the always-on path."""
     smoothing_windows: int = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -108,10 +109,13 @@ def _with_detection(model, **changes):
 def test_the_command_head_verifies_each_first_stage_wake(local_model) -> None:
     assert local_model.head is not None and local_model.package.detection.verify_threshold > 0
     audio = read_recording(IN_VOCABULARY_SAMPLE)
-    # A verifier nothing passes: the first stage fires, the head refuses, nothing is captured.
+    # A verifier nothing passes (just above 1: a sure head scores exactly 1.0): the first stage fires, the head
+    # refuses, nothing is captured.
     runs = local_model.head.runs
     refusing = ListeningPipeline(
-        _with_detection(local_model, verify_threshold=1.0), CaptureSettings(), DenoiseMode.UTTERANCE
+        _with_detection(local_model, verify_threshold=math.nextafter(1.0, 2.0)),
+        CaptureSettings(),
+        DenoiseMode.UTTERANCE,
     )
     events = [event for start in range(0, len(audio), 480) for event in refusing.push(audio[start : start + 480])]
     assert events + refusing.finish() == []
