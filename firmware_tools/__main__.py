@@ -53,6 +53,7 @@ def stages(args: argparse.Namespace) -> int:
         work_dir=(args.work_dir or DEFAULT_WORK_ROOT / recipe.name).resolve(),
         out_dir=(args.out or Path(f"device/models/{recipe.name}")).resolve(),
         fsdd_dir=args.fsdd.resolve() if args.fsdd is not None else None,
+        always_on=args.always_on.resolve() if getattr(args, "always_on", None) is not None else None,
     )
     names = args.stages or list(STAGES)
     if "head" in names and context.fsdd_dir is None:
@@ -300,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_argument(
             "--fsdd", type=Path, help="FSDD recordings, real digits the head trains on (needed by head and train-all)"
         )
+        if name in ("package", "train-all"):
+            stage.add_argument(
+                "--always-on",
+                type=Path,
+                help="an int8 always-on .tflite (single network) to package instead of the one trained in this run",
+            )
         stage.set_defaults(run=stages, stages=None if name == "train-all" else [name])
     assert set(STAGES) <= set(commands.choices)
     evaluation = commands.add_parser(

@@ -111,7 +111,14 @@ def render_model_card(model_dir: Path, recipe: Recipe) -> str:
         f"{detection.command_threshold}.",
         f"- Validation accuracy: float {_percent(training['validation_accuracy_float'])}, int8 "
         f"{_percent(training['validation_accuracy_int8'])}. Recipe `{recipe.name}`, seed {recipe.seed}, trained in "
-        f"{training['train_seconds']:.0f} s.",
+        f"{training['train_seconds']:.0f} s."
+        + (
+            f" The packaged always-on network is not the one trained in that run: it comes from "
+            f"`{training['always_on_from']}` (`package --always-on`), with its thresholds tuned on the same "
+            "validation windows."
+            if training.get("always_on_from", "").endswith(".tflite")
+            else ""
+        ),
         "",
         "## Held-out evaluation",
     ]

@@ -61,15 +61,27 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((scores.argmax(axis=1) == labels).mean())
 
 
-def run_package(recipe: Recipe, work_dir: Path, out_dir: Path, vocabulary_path: str | Path | None = None) -> Path:
-    """Tune, then write the package into ``out_dir``; returns it."""
+def run_package(
+    recipe: Recipe,
+    work_dir: Path,
+    out_dir: Path,
+    vocabulary_path: str | Path | None = None,
+    always_on: Path | None = None,
+) -> Path:
+    """Tune, then write the package into ``out_dir``; returns it.
+
+    ``always_on`` joins the head to another int8 always-on network of the same recipe (a previous release's,
+    say) instead of the one the train stage just made; its thresholds are tuned here all the same.
+    """
     labels = json.loads((work_dir / "features" / "labels.json").read_text())
-    quantized_path = work_dir / "quantize" / MODEL_FILE
+    quantized_path = always_on or work_dir / "quantize" / MODEL_FILE
     int8 = TfliteClassifier(quantized_path)
-    float_model = TfliteClassifier(work_dir / "quantize" / "model_float.tflite")
     features, targets = load_split(work_dir, "validation")
     int8_scores = int8.scores(features)
-    float_scores = float_model.scores(features)
+    # The float twin exists only for the network trained here.
+    float_scores = (
+        None if always_on else TfliteClassifier(work_dir / "quantize" / "model_float.tflite").scores(features)
+    )
     tuning = recipe.detection
     wake_index = labels.index(WAKE_LABEL)
     detection = Detection(
@@ -120,7 +132,8 @@ def run_package(recipe: Recipe, work_dir: Path, out_dir: Path, vocabulary_path: 
         "size_bytes": len(data),
         "train_windows": len(np.load(work_dir / "features" / "train_labels.npy", mmap_mode="r")),
         "validation_windows": len(targets),
-        "validation_accuracy_float": round(accuracy(float_scores, targets), 4),
+        "validation_accuracy_float": round(accuracy(float_scores, targets), 4) if float_scores is not None else None,
+        "always_on_from": str(always_on) if always_on else "the train and quantize stages of this run",
         "validation_accuracy_int8": round(accuracy(int8_scores, targets), 4),
         "detection": detection.to_dict(),
         "data": _data_summary(recipe, work_dir, vocabulary_path),

@@ -31,6 +31,8 @@ class StageContext:
     """Where the package stage writes the model."""
     fsdd_dir: Path | None = None
     """FSDD's recordings (a data directory), real speech for the command head."""
+    always_on: Path | None = None
+    """An int8 always-on network to package instead of the one the train stage made (None: that one)."""
 
 
 def _synth(context: StageContext) -> None:
@@ -73,7 +75,7 @@ def _head(context: StageContext) -> None:
 def _package(context: StageContext) -> None:
     from firmware_tools.package import run_package
 
-    run_package(context.recipe, context.work_dir, context.out_dir)
+    run_package(context.recipe, context.work_dir, context.out_dir, always_on=context.always_on)
 
 
 STAGES: dict[str, Callable[[StageContext], None]] = {

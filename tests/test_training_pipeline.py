@@ -219,3 +219,19 @@ def test_a_clip_placed_partly_outside_a_window_keeps_what_fits(start: int) -> No
         if 0 <= start + i < 20:
             expected[start + i] = value
     np.testing.assert_array_equal(canvas, expected)
+
+
+def test_a_head_can_be_packaged_with_another_always_on_network(tiny_run, tmp_path: Path) -> None:
+    from firmware_tools.package import run_package
+
+    work, _, _ = tiny_run
+    other = tmp_path / "always_on.tflite"
+    other.write_bytes((work / "quantize" / "model.tflite").read_bytes())
+    out = run_package(load_recipe("tiny"), work, tmp_path / "model", always_on=other)
+    report = json.loads((out / "training.json").read_text())
+    assert report["always_on_from"] == str(other) and report["validation_accuracy_float"] is None
+    package = ModelPackage.load(out)
+    window = np.random.default_rng(9).standard_normal((package.frontend.frames, package.frontend.num_features))
+    window = window.astype(np.float32)
+    np.testing.assert_array_equal(TfliteClassifier(package.model_path(out))(window), TfliteClassifier(other)(window))
+    assert package.detection.head_signature == HEAD_SIGNATURE
