@@ -445,8 +445,8 @@ def run_head(recipe: Recipe, vocabulary: Vocabulary, work_dir: Path, fsdd_dir: P
     verify_threshold = _verify_threshold(model, recipe, vocabulary, work_dir, settings, temperature)
     synthetic = _synthetic_validation(model, recipe, vocabulary, work_dir, settings, temperature)
     fsdd_threshold = threshold
-    # FSDD holds digits only, spoken clearly: the other commands, and speech in noise, are judged on the synthetic
-    # voices' validation renders (never trained on) in the training noise; the stricter threshold of the two holds.
+    # FSDD holds digits only: the other commands are judged on the training voices' validation renders (never
+    # trained on); the stricter threshold of the two holds.
     threshold = max(fsdd_threshold, synthetic["threshold"])
     log.info("temperature %.3f, command threshold %.4f (FSDD %.4f)", temperature, threshold, fsdd_threshold)
     report = {
@@ -475,32 +475,44 @@ SYNTHETIC_VALIDATION_WINDOWS = 3000
 def _synthetic_validation(
     model, recipe: Recipe, vocabulary: Vocabulary, work_dir: Path, settings: HeadSettings, temperature: float
 ) -> dict:
-    """The head on the validation renders in the always-on model's (harsher) training noise, and the lowest
-    threshold that keeps its decisions there at the precision target."""
+    """The head on the validation renders of the training voices (never trained on), in its own training noise.
+
+    The threshold is the lowest that keeps its decisions on the commands at the precision target: FSDD has
+    only digits, so this is where the other commands are judged. Other speech (``_unknown_`` renders: confusable
+    phrases, commands inside sentences) is measured at the threshold too, and reported, not tuned for: a
+    threshold high enough for those renders leaves the device almost nothing to decide (the shipped head's
+    held-out real speakers: 10 % decided at 1.0).
+    """
     bank = ClipBank(work_dir / "synth")
     rng = np.random.default_rng(recipe.seed + 2)
-    augment = Augmenter(recipe.dataset.augment, rng)
+    augment = Augmenter(settings.augment, rng)
     embed = SpeechEmbedding(num_threads=recipe.train.threads)
     labels = model_labels(vocabulary)
-    wanted = [label for label in labels if label not in (WAKE_LABEL, SILENCE_LABEL)]
-    indices = bank.select(split="validation", labels=wanted)
-    chosen = rng.choice(indices, size=min(SYNTHETIC_VALIDATION_WINDOWS, len(indices)), replace=False)
-    windows = [
-        embed(augment(place(bank.audio(i), rng, at_end=None, jitter_s=settings.centre_jitter_s))) for i in chosen
-    ]
-    truth = np.array([labels.index(bank.records[i].label) for i in chosen])
-    probabilities = softmax(model.predict(np.stack(windows), verbose=0) / temperature)
-    best = probabilities.argmax(axis=1)
-    confidence = probabilities.max(axis=1)
     commands = np.array([label not in (SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL) for label in labels])
+
+    def judged(wanted: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        indices = bank.select(split="validation", labels=wanted)
+        chosen = rng.choice(indices, size=min(SYNTHETIC_VALIDATION_WINDOWS, len(indices)), replace=False)
+        windows = [
+            embed(augment(place(bank.audio(i), rng, at_end=None, jitter_s=settings.centre_jitter_s))) for i in chosen
+        ]
+        truth = np.array([labels.index(bank.records[i].label) for i in chosen])
+        return softmax(model.predict(np.stack(windows), verbose=0) / temperature), truth
+
+    probabilities, truth = judged([label for label, command in zip(labels, commands, strict=True) if command])
+    best, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     decidable = commands[best]
     threshold = threshold_for_precision(confidence[decidable], (best == truth)[decidable], settings.precision_target)
     decided = decidable & (confidence >= threshold)
+    other, _ = judged([UNKNOWN_LABEL])
+    other_decided = commands[other.argmax(axis=1)] & (other.max(axis=1) >= threshold)
     return {
-        "windows": len(chosen),
-        "top1": round(float((best == truth).mean()), 4),
+        "command_windows": len(truth),
+        "command_top1": round(float((best == truth).mean()), 4),
         "threshold": threshold,
-        "decided": round(float(decided.mean()), 4),
+        "commands_decided": round(float(decided.mean()), 4),
+        "other_speech_windows": len(other),
+        "other_speech_decided_as_a_command": round(float(other_decided.mean()), 4),
     }
 
 
