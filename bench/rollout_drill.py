@@ -7,12 +7,12 @@ devices (the real device runtime and updater, on generated silence, each with it
 connection and state folder: device/simulated.py). Everything an operator does goes
 through the real command line, ``python -m firmware_tools``:
 
-1. ``keygen``; ``publish`` the shipped 1.0.0 to everyone (it is what the devices run);
-2. ``publish --hold`` 1.1.0 (the shipped weights, a new version) and ``rollout`` it:
+1. ``keygen``; ``publish`` the shipped model (1.1.0) to everyone (it is what the devices run);
+2. ``publish --hold`` 1.2.0 (the shipped weights, a new version) and ``rollout`` it:
    canary (2 named devices), 25 % of the fleet, then 100 %;
-3. ``publish --hold`` 1.2.0, whose weights are deliberately scrambled
+3. ``publish --hold`` 1.3.0, whose weights are deliberately scrambled
    (firmware_tools/drill.py), and ``rollout`` it the same way: every device that gets it
-   fails its self-test and rolls back, the abort criteria halt the rollout, and 1.1.0
+   fails its self-test and rolls back, the abort criteria halt the rollout, and 1.2.0
    is re-published as a rollback;
 4. ``status``: the per-device table.
 
@@ -73,8 +73,8 @@ def main() -> int:
         key_args = ("--key", str(work / "keys" / "signing.key"))
         on_broker = {"broker": broker, "database": database}
         shipped = shipped_model_directory()
-        good = copy_package(shipped, work / "models" / "1.1.0", "1.1.0")
-        broken = break_package(shipped, work / "models" / "1.2.0", "1.2.0")
+        good = copy_package(shipped, work / "models" / "1.2.0", "1.2.0")
+        broken = break_package(shipped, work / "models" / "1.3.0", "1.3.0")
         devices = []
         for name in names:
             settings = settings_from_dict(

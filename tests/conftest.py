@@ -98,7 +98,7 @@ def make_utterance(device_id: str, path: Path = IN_VOCABULARY_SAMPLE, **changes)
         read_recording(path, 16000),
         16000,
         hypotheses=(Hypothesis("lights_on", {}, 0.41), Hypothesis("digit", {"value": 7}, 0.2)),
-        model_version="1.0.0",
+        model_version="1.1.0",
         reason=UploadReason.LOW_CONFIDENCE,
     )
     return dataclasses.replace(utterance, **changes)
@@ -187,7 +187,7 @@ def worker_factory(broker_settings, transcriber, tmp_path) -> Iterator:
         service.stop(end_session=True)  # no session left behind to queue later tests' utterances
 
 
-FACTORY_VERSION = "1.0.0"
+FACTORY_VERSION = "1.1.0"
 """Version of the shipped model, which simulated devices start with."""
 
 
@@ -206,9 +206,9 @@ def packages(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("packages")
     shipped = shipped_model_directory()
     return {
-        "1.1.0": copy_package(shipped, folder / "1.1.0", "1.1.0"),
         "1.2.0": copy_package(shipped, folder / "1.2.0", "1.2.0"),
-        "broken-1.1.0": break_package(shipped, folder / "broken-1.1.0", "1.1.0"),
+        "1.3.0": copy_package(shipped, folder / "1.3.0", "1.3.0"),
+        "broken-1.2.0": break_package(shipped, folder / "broken-1.2.0", "1.2.0"),
     }
 
 

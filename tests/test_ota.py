@@ -92,26 +92,26 @@ FINAL = {OtaState.APPLIED, OtaState.REJECTED, OtaState.ROLLED_BACK}
 def test_a_device_started_after_the_publication_gets_the_retained_manifest_and_updates(
     operator, fleet, links, packages
 ):
-    operator.publish_manifest(operator.register(packages["1.1.0"]), EVERYONE)
+    operator.publish_manifest(operator.register(packages["1.2.0"]), EVERYONE)
     inbox = watch_status(links, "late-1")
     device = fleet("late-1")
     assert [step[:2] for step in update_steps(inbox, FINAL)] == [
-        ("downloading", "1.1.0"),
-        ("verified", "1.1.0"),
-        ("applied", "1.1.0"),
+        ("downloading", "1.2.0"),
+        ("verified", "1.2.0"),
+        ("applied", "1.2.0"),
     ]
-    assert wait_until(lambda: device.runtime.model.version == "1.1.0", 5)  # the listening pipeline switched
-    assert device.runtime.presence.model_version == "1.1.0"
+    assert wait_until(lambda: device.runtime.model.version == "1.2.0", 5)  # the listening pipeline switched
+    assert device.runtime.presence.model_version == "1.2.0"
     installed = InstalledModels(device.settings.ota.state_dir, shipped_model_directory(), FACTORY_VERSION)
-    assert installed.active.version == "1.1.0" and installed.previous.version == FACTORY_VERSION
-    assert load_local_model(installed.active.directory).version == "1.1.0"
+    assert installed.active.version == "1.2.0" and installed.previous.version == FACTORY_VERSION
+    assert load_local_model(installed.active.directory).version == "1.2.0"
 
 
 def test_devices_outside_the_stage_do_not_update(operator, fleet, links, packages):
     inside, outside = watch_status(links, "stage-in"), watch_status(links, "stage-out")
     devices = {name: fleet(name) for name in ("stage-in", "stage-out")}
-    operator.publish_manifest(operator.register(packages["1.1.0"]), RolloutStage("canary", ("stage-in",), 0.0))
-    assert update_steps(inside, FINAL)[-1][:2] == ("applied", "1.1.0")
+    operator.publish_manifest(operator.register(packages["1.2.0"]), RolloutStage("canary", ("stage-in",), 0.0))
+    assert update_steps(inside, FINAL)[-1][:2] == ("applied", "1.2.0")
     assert wait_until(lambda: devices["stage-out"].runtime.presence.counters["ota_not_in_stage"] == 1, 5)
     assert devices["stage-out"].runtime.model.version == FACTORY_VERSION
     assert devices["stage-out"].runtime.presence.ota is None
@@ -133,29 +133,29 @@ def test_percentage_stages_pick_the_same_devices_on_both_sides_and_grow_monotoni
 
 
 def test_a_tampered_blob_is_rejected_and_the_old_model_keeps_running(operator, fleet, links, packages, channel):
-    version = operator.register(packages["1.1.0"])
+    version = operator.register(packages["1.2.0"])
     operator.publish_blob(version)
     tampered = bytearray(version.model)
     tampered[len(tampered) // 2] ^= 0xFF  # one flipped byte; the blob's own metadata is made to match it
-    forged = ModelBlob(channel, "1.1.0", bytes(tampered))
+    forged = ModelBlob(channel, "1.2.0", bytes(tampered))
     operator.link.publish(forged.topic(), forged.to_wire(), qos=MODEL_BLOB.qos, retain=True)
     inbox = watch_status(links, "tamper-1")
     device = fleet("tamper-1")
     operator.publish_manifest(version, EVERYONE)
     steps = update_steps(inbox, FINAL)
-    assert steps[-1][:2] == ("rejected", "1.1.0")
+    assert steps[-1][:2] == ("rejected", "1.2.0")
     assert "does not match the signed manifest" in steps[-1][2]
     assert device.runtime.model.version == FACTORY_VERSION
-    assert not (Path(device.settings.ota.state_dir) / "models" / "1.1.0").exists()
+    assert not (Path(device.settings.ota.state_dir) / "models" / "1.2.0").exists()
 
 
 def test_a_manifest_signed_with_another_key_is_rejected(operator, fleet, links, packages, keys):
     inbox = watch_status(links, "wrong-key-1")
     device = fleet("wrong-key-1")
     stranger = Publisher(operator.link, operator.registry, operator.channel, load_private_key(keys["other.key"]))
-    stranger.publish_manifest(stranger.register(packages["1.1.0"]), EVERYONE)
+    stranger.publish_manifest(stranger.register(packages["1.2.0"]), EVERYONE)
     steps = update_steps(inbox, FINAL)
-    assert steps == [("rejected", "1.1.0", steps[0][2])]
+    assert steps == [("rejected", "1.2.0", steps[0][2])]
     assert steps[0][2].startswith("signature: signed by key") and "trusts only key" in steps[0][2]
     assert device.runtime.model.version == FACTORY_VERSION
 
@@ -163,18 +163,18 @@ def test_a_manifest_signed_with_another_key_is_rejected(operator, fleet, links, 
 def test_a_manifest_changed_after_signing_is_rejected(operator, fleet, links, packages):
     inbox = watch_status(links, "altered-1")
     device = fleet("altered-1")
-    version = operator.register(packages["1.1.0"])
+    version = operator.register(packages["1.2.0"])
     operator.publish_blob(version)
     signed = operator.publish_manifest(version, RolloutStage("nobody", (), 0.0))
     widened = dataclasses.replace(signed, stage=EVERYONE, created_at=signed.created_at + 1)
     operator.link.send(widened)
     steps = update_steps(inbox, FINAL)
-    assert steps[-1][:2] == ("rejected", "1.1.0") and "signature does not match" in steps[-1][2]
+    assert steps[-1][:2] == ("rejected", "1.2.0") and "signature does not match" in steps[-1][2]
     assert device.runtime.model.version == FACTORY_VERSION
 
 
 def test_a_model_for_another_front_end_is_rejected_before_download(operator, fleet, links, packages, tmp_path):
-    other = copy_package(packages["1.1.0"], tmp_path / "8khz", "1.1.0")
+    other = copy_package(packages["1.2.0"], tmp_path / "8khz", "1.2.0")
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["frontend"]["sample_rate"] = 8000
     (other / "manifest.json").write_text(json.dumps(manifest))
@@ -182,7 +182,7 @@ def test_a_model_for_another_front_end_is_rejected_before_download(operator, fle
     device = fleet("frontend-1")
     operator.publish_manifest(operator.register(other), EVERYONE)
     steps = update_steps(inbox, FINAL)
-    assert steps == [("rejected", "1.1.0", steps[0][2])]  # no download was started
+    assert steps == [("rejected", "1.2.0", steps[0][2])]  # no download was started
     assert steps[0][2].startswith("front end:") and "8000" in steps[0][2]
     assert device.runtime.model.version == FACTORY_VERSION
 
@@ -190,15 +190,15 @@ def test_a_model_for_another_front_end_is_rejected_before_download(operator, fle
 def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(operator, fleet, links, packages):
     inbox = watch_status(links, "selftest-1")
     device = fleet("selftest-1")
-    broken = operator.register(packages["broken-1.1.0"])
+    broken = operator.register(packages["broken-1.2.0"])
     operator.publish_manifest(broken, EVERYONE)
     steps = update_steps(inbox, FINAL)
     assert [step[:2] for step in steps] == [
-        ("downloading", "1.1.0"),
-        ("verified", "1.1.0"),
-        ("rolled_back", "1.1.0"),
+        ("downloading", "1.2.0"),
+        ("verified", "1.2.0"),
+        ("rolled_back", "1.2.0"),
     ]
-    assert steps[-1][2].startswith("self-test failed on 3 of 5 clips") and steps[-1][2].endswith("1.0.0 kept")
+    assert steps[-1][2].startswith("self-test failed on 3 of 5 clips") and steps[-1][2].endswith(f"{FACTORY_VERSION} kept")
     assert device.runtime.model.version == FACTORY_VERSION
     installed = InstalledModels(device.settings.ota.state_dir, shipped_model_directory(), FACTORY_VERSION)
     assert installed.active == installed.factory and installed.journal.trial is None
@@ -211,29 +211,29 @@ def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(o
 def test_replays_are_ignored_and_only_a_rollback_manifest_downgrades(operator, fleet, links, packages):
     inbox = watch_status(links, "replay-1")
     device = fleet("replay-1")
-    old = operator.publish_manifest(operator.register(packages["1.1.0"]), EVERYONE)
-    assert update_steps(inbox, FINAL)[-1][:2] == ("applied", "1.1.0")
-    operator.publish_manifest(operator.register(packages["1.2.0"]), EVERYONE)
+    old = operator.publish_manifest(operator.register(packages["1.2.0"]), EVERYONE)
     assert update_steps(inbox, FINAL)[-1][:2] == ("applied", "1.2.0")
+    operator.publish_manifest(operator.register(packages["1.3.0"]), EVERYONE)
+    assert update_steps(inbox, FINAL)[-1][:2] == ("applied", "1.3.0")
     counters = device.runtime.presence.counters
-    # The captured 1.1.0 manifest, replayed as it was signed: older than the last one accepted.
+    # The captured 1.2.0 manifest, replayed as it was signed: older than the last one accepted.
     operator.link.send(old)
     assert wait_until(lambda: counters["ota_replays_ignored"] == 1, 5)
     # A freshly signed manifest of the older version, without the rollback flag: still no downgrade.
-    operator.publish_manifest(operator.registry.version(operator.channel, "1.1.0"), EVERYONE)
+    operator.publish_manifest(operator.registry.version(operator.channel, "1.2.0"), EVERYONE)
     assert wait_until(lambda: counters["ota_replays_ignored"] == 2, 5)
-    assert device.runtime.presence.model_version == "1.2.0"
+    assert device.runtime.presence.model_version == "1.3.0"
     # An explicit rollback takes it back, from the model it kept.
-    operator.publish_manifest(operator.registry.version(operator.channel, "1.1.0"), EVERYONE, rollback=True)
+    operator.publish_manifest(operator.registry.version(operator.channel, "1.2.0"), EVERYONE, rollback=True)
     steps = update_steps(inbox, FINAL)
-    assert steps[-1] == ("rolled_back", "1.1.0", "rollback from 1.2.0 by the operator")
-    assert wait_until(lambda: device.runtime.model.version == "1.1.0", 5)
+    assert steps[-1] == ("rolled_back", "1.2.0", "rollback from 1.3.0 by the operator")
+    assert wait_until(lambda: device.runtime.model.version == "1.2.0", 5)
 
 
 def test_an_update_interrupted_during_its_trial_goes_back_at_start_and_is_given_up_after_max_attempts(tmp_path):
     shipped = shipped_model_directory()
     package = ModelPackage.load(shipped)
-    candidate = dataclasses.replace(package, version="1.1.0")
+    candidate = dataclasses.replace(package, version="1.2.0")
     model = package.model_path(shipped).read_bytes()
     for attempt in (1, 2):
         installed = InstalledModels(tmp_path, shipped, FACTORY_VERSION)
@@ -241,21 +241,21 @@ def test_an_update_interrupted_during_its_trial_goes_back_at_start_and_is_given_
         installed.begin_trial(placed, candidate.sha256, rollback=False)
         # The process dies here; the next start finds the trial open.
         restarted = InstalledModels(tmp_path, shipped, FACTORY_VERSION)
-        assert restarted.active.version == "1.1.0" and restarted.journal.trial.attempts == attempt
+        assert restarted.active.version == "1.2.0" and restarted.journal.trial.attempts == attempt
         pending = restarted.recover(max_attempts=2)
         assert restarted.active == restarted.factory
-        assert pending["state"] == "rolled_back" and pending["version"] == "1.1.0"
+        assert pending["state"] == "rolled_back" and pending["version"] == "1.2.0"
         assert f"({attempt} time(s))" in pending["reason"]
-    assert restarted.refused_reason("1.1.0", candidate.sha256).endswith("not tried again")
+    assert restarted.refused_reason("1.2.0", candidate.sha256).endswith("not tried again")
 
 
 def test_half_written_model_folders_are_removed_at_start(tmp_path):
     shipped = shipped_model_directory()
     installed = InstalledModels(tmp_path, shipped, FACTORY_VERSION)
-    (tmp_path / "models" / "1.1.0.partial").mkdir()
-    (tmp_path / "models" / "1.1.0.partial" / "model.tflite").write_bytes(b"half")
+    (tmp_path / "models" / "1.2.0.partial").mkdir()
+    (tmp_path / "models" / "1.2.0.partial" / "model.tflite").write_bytes(b"half")
     installed.recover(max_attempts=2)
-    assert not (tmp_path / "models" / "1.1.0.partial").exists()
+    assert not (tmp_path / "models" / "1.2.0.partial").exists()
     assert installed.active == installed.factory
 
 
@@ -274,26 +274,26 @@ def test_garbage_on_the_manifest_topic_is_counted_and_ignored(operator, fleet, l
 def test_a_model_for_newer_device_software_is_rejected(operator, fleet, links, packages):
     inbox = watch_status(links, "too-new-1")
     fleet("too-new-1")
-    version = operator.register(packages["1.1.0"], min_device_version="99.0.0")
+    version = operator.register(packages["1.2.0"], min_device_version="99.0.0")
     operator.publish_manifest(version, EVERYONE)
     steps = update_steps(inbox, FINAL)
-    assert steps == [("rejected", "1.1.0", steps[0][2])]
+    assert steps == [("rejected", "1.2.0", steps[0][2])]
     assert steps[0][2].startswith("needs device software 99.0.0 or newer")
 
 
 def test_a_manifest_whose_blob_never_comes_is_rejected_and_tried_again_later(operator, fleet, links, packages):
     inbox = watch_status(links, "no-blob-1")
     device = fleet("no-blob-1", download_timeout_s=1.0)
-    version = operator.register(packages["1.1.0"])
+    version = operator.register(packages["1.2.0"])
     signed = operator.publish_manifest(version, RolloutStage("nobody", (), 0.0))  # the blob is retained with it
-    operator.clear_blob("1.1.0")
+    operator.clear_blob("1.2.0")
     operator.link.send(resigned(operator, signed, stage=EVERYONE))  # offered to everyone, but the blob is gone
     steps = update_steps(inbox, FINAL)
     assert steps[-1][0] == "rejected" and steps[-1][2].startswith("no model on") and "within 1 s" in steps[-1][2]
     # Not refused for good: a later stage, with the blob back, updates the device.
     operator.publish_manifest(version, EVERYONE)
-    assert update_steps(inbox, FINAL)[-1][:2] == ("applied", "1.1.0")
-    assert device.runtime.presence.model_version == "1.1.0"
+    assert update_steps(inbox, FINAL)[-1][:2] == ("applied", "1.2.0")
+    assert device.runtime.presence.model_version == "1.2.0"
 
 
 def resigned(operator, manifest, **changes):
@@ -305,7 +305,7 @@ def resigned(operator, manifest, **changes):
 def test_a_device_behind_a_rollback_manifest_moves_up_to_it(operator, fleet, links, packages):
     inbox = watch_status(links, "behind-1")
     device = fleet("behind-1")
-    # The device missed 1.1.0; the channel's manifest is now a rollback to 1.1.0 (after a halted 1.2.0).
-    operator.publish_manifest(operator.register(packages["1.1.0"]), EVERYONE, rollback=True)
-    assert update_steps(inbox, FINAL)[-1] == ("applied", "1.1.0", None)
-    assert device.runtime.presence.model_version == "1.1.0"
+    # The device missed 1.2.0; the channel's manifest is now a rollback to 1.2.0 (after a halted 1.3.0).
+    operator.publish_manifest(operator.register(packages["1.2.0"]), EVERYONE, rollback=True)
+    assert update_steps(inbox, FINAL)[-1] == ("applied", "1.2.0", None)
+    assert device.runtime.presence.model_version == "1.2.0"

@@ -69,7 +69,7 @@ def test_a_device_killed_at_each_step_of_an_update_works_after_restart(
     observer.subscribe(RESULT.topic(device_id=device_id), results)
     with ModelRegistry(StorageSettings(url=f"sqlite:///{tmp_path}/registry.sqlite3")) as registry:
         publisher = Publisher(links(), registry, channel, load_private_key(keys["fleet.key"]))
-        publisher.publish_manifest(publisher.register(packages["1.1.0"]), EVERYONE)
+        publisher.publish_manifest(publisher.register(packages["1.2.0"]), EVERYONE)
 
     device = start_device(config, step)
     try:
@@ -78,14 +78,14 @@ def test_a_device_killed_at_each_step_of_an_update_works_after_restart(
         device.kill()
     # Whatever the step, the state folder leads to a model that loads (checked on a copy: the restart recovers).
     copy = shutil.copytree(state_dir, tmp_path / "copy")
-    installed = InstalledModels(copy, shipped_model_directory(), "1.0.0")
+    installed = InstalledModels(copy, shipped_model_directory(), "1.1.0")
     installed.recover(max_attempts=2)
-    assert load_local_model(installed.active.directory).version == ("1.1.0" if step == "committed" else "1.0.0")
+    assert load_local_model(installed.active.directory).version == ("1.2.0" if step == "committed" else "1.1.0")
 
     device = start_device(config, None)
     try:
         status = next_status(statuses)
-        while status.state != DeviceState.ONLINE or status.model_version != "1.1.0":
+        while status.state != DeviceState.ONLINE or status.model_version != "1.2.0":
             status = next_status(statuses)
         device.stdin.write(_pcm(IN_VOCABULARY_SAMPLE))
         device.stdin.flush()
@@ -94,6 +94,6 @@ def test_a_device_killed_at_each_step_of_an_update_works_after_restart(
     finally:
         device.kill()
         device.wait()
-    journal = InstalledModels(state_dir, shipped_model_directory(), "1.0.0").journal
-    assert journal.trial is None and journal.active.version == "1.1.0"
-    assert sorted(folder.name for folder in (state_dir / "models").iterdir()) == ["1.1.0"]
+    journal = InstalledModels(state_dir, shipped_model_directory(), "1.1.0").journal
+    assert journal.trial is None and journal.active.version == "1.2.0"
+    assert sorted(folder.name for folder in (state_dir / "models").iterdir()) == ["1.2.0"]

@@ -70,10 +70,10 @@ def test_stage_specs_parse_and_accumulate():
 
 def test_a_published_version_never_changes(rollout_env, packages):
     _channel, _registry, publisher, _watch = rollout_env
-    publisher.register(packages["1.1.0"])
-    publisher.register(packages["1.1.0"])  # the same model again is fine
+    publisher.register(packages["1.2.0"])
+    publisher.register(packages["1.2.0"])  # the same model again is fine
     with pytest.raises(RegistryError, match="registered already with another model"):
-        publisher.register(packages["broken-1.1.0"])
+        publisher.register(packages["broken-1.2.0"])
 
 
 def test_a_rollout_goes_stage_by_stage_and_a_broken_one_halts_and_restores_the_fleet(
@@ -86,8 +86,8 @@ def test_a_rollout_goes_stage_by_stage_and_a_broken_one_halts_and_restores_the_f
 ):
     channel, registry, publisher, watch = rollout_env
     names = [f"{channel}-d{number}" for number in range(8)]
-    # The last three run 1.1.0 from the factory and have a self-test no model passes: hardware where
-    # the next model will fail. The others start on the shipped 1.0.0.
+    # The last three run 1.2.0 from the factory and have a self-test no model passes: hardware where
+    # the next model will fail. The others start on the shipped 1.1.0.
     picky = names[5:]
     devices = start_fleet(broker_settings, keys, channel, tmp_path, names[:5])
     for name in picky:
@@ -95,7 +95,7 @@ def test_a_rollout_goes_stage_by_stage_and_a_broken_one_halts_and_restores_the_f
             broker_settings, name, channel, tmp_path / name, keys["fleet.pub"], self_test=str(PICKY_SUITE)
         )
         settings = dataclasses.replace(
-            settings, model=dataclasses.replace(settings.model, directory=str(packages["1.1.0"]))
+            settings, model=dataclasses.replace(settings.model, directory=str(packages["1.2.0"]))
         )
         devices[name] = SimulatedDevice(settings, interval_s=0.2).start()
     try:
@@ -109,30 +109,30 @@ def test_a_rollout_goes_stage_by_stage_and_a_broken_one_halts_and_restores_the_f
             criteria=AbortCriteria(max_failure_percent=25, min_reports=2),
             stage_timeout_s=60,
         )
-        # 1.1.0 goes to everyone; the picky devices run it already and count as done.
-        publisher.register(packages["1.1.0"])
-        good = RolloutRunner(publisher, registry, watch, "1.1.0", plan, say=say.append).run()
+        # 1.2.0 goes to everyone; the picky devices run it already and count as done.
+        publisher.register(packages["1.2.0"])
+        good = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append).run()
         assert good.state == RolloutState.COMPLETED, say
         assert good.reports == 5 and good.failures == 0
-        assert all(devices[name].runtime.presence.model_version == "1.1.0" for name in names)
-        assert registry.live_version(channel) == "1.1.0"
-        # 1.2.0 passes the canary, then fails on the picky devices: halted, and 1.1.0 restored everywhere.
-        publisher.register(packages["1.2.0"])
-        bad_runner = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append)
+        assert all(devices[name].runtime.presence.model_version == "1.2.0" for name in names)
+        assert registry.live_version(channel) == "1.2.0"
+        # 1.3.0 passes the canary, then fails on the picky devices: halted, and 1.2.0 restored everywhere.
+        publisher.register(packages["1.3.0"])
+        bad_runner = RolloutRunner(publisher, registry, watch, "1.3.0", plan, say=say.append)
         bad = bad_runner.run()
-        assert bad.state == RolloutState.ABORTED and bad.restored == "1.1.0", say
+        assert bad.state == RolloutState.ABORTED and bad.restored == "1.2.0", say
         assert bad.stage == 2 and bad.failures >= 1
-        assert "failed to apply 1.2.0" in bad.reason
-        assert bad_runner.wait_for_restore("1.1.0", 30) == []
-        assert all(devices[name].runtime.presence.model_version == "1.1.0" for name in names)
-        assert registry.live_version(channel) == "1.1.0"
+        assert "failed to apply 1.3.0" in bad.reason
+        assert bad_runner.wait_for_restore("1.2.0", 30) == []
+        assert all(devices[name].runtime.presence.model_version == "1.2.0" for name in names)
+        assert registry.live_version(channel) == "1.2.0"
         record = registry.latest_rollout(channel)
         assert record.state == RolloutState.ABORTED and record.reason == bad.reason
         reports = registry.reports(record.rollout_id)
         # The halt comes with the first failures over the criteria: not every picky device may have reported.
         assert {reports[name].state for name in picky if name in reports} == {"rolled_back"}
         assert {reports[name].state for name in names[:2]} == {"applied"}
-        # The halted version's blob is gone from the broker; 1.1.0's is still there.
+        # The halted version's blob is gone from the broker; 1.2.0's is still there.
         blobs = Inbox()
         links().subscribe(MODEL_BLOB.filter().replace("+", channel, 1), blobs)
         retained = set()
@@ -142,12 +142,12 @@ def test_a_rollout_goes_stage_by_stage_and_a_broken_one_halts_and_restores_the_f
                 retained.add(topic.rsplit("/", 1)[1])
         except Exception:
             pass
-        assert retained == {"1.0.0", "1.1.0"}
+        assert retained == {"1.1.0", "1.2.0"}
         # The status table shows every device, its model, its stage and its last update step.
         rows = {row["device"]: row for row in status_rows(watch.snapshot(), plan.cumulative())}
         assert rows[names[0]]["stage"] == "canary" and rows[names[4]]["stage"] == "all"
-        assert rows[names[0]]["update"] == "rolled_back 1.1.0"
-        failed = [rows[name] for name in picky if rows[name]["update"] == "rolled_back 1.2.0"]
+        assert rows[names[0]]["update"] == "rolled_back 1.2.0"
+        failed = [rows[name] for name in picky if rows[name]["update"] == "rolled_back 1.3.0"]
         assert failed and all(row["reason"].startswith("self-test failed") for row in failed)
         assert names[7] in format_table(list(rows.values()))
     finally:
@@ -192,23 +192,23 @@ def test_the_registry_keeps_versions_channels_and_rollouts_in_either_database(da
     from schemas.model import ModelPackage
 
     with ModelRegistry(StorageSettings(url=database_url)) as registry:
-        package = ModelPackage.load(packages["1.1.0"])
-        model = package.model_path(packages["1.1.0"]).read_bytes()
+        package = ModelPackage.load(packages["1.2.0"])
+        model = package.model_path(packages["1.2.0"]).read_bytes()
         registry.register("stable", package, model, min_device_version="0.1.0", notes="n", key_id="0" * 16)
-        stored = registry.version("stable", "1.1.0")
+        stored = registry.version("stable", "1.2.0")
         assert stored.model == model and stored.package == package and not stored.blob_retained
-        registry.set_blob_retained("stable", "1.1.0", True)
-        assert registry.version("stable", "1.1.0").blob_retained
+        registry.set_blob_retained("stable", "1.2.0", True)
+        assert registry.version("stable", "1.2.0").blob_retained
         with pytest.raises(RegistryError, match=r"no model 9\.9\.9"):
             registry.version("stable", "9.9.9")
         assert registry.live_version("stable") is None
-        registry.set_live_version("stable", "1.1.0")
-        assert registry.live_version("stable") == "1.1.0"
-        rollout = registry.start_rollout("stable", "1.2.0", "1.1.0", {"stages": []})
+        registry.set_live_version("stable", "1.2.0")
+        assert registry.live_version("stable") == "1.2.0"
+        rollout = registry.start_rollout("stable", "1.3.0", "1.2.0", {"stages": []})
         with pytest.raises(RegistryError, match="still running"):
-            registry.start_rollout("stable", "1.3.0", "1.1.0", {"stages": []})
-        registry.record_report(rollout.rollout_id, "pi-01", "applied", "1.2.0", None, 1.0)
-        registry.record_report(rollout.rollout_id, "pi-01", "rolled_back", "1.2.0", "self-test", 2.0)
+            registry.start_rollout("stable", "1.3.0", "1.2.0", {"stages": []})
+        registry.record_report(rollout.rollout_id, "pi-01", "applied", "1.3.0", None, 1.0)
+        registry.record_report(rollout.rollout_id, "pi-01", "rolled_back", "1.3.0", "self-test", 2.0)
         registry.enter_stage(rollout.rollout_id, 1)
         registry.finish_rollout(rollout.rollout_id, RolloutState.ABORTED, "too many failures")
         latest = registry.latest_rollout("stable")
