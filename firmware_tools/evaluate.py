@@ -147,7 +147,8 @@ def two_stage(model: LocalModel, positives: list[np.ndarray], positive_scores, n
         [max(verifier_scores(model, a, s), default=-1.0) for a, s in zip(positives, positive_scores, strict=True)]
     )
     negative_verified = np.array(verifier_scores(model, negative, negative_scores))
-    thresholds = np.unique(np.concatenate((positive_best, negative_verified, [1.0001])))
+    # A clip the first stage never fired on (-1) is missed at every verifier threshold.
+    thresholds = np.unique(np.concatenate((positive_best[positive_best >= 0], negative_verified, [1.0001])))
     recall = [float((positive_best >= t).mean()) for t in thresholds]
     rates = [float((negative_verified >= t).sum() / hours) for t in thresholds]
     curve = WakeCurve([float(t) for t in thresholds], recall, rates)
@@ -272,7 +273,10 @@ def evaluate(
             "snr_db": first,
         }
     )
-    if float_model is not None and float_model.exists():
+    training = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").exists() else {}
+    # The float twin is the network trained in the work directory; a package may hold another (package --always-on).
+    joined_elsewhere = str(training.get("always_on_from", "")).endswith(".tflite")
+    if float_model is not None and float_model.exists() and not joined_elsewhere:
         # The always-on model's own command classes, int8 against float (the head has its own report).
         top1 = {}
         for name, classifier in (("int8", model), ("float", TfliteClassifier(float_model))):
