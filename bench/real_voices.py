@@ -145,7 +145,8 @@ def fsdd_commands(model: LocalModel, fsdd_dir: Path, folds_dir: Path, takes: int
         "measured_on": "FSDD real speakers, each judged by a head trained without them (leave one speaker out)",
         **command_figures(every),
         "per_speaker": {speaker: command_figures(pairs) for speaker, pairs in by_speaker.items()},
-        "always_on_model_alone": command_figures(baseline),
+        # Its own command threshold went with the release before the head, so only its top-1 compares.
+        "always_on_model_alone": {key: command_figures(baseline)[key] for key in ("closed_set_top1", "open_set_top1")},
     }
 
 

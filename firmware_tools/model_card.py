@@ -182,7 +182,8 @@ def _head_lines(head: dict[str, Any] | None, model_dir: Path) -> list[str]:
                 f"- FSDD, speakers never trained on: closed-set {_percent(fsdd['closed_set_top1'])}, open-set "
                 f"{_percent(fsdd['open_set_top1'])}, decided on the device {_percent(fsdd['decided_on_device'])} "
                 f"at {_percent(fsdd['precision_when_decided'])} precision; the always-on model alone: closed-set "
-                f"{_percent(fsdd['always_on_model_alone']['closed_set_top1'])}."
+                f"{_percent(fsdd['always_on_model_alone']['closed_set_top1'])}, open-set "
+                f"{_percent(fsdd['always_on_model_alone']['open_set_top1'])}."
             )
         non = real["real_non_commands"]
         lines.append(
