@@ -198,7 +198,8 @@ def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(o
         ("verified", "1.2.0"),
         ("rolled_back", "1.2.0"),
     ]
-    assert steps[-1][2].startswith("self-test failed on 3 of 5 clips") and steps[-1][2].endswith(f"{FACTORY_VERSION} kept")
+    reason = steps[-1][2]
+    assert reason.startswith("self-test failed on 3 of 5 clips") and reason.endswith(f"{FACTORY_VERSION} kept")
     assert device.runtime.model.version == FACTORY_VERSION
     installed = InstalledModels(device.settings.ota.state_dir, shipped_model_directory(), FACTORY_VERSION)
     assert installed.active == installed.factory and installed.journal.trial is None
