@@ -48,7 +48,8 @@ def render_model_card(model_dir: Path, recipe: Recipe) -> str:
         "",
         "## Why two stages",
         "- The over-the-air protocol (issue 2) ships one signed blob; both networks travel in it, with their "
-        "thresholds in the same manifest. A device of an older release reads the first subgraph only.",
+        "thresholds in the same manifest. A device of an older release refuses the manifest (its schema does not "
+        "know the head's fields) and keeps the model it has.",
         "- The always-on path runs the small network every "
         f"{detection.stride_frames * package.frontend.step_s * 1000:.0f} ms and reads only the `wake` score; it "
         "costs tens of microseconds a run. The speech embedding costs far more, so it runs only on the two seconds "

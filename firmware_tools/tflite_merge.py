@@ -3,7 +3,7 @@
 A model package is one .tflite blob on the wire (signed, sent over the air, installed
 whole). The always-on wake model and the command head are trained apart, so they are
 joined here: the wake model stays the first subgraph, which is what
-``Interpreter.invoke()`` runs and what a device of an older release reads, and the
+``Interpreter.invoke()`` runs and what a package without a head holds, and the
 head becomes a second subgraph behind the signature :data:`HEAD_SIGNATURE`.
 
 Nothing is recomputed: subgraphs, buffers and operator codes of the head are appended
