@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-from device_cpu import peak_rss
+from device_cpu import blocks, peak_rss
 
 from device.command_head import CommandHead
 from device.detector import (
@@ -66,8 +66,6 @@ from schemas.vocabulary import load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 16000
-BLOCK = 480
-"""The device's 30 ms block."""
 PEER_THRESHOLDS = {"microwakeword": 0.97, "openwakeword": 0.5}
 """Each peer's own default detection threshold (ESPHome's hey_jarvis manifest; openWakeWord's default)."""
 EVALUATION_RECORDINGS = (
@@ -84,11 +82,6 @@ CODEC2_RATE = 8000
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def blocks(audio: np.ndarray) -> Iterator[np.ndarray]:
-    for start in range(0, len(audio), BLOCK):
-        yield audio[start : start + BLOCK]
 
 
 def one_utterance(model: LocalModel, audio: np.ndarray) -> CommandEvent:
