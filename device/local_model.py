@@ -19,7 +19,7 @@ from device.detector import NON_COMMAND_LABELS, CommandDecision, decide_command,
 from device.features import UnsupportedFrontend, check_frontend
 from device.inference import ModelLoadError, TfliteClassifier
 from device.settings import ModelSettings
-from device.speech_embedding import SpeechEmbedding
+from device.speech_embedding import EMBEDDING_SIZE, SpeechEmbedding
 from schemas.errors import ProtocolError
 from schemas.model import ModelPackage
 from schemas.result import SlotValue
@@ -103,6 +103,9 @@ def load_local_model(
             if head_classifier.num_labels != len(package.labels):
                 scored = head_classifier.num_labels
                 raise ModelLoadError(f"its command head scores {scored} classes, not the {len(package.labels)} labels")
+            if head_classifier.input_shape[1:] != (EMBEDDING_SIZE,):
+                shape = head_classifier.input_shape
+                raise ModelLoadError(f"its command head reads {shape}, not embeddings of {EMBEDDING_SIZE} numbers")
             embedding = SpeechEmbedding(num_threads=num_threads)
     except (ProtocolError, UnsupportedFrontend, ModelLoadError, OSError) as error:
         raise ModelUnavailable(f"cannot use the model in {directory}: {error}") from None
