@@ -46,7 +46,8 @@ class DenoiseMode(StrEnum):
     OFF = "off"
     """Never."""
     UTTERANCE = "utterance"
-    """On each captured utterance, before the command model: no cost while idle."""
+    """On each captured utterance, before the command model: no cost while idle. A model with a command head
+    (1.1.0 on) reads the utterance as heard instead: RNNoise's artefacts cost its speech embedding accuracy."""
     ALWAYS = "always"
     """On the whole stream, before the wake detector too: helps in steady noise, costs CPU all day."""
 
