@@ -20,6 +20,13 @@ from device.speech_embedding import SpeechEmbedding, samples_for
 from schemas.model import ModelPackage
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits along the last axis (training calibrates with the same function)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
 class CommandHead:
     """The head of a model package, with the embedding it reads. Thresholds and temperature come from the package
     passed to each call, so that a device's configured overrides apply."""
@@ -38,9 +45,7 @@ class CommandHead:
         """Calibrated class probabilities for one window of ``window_samples`` samples."""
         self.runs += 1
         embeddings = self.embedding(window_audio)[: self.embeddings]
-        logits = self.classifier(embeddings) / package.detection.head_temperature
-        exp = np.exp(logits - logits.max())
-        return (exp / exp.sum()).astype(np.float32)
+        return softmax(self.classifier(embeddings) / package.detection.head_temperature).astype(np.float32)
 
     def decide(self, package: ModelPackage, audio: np.ndarray, start: int, end: int) -> CommandDecision:
         """The command of the utterance [start, end) (samples of ``audio``), on a window centred on it."""

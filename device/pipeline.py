@@ -208,9 +208,7 @@ class ListeningPipeline:
         head, threshold = self.model.head, self.model.package.detection.verify_threshold
         if head is None or threshold <= 0:
             return True
-        history = np.concatenate(self._recent)
-        until = len(history) - (self._samples - round(wake.time_s * self.sample_rate))
-        if head.wake_score(self.model.package, history[: max(0, until)]) >= threshold:
+        if head.wake_score(self.model.package, self._until(round(wake.time_s * self.sample_rate))) >= threshold:
             return True
         self.rejected_wakes += 1
         return False
@@ -221,10 +219,20 @@ class ListeningPipeline:
         while self._recent_samples - len(self._recent[0]) >= self._history_samples:
             self._recent_samples -= len(self._recent.popleft())
 
+    def _history_index(self, sample: int) -> tuple[np.ndarray, int]:
+        """The remembered audio, and where stream sample ``sample`` falls in it (0 if it is older)."""
+        history = np.concatenate(self._recent)
+        return history, max(0, len(history) - (self._samples - sample))
+
     def _since(self, sample: int) -> np.ndarray:
         """The stream's audio from ``sample`` to now (from as far back as the history reaches)."""
-        history = np.concatenate(self._recent)
-        return history[max(0, len(history) - (self._samples - sample)) :]
+        history, index = self._history_index(sample)
+        return history[index:]
+
+    def _until(self, sample: int) -> np.ndarray:
+        """The remembered audio up to stream sample ``sample``."""
+        history, index = self._history_index(sample)
+        return history[:index]
 
     def _feed(self, audio: np.ndarray) -> list[NoSpeech | CommandEvent]:
         assert self._stage is not None

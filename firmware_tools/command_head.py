@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from device.command_head import softmax
 from device.speech_embedding import EMBEDDING_SIZE, SpeechEmbedding, samples_for
 from firmware_tools.augment import Augmenter, make_noise
 from firmware_tools.clips import ClipBank
@@ -246,12 +247,6 @@ def fit_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
 
     best = min(np.geomspace(0.25, 8.0, 61), key=nll)
     return float(min(np.linspace(best * 0.92, best * 1.08, 33), key=nll))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def threshold_for_precision(confidence: np.ndarray, right: np.ndarray, target: float) -> float:
