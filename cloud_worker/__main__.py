@@ -63,7 +63,9 @@ def serve(args: argparse.Namespace) -> int:
         group=args.group,
         asr=asr_from_arguments(args),
         batching=BatchSettings(max_batch=args.max_batch, window_ms=args.batch_window_ms),
-        storage=StorageSettings(url=args.database, keep_audio=not args.no_audio),
+        storage=StorageSettings(
+            url=args.database, keep_audio=not args.no_audio, training_retention_days=args.training_retention_days
+        ),
         vocabulary=args.vocabulary,
         calibration=args.calibration,
         metrics_port=args.metrics_port,
@@ -173,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         help="SQLAlchemy URL: SQLite file or postgresql+psycopg://… (default: %(default)s)",
     )
     server.add_argument("--no-audio", action="store_true", help="store no audio, only its metadata (retention)")
+    server.add_argument(
+        "--training-retention-days",
+        type=float,
+        default=StorageSettings.training_retention_days,
+        help="keep the utterances of devices that consent to share them for training, with their answers and "
+        "audio (--no-audio or not), this many days; 0 keeps none (default: %(default)s)",
+    )
     server.add_argument("--max-batch", type=int, default=BatchSettings.max_batch, help="default: %(default)s")
     server.add_argument(
         "--batch-window-ms", type=float, default=BatchSettings.window_ms, help="batching wait (default: %(default)s)"

@@ -123,10 +123,11 @@ class UtteranceService:
         unacknowledged when the worker stopped during a database outage), and ``storage_retries``."""
 
     def start(self) -> UtteranceService:
-        """Open the store, load the model, serve metrics, subscribe. Raises StorageUnavailable, AsrUnavailable
-        or BrokerUnavailable with a sentence saying what is missing."""
+        """Open the store and delete its expired training contributions, load the model, serve metrics, subscribe.
+        Raises StorageUnavailable, AsrUnavailable or BrokerUnavailable with a sentence saying what is missing."""
         if self.store is None:
             self.store = Store(self.settings.storage)
+        self.store.purge_expired_contributions()  # then, while saving, at most once a minute
         if self.transcriber is None:
             self.transcriber = Transcriber(self.settings.asr, self.vocabulary)
         if self.settings.metrics_port is not None:

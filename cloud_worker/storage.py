@@ -6,11 +6,18 @@ transcribed again; once the answer is published (``Store.mark_published``), a
 redelivery is acknowledged without publishing it again. Idempotency is per device:
 the key is (device_id, utterance_id), so no device can ever read the answer to
 another device's utterance.
+
+Utterances of devices whose owners consent (``Utterance.share_for_training``) are also
+kept, with their answers, as training contributions (``Store.contributions``), for
+``StorageSettings.training_retention_days``; no other utterance ever is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,7 @@ from sqlalchemy import (
     UniqueConstraint,
     case,
     create_engine,
+    delete,
     event,
     func,
     literal,
@@ -41,6 +49,13 @@ from cloud_worker.transcript import Transcript
 from schemas.result import Result
 from schemas.utterance import Utterance
 
+log = logging.getLogger("cloud_worker.storage")
+
+SECONDS_PER_DAY = 86400.0
+
+PURGE_INTERVAL_S = 60.0
+"""While saving, expired training contributions are deleted at most this often (seconds, monotonic clock)."""
+
 
 @dataclass(frozen=True)
 class StorageSettings:
@@ -55,6 +70,16 @@ class StorageSettings:
     """How long (seconds) to wait for a PostgreSQL server to accept a connection; libpq's minimum is 2."""
     busy_timeout_s: float = 5.0
     """How long (seconds) to wait for another worker to finish writing a shared SQLite file."""
+    training_retention_days: float = 30.0
+    """Retention of training contributions (utterances of consenting devices, with their answers): older ones
+    (days since the worker received them) are deleted, audio and all. 0 keeps none. Their audio is kept whatever
+    ``keep_audio`` says."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.training_retention_days) and self.training_retention_days >= 0):
+            raise ValueError(
+                f"training_retention_days must be a number of days, 0 or more, not {self.training_retention_days}"
+            )
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,49 @@ class StoredAnswer:
     """The Result, equal to the one published (or to be published)."""
     published_at: float | None
     """Unix time (seconds) the broker acknowledged its publication; None when it was not yet recorded."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """An utterance a consenting device sent, with the cloud's answer: one example to train device models on."""
+
+    device_id: str
+    """The device that sent it."""
+    utterance_id: str
+    """The device's id for it, unique per device."""
+    received_at: float
+    """Unix time (seconds) the worker received it; retention counts from here."""
+    captured_at: float
+    """Unix time (seconds) the device says the utterance ended."""
+    model_version: str | None
+    """The device model that was unsure of it; None when none ran (a forced upload)."""
+    sample_rate: int
+    """Sample rate (hertz) of the audio before encoding."""
+    duration_s: float
+    """Length of the audio (seconds)."""
+    audio: bytes
+    """The audio as received, Opus in OGG (schemas.audio.decode_opus reads it)."""
+    intent: str | None
+    """The cloud's intent: the label; None when it heard no command of the vocabulary."""
+    slots: dict[str, Any]
+    """Slot values of the intent."""
+    confidence: float
+    """The cloud's calibrated confidence in its answer, in [0, 1] (of the intent, or of 'no command')."""
+    transcript: str | None
+    """What the recogniser heard."""
+
+
+@dataclass(frozen=True)
+class ContributionSummary:
+    """What is kept of one device for training."""
+
+    device_id: str
+    count: int
+    """Contributions kept."""
+    oldest_received_at: float
+    """Unix time (seconds) the oldest kept one was received."""
+    newest_received_at: float
+    """Unix time (seconds) the newest kept one was received."""
 
 
 class StorageUnavailable(ConnectionError):
@@ -209,6 +277,39 @@ class PublicationRow(TableBase):
     """Unix time (seconds) the broker acknowledged the answer."""
 
 
+class TrainingContributionRow(TableBase):
+    """An utterance of a consenting device, with the cloud's answer, kept to train device models.
+
+    A table of its own, with its own copy of the audio: it is kept whatever ``keep_audio`` says, and deleted,
+    audio and all, after ``training_retention_days`` or when its device withdraws (``delete_contributions``).
+    Only a successful answer is a label: a failed utterance is never a contribution.
+    """
+
+    __tablename__ = "training_contributions"
+
+    utterance_row_id: Mapped[int] = mapped_column(ForeignKey(UtteranceRow.row_id), primary_key=True)
+    device_id: Mapped[str] = mapped_column(index=True)
+    utterance_id: Mapped[str]
+    received_at: Mapped[float] = mapped_column(index=True)
+    """Unix time (seconds) the worker received it; retention counts from here."""
+    captured_at: Mapped[float]
+    """Unix time (seconds) the device says the utterance ended."""
+    model_version: Mapped[str | None]
+    """The device model that was unsure of it; None when none ran."""
+    sample_rate: Mapped[int]
+    """Sample rate (hertz) of the audio before encoding."""
+    duration_s: Mapped[float]
+    audio: Mapped[bytes]
+    """Opus in OGG, as received."""
+    intent: Mapped[str | None]
+    """The cloud's intent; None when it heard no command."""
+    slots: Mapped[dict[str, Any]]
+    confidence: Mapped[float]
+    """The cloud's calibrated confidence, in [0, 1]."""
+    transcript: Mapped[str | None]
+    """What the recogniser heard."""
+
+
 class TimingRow(TableBase):
     """How long one stage took on one utterance (Result.timings_ms)."""
 
@@ -290,7 +391,16 @@ class Database:
 
 
 class Store(Database):
-    """The worker's database: saves handled utterances in batches and answers redeliveries from them."""
+    """The worker's database: saves handled utterances in batches and answers redeliveries from them.
+
+    It also keeps the training contributions of consenting devices, and while saving deletes the expired ones
+    at most once every PURGE_INTERVAL_S.
+    """
+
+    def __init__(self, settings: StorageSettings | None = None) -> None:
+        super().__init__(settings)
+        self._next_purge_at = time.monotonic()
+        """When (time.monotonic()) ``save`` next deletes expired contributions; the first save does."""
 
     def answer_of(self, device_id: str, utterance_id: str) -> StoredAnswer | None:
         """The answer stored for this device's utterance, or None when it is not stored."""
@@ -330,6 +440,85 @@ class Store(Database):
         with self._unavailable_as_error("save utterances"), Session(self._engine) as session, session.begin():
             for record in ordered:
                 self._save_one(session, record)
+        if time.monotonic() >= self._next_purge_at:
+            self.purge_expired_contributions()
+
+    def contributions(self, device_ids: Sequence[str] | None = None) -> list[Contribution]:
+        """The training contributions kept, of these devices (every device when None), audio included.
+
+        Ordered by (received_at, device_id, utterance_id).
+        """
+        query = select(TrainingContributionRow).order_by(
+            TrainingContributionRow.received_at, TrainingContributionRow.device_id, TrainingContributionRow.utterance_id
+        )
+        if device_ids is not None:
+            query = query.where(TrainingContributionRow.device_id.in_(list(device_ids)))
+        with self._unavailable_as_error("read training contributions"), Session(self._engine) as session:
+            return [
+                Contribution(
+                    device_id=row.device_id,
+                    utterance_id=row.utterance_id,
+                    received_at=row.received_at,
+                    captured_at=row.captured_at,
+                    model_version=row.model_version,
+                    sample_rate=row.sample_rate,
+                    duration_s=row.duration_s,
+                    audio=row.audio,
+                    intent=row.intent,
+                    slots=dict(row.slots),
+                    confidence=row.confidence,
+                    transcript=row.transcript,
+                )
+                for row in session.scalars(query)
+            ]
+
+    def contribution_counts(self) -> dict[str, int]:
+        """How many training contributions are kept, per device that has any."""
+        return {summary.device_id: summary.count for summary in self.contribution_summaries()}
+
+    def contribution_summaries(self) -> list[ContributionSummary]:
+        """Per device that has training contributions: how many, the oldest and newest; ordered by device id."""
+        row = TrainingContributionRow
+        query = (
+            select(row.device_id, func.count(), func.min(row.received_at), func.max(row.received_at))
+            .group_by(row.device_id)
+            .order_by(row.device_id)
+        )
+        with self._unavailable_as_error("count training contributions"), Session(self._engine) as session:
+            return [
+                ContributionSummary(device_id, count, oldest, newest)
+                for device_id, count, oldest, newest in session.execute(query)
+            ]
+
+    def delete_contributions(self, device_id: str) -> int:
+        """Delete every training contribution of this device, audio and all (its owner withdrew); how many."""
+        query = delete(TrainingContributionRow).where(TrainingContributionRow.device_id == device_id)
+        with (
+            self._unavailable_as_error("delete training contributions"),
+            Session(self._engine) as session,
+            session.begin(),
+        ):
+            deleted = session.execute(query).rowcount
+        log.info("training contributions deleted", extra={"device_id": device_id, "detail": f"{deleted} rows"})
+        return deleted
+
+    def purge_expired_contributions(self, now: float | None = None) -> int:
+        """Delete the training contributions received before ``now`` (Unix time, default the present) less
+        ``training_retention_days``, audio and all; how many. ``save`` calls it at most every PURGE_INTERVAL_S."""
+        now = time.time() if now is None else now
+        cutoff = now - self.settings.training_retention_days * SECONDS_PER_DAY
+        query = delete(TrainingContributionRow).where(TrainingContributionRow.received_at < cutoff)
+        with (
+            self._unavailable_as_error("delete expired training contributions"),
+            Session(self._engine) as session,
+            session.begin(),
+        ):
+            deleted = session.execute(query).rowcount
+        self._next_purge_at = time.monotonic() + PURGE_INTERVAL_S
+        if deleted:
+            days = f"{self.settings.training_retention_days:g}"
+            log.info("expired training contributions deleted", extra={"detail": f"{deleted} older than {days} days"})
+        return deleted
 
     def _save_one(self, session: Session, record: StoredUtterance) -> None:
         utterance, result, received_at = record.utterance, record.result, record.received_at
@@ -408,6 +597,25 @@ class Store(Database):
             TimingRow(utterance_row_id=row_id, stage=stage, milliseconds=milliseconds)
             for stage, milliseconds in result.timings_ms.items()
         )
+        # Only with the owner's consent, and only a label: a failed utterance has none.
+        if utterance.share_for_training and result.error is None and self.settings.training_retention_days > 0:
+            rows.append(
+                TrainingContributionRow(
+                    utterance_row_id=row_id,
+                    device_id=utterance.device_id,
+                    utterance_id=utterance.utterance_id,
+                    received_at=received_at,
+                    captured_at=utterance.captured_at,
+                    model_version=utterance.model_version,
+                    sample_rate=utterance.sample_rate,
+                    duration_s=utterance.duration_s,
+                    audio=utterance.audio,
+                    intent=result.intent,
+                    slots=dict(result.slots),
+                    confidence=result.confidence,
+                    transcript=record.transcript.text if record.transcript is not None else result.transcript,
+                )
+            )
         session.add_all(rows)
 
 

@@ -291,6 +291,7 @@ class DeviceRuntime:
                 model_version=self.model.version,
                 reason=UploadReason.OUT_OF_VOCABULARY if event.intent is None else UploadReason.LOW_CONFIDENCE,
                 utterance_id=utterance_id,
+                share_for_training=self.settings.cloud.share_for_training,
             )
             self.count("cloud_requests")
             log.info("asking the cloud", extra=self._context(utterance_id, event))

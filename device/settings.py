@@ -172,8 +172,17 @@ class CloudSettings:
     min_confidence: float = CLOUD_MIN_CONFIDENCE
     """The floor, in [0, 1]: the device acts on a cloud intent only when its confidence is at least this. Under
     it the result says not_understood, with what the cloud heard and its confidence, and nothing is acted on."""
+    share_for_training: bool = False
+    """Consent: the cloud may keep the utterances this device sends, with their answers, to train device models
+    (kept for the worker's training retention, 30 days by default). Off by default: then nothing this device sends
+    is kept for training. Needs upload = "uncertain"."""
 
     def __post_init__(self) -> None:
+        if self.share_for_training and self.upload == UploadPolicy.NEVER:
+            raise SettingsError(
+                'cloud.share_for_training cannot be true with cloud.upload = "never": no audio leaves the device,'
+                ' so there is nothing to share; set upload = "uncertain", or share_for_training = false'
+            )
         if self.timeout_s <= 0:
             raise SettingsError(f"cloud.timeout_s must be positive, not {self.timeout_s}")
         if self.max_in_flight < 1:
@@ -311,7 +320,8 @@ class DeviceSettings:
     denoise: DenoiseMode = DenoiseMode.UTTERANCE
     """RNNoise: off, utterance (on each captured utterance) or always (on the whole stream)."""
     cloud: CloudSettings = field(default_factory=CloudSettings)
-    """Upload policy, the cloud's timeout, and the confidence needed to act on a cloud intent."""
+    """Upload policy, the cloud's timeout, the confidence needed to act on a cloud intent, and consent to share
+    utterances for training."""
     actions: Mapping[str, ActionSettings] = field(default_factory=dict)
     """Action per intent name; the key "*" is the action for every intent without its own."""
     status_interval_s: float = 60.0

@@ -80,6 +80,10 @@ class Utterance:
     """The audio, Opus in OGG (see schemas.audio)."""
     captured_at: float = field(default_factory=time.time)
     """Unix time (seconds) the utterance ended."""
+    share_for_training: bool = False
+    """The device's owner allows the cloud to keep this utterance, with its answer, to train device models
+    (the device's ``cloud.share_for_training``). On the wire only when true, so a device that does not share
+    sends what it sent before."""
 
     @classmethod
     def from_samples(
@@ -92,6 +96,7 @@ class Utterance:
         model_version: str | None,
         reason: UploadReason,
         utterance_id: str | None = None,
+        share_for_training: bool = False,
     ) -> Self:
         """An utterance of mono float ``samples``: encoded as Opus, its duration taken from them, a fresh id."""
         return cls(
@@ -103,6 +108,7 @@ class Utterance:
             model_version=model_version,
             reason=reason,
             audio=encode_opus(samples, sample_rate),
+            share_for_training=share_for_training,
         )
 
     def topic(self) -> str:
@@ -113,8 +119,8 @@ class Utterance:
         return REPLY.topic(device_id=self.device_id)
 
     def meta(self) -> dict[str, Any]:
-        """The metadata document (schema ``utterance``)."""
-        return {
+        """The metadata document (schema ``utterance``); ``share_for_training`` is in it only when true."""
+        meta: dict[str, Any] = {
             "device_id": self.device_id,
             "utterance_id": self.utterance_id,
             "sample_rate": self.sample_rate,
@@ -126,6 +132,9 @@ class Utterance:
             "reason": str(self.reason),
             "captured_at": self.captured_at,
         }
+        if self.share_for_training:
+            meta["share_for_training"] = True
+        return meta
 
     def to_wire(self) -> Envelope:
         """Validate and encode; raises ProtocolError rather than sending something invalid."""
@@ -160,6 +169,7 @@ class Utterance:
             reason=UploadReason(meta["reason"]),
             audio=envelope.payload,
             captured_at=meta["captured_at"],
+            share_for_training=meta.get("share_for_training", False),
         )
         if envelope.correlation_data != utterance.utterance_id.encode("ascii"):
             raise ProtocolError(ErrorCode.MISMATCH, UTTERANCE.name, "correlation data must be the utterance id")

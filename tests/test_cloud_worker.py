@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_worker.service import UtteranceService
 from cloud_worker.settings import BatchSettings
-from cloud_worker.storage import StorageSettings, StoredUtterance
+from cloud_worker.storage import StorageSettings, Store, StoredUtterance
 from schemas.audio import MAX_UTTERANCE_S
 from schemas.backoff import BackoffSettings
 from schemas.envelope import Envelope
@@ -272,6 +272,37 @@ def test_a_stored_answer_that_never_went_out_is_published_from_storage_not_trans
     assert wait_until(lambda: worker.counts["replayed"] == 1)
     assert worker.counts["transcribed"] == 0
     assert wait_until(lambda: worker.store.answer_of(device_id, utterance.utterance_id).published_at is not None)
+
+
+def test_a_worker_deletes_expired_training_contributions_when_it_starts_and_keeps_new_ones(
+    worker_factory, links, device_id: str, tmp_path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'contributions.sqlite3'}"
+    earlier = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE, share_for_training=True)
+    label = Result(
+        device_id=device_id,
+        utterance_id=earlier.utterance_id,
+        source=Source.CLOUD,
+        transcript="What will the weather be like tomorrow?",
+        intent=None,
+        slots={},
+        confidence=0.9,
+        timings_ms={"total": 12.0},
+    )
+    with Store(StorageSettings(url=url)) as store:  # kept two days ago by a worker that keeps them for 30
+        store.save([StoredUtterance(earlier, time.time() - 2 * 86400, None, label)])
+        assert store.contribution_counts() == {device_id: 1}
+    worker = worker_factory(
+        f"g{next(_groups)}", "retention", storage=StorageSettings(url=url, training_retention_days=1)
+    )
+    assert worker.store.contributions() == []  # gone at start, audio and all
+    results = replies_to(device_id, links)
+    spoken = make_utterance(device_id, share_for_training=True)
+    links().send(spoken)
+    assert decode(*results.get(10)).intent == "lights_on"
+    assert wait_until(lambda: worker.store.contribution_counts() == {device_id: 1})
+    (kept,) = worker.store.contributions()
+    assert (kept.utterance_id, kept.intent, kept.audio) == (spoken.utterance_id, "lights_on", spoken.audio)
 
 
 def test_the_same_utterance_twice_in_one_batch_is_transcribed_and_answered_once(

@@ -4,6 +4,7 @@ timeouts and late or unknown replies, upload = never, status."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import subprocess
@@ -207,6 +208,39 @@ def test_an_uncertain_utterance_goes_to_the_cloud_as_opus_with_mqtt5_properties(
     assert answer.timings_ms["cloud"] == stored.timings_ms["total"] < answer.timings_ms["total"]
     counts = worker.store.counts()
     assert (counts["utterances"], counts["transcripts"], counts["results"]) == (1, 1, 1), counts
+
+
+def test_only_devices_that_consent_contribute_training_data(
+    links, broker_settings, device_id, local_model, worker_factory, database_url
+):
+    """Two devices ask the same worker about the same sentence; only the one whose owner consents is kept for
+    training, with the worker's answer as its label; the other's utterance is answered and stored, never kept."""
+    sharing, private = f"{device_id}-sharing", f"{device_id}-private"
+    utterances, results = Inbox(), Inbox()
+    observer = links()
+    for device in (sharing, private):
+        observer.subscribe(UTTERANCE.topic(device_id=device), utterances)
+        observer.subscribe(RESULT.topic(device_id=device), results)
+    worker = worker_factory(f"g-{device_id}", device_id, database_url=database_url)
+    run_device(broker_settings, sharing, local_model, [OUT_OF_VOCABULARY_SAMPLE], cloud={"share_for_training": True})
+    run_device(broker_settings, private, local_model, [OUT_OF_VOCABULARY_SAMPLE])
+    sent = {utterance.device_id: (utterance, envelope) for utterance, envelope in drain(utterances)}
+    answers = {answer.device_id: answer for answer, _ in drain(results)}
+    assert set(sent) == set(answers) == {sharing, private}
+    assert all(answer.source == Source.CLOUD and answer.error is None for answer in answers.values())
+    # The consent travels in the request's metadata, and only when given.
+    meta = {device: json.loads(dict(envelope.user_properties)[META_PROPERTY]) for device, (_, envelope) in sent.items()}
+    assert meta[sharing]["share_for_training"] is True and sent[sharing][0].share_for_training
+    assert "share_for_training" not in meta[private] and not sent[private][0].share_for_training
+    assert worker.store.counts()["utterances"] == 2  # both answered and stored as the worker's own records
+    assert worker.store.contribution_counts() == {sharing: 1}
+    (kept,) = worker.store.contributions()
+    assert worker.store.contributions([private]) == []
+    utterance, answer = sent[sharing][0], answers[sharing]
+    assert (kept.device_id, kept.utterance_id, kept.audio) == (sharing, utterance.utterance_id, utterance.audio)
+    assert (kept.model_version, kept.sample_rate, kept.duration_s) == (local_model.version, 16000, utterance.duration_s)
+    assert (kept.intent, kept.transcript, kept.confidence) == (answer.intent, answer.transcript, answer.confidence)
+    assert "weather be like tomorrow" in kept.transcript.lower()
 
 
 def answered_at(confidence: float, links, broker_settings, device_id, local_model):

@@ -17,6 +17,7 @@ from device.settings import (
     OUTBOX_FILE,
     ActionSettings,
     AudioSourceKind,
+    CloudSettings,
     DenoiseMode,
     DeviceSettings,
     OutboxSettings,
@@ -85,6 +86,15 @@ def test_an_empty_config_is_the_defaults(tmp_path: Path) -> None:
     assert replace(loaded, outbox=OutboxSettings()) == DeviceSettings()
     assert loaded.audio.source == AudioSourceKind.MICROPHONE
     assert loaded.denoise == DenoiseMode.UTTERANCE and loaded.cloud.upload == UploadPolicy.UNCERTAIN
+    assert loaded.cloud.share_for_training is False  # no consent unless the owner gives it
+
+
+def test_sharing_for_training_needs_uploads() -> None:
+    shared = settings_from_dict({"cloud": {"share_for_training": True}})
+    assert shared.cloud.share_for_training is True and shared.cloud.upload == UploadPolicy.UNCERTAIN
+    with pytest.raises(SettingsError, match="no audio leaves the device"):
+        CloudSettings(upload=UploadPolicy.NEVER, share_for_training=True)
+    assert CloudSettings(upload=UploadPolicy.NEVER).share_for_training is False
 
 
 def test_relative_paths_are_taken_from_the_config_files_folder(tmp_path: Path) -> None:
@@ -110,6 +120,11 @@ def test_relative_paths_are_taken_from_the_config_files_folder(tmp_path: Path) -
         ("[capture]\nvad_frame_ms = 25", "capture.vad_frame_ms must be 10, 20 or 30"),
         ("[capture]\nmax_utterance_s = 60", "capture.max_utterance_s must be between"),
         ("[cloud]\ntimeout_s = '5'", 'field "cloud.timeout_s"'),
+        ("[cloud]\nshare_for_training = 'yes'", 'field "cloud.share_for_training"'),
+        (
+            "[cloud]\nupload = 'never'\nshare_for_training = true",
+            'cloud.share_for_training cannot be true with cloud.upload = "never"',
+        ),
         ("[broker]\nport = 'x'", 'field "broker.port"'),
         ("[broker.tls]\ncert_file = 'x'", 'missing value for field "broker.tls.ca_file"'),
         ("[audio]\nsource = 'file'", "audio.files must name at least one recording"),

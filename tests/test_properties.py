@@ -192,6 +192,7 @@ utterances = st.builds(
     # Receivers check only the OGG magic before decoding (decode_opus is tested on its own below).
     audio=st.binary(max_size=2048).map(lambda tail: b"OggS" + tail),
     captured_at=unix_times,
+    share_for_training=st.booleans(),
 )
 
 MESSAGES: dict[str, st.SearchStrategy[Message]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from schemas.protocol import MESSAGE_TYPES
 from schemas.reply import CloudReply
 from schemas.result import Result
 from schemas.status import DeviceStatus
+from schemas.topics import META_PROPERTY
+from schemas.utterance import MAX_META_BYTES, Hypothesis, UploadReason, Utterance
 from schemas.validation import SCHEMA_NAMES, decode_json, encode_json, schema_text, validate, validator
 
 FIXTURES = Path(__file__).resolve().parent.parent / "schemas" / "fixtures"
@@ -131,6 +134,35 @@ def test_senders_validate_too() -> None:
     with pytest.raises(ProtocolError) as refused:
         encode_json("result", document | {"transcript": "x" * 20000}, max_bytes=16 * 1024)
     assert refused.value.code in {ErrorCode.SCHEMA_VIOLATION, ErrorCode.PAYLOAD_TOO_LARGE}
+
+
+def _utterance_of(meta: dict) -> Utterance:
+    """The Utterance whose metadata document is ``meta``, with a stand-in OGG payload."""
+    fields = {key: value for key, value in meta.items() if key not in ("hypotheses", "reason")}
+    return Utterance(
+        **fields,
+        hypotheses=tuple(Hypothesis(h["intent"], h["slots"], h["score"]) for h in meta["hypotheses"]),
+        reason=UploadReason(meta["reason"]),
+        audio=b"OggS" + bytes(64),
+    )
+
+
+def test_consent_to_share_for_training_is_on_the_wire_only_when_given() -> None:
+    before = json.loads((FIXTURES / "utterance" / "valid" / "low_confidence.json").read_text())
+    silent = _utterance_of(before)
+    assert silent.share_for_training is False
+    assert "share_for_training" not in silent.meta()
+    # A device that does not share sends byte for byte what it sent before the setting existed.
+    sent = dict(silent.to_wire().user_properties)[META_PROPERTY]
+    assert sent == encode_json("utterance", before, max_bytes=MAX_META_BYTES).decode()
+    shared = dataclasses.replace(silent, share_for_training=True)
+    assert shared.meta() == before | {"share_for_training": True}
+    for utterance in (silent, shared):
+        assert Utterance.from_wire(utterance.to_wire()) == utterance
+    # A receiver takes an explicit false as no consent.
+    explicit = encode_json("utterance", before | {"share_for_training": False}, max_bytes=MAX_META_BYTES).decode()
+    envelope = dataclasses.replace(silent.to_wire(), user_properties=((META_PROPERTY, explicit),))
+    assert Utterance.from_wire(envelope).share_for_training is False
 
 
 def test_manifest_signature_covers_everything_but_itself() -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from cloud_worker.storage import (
+    Contribution,
     DeviceRow,
     ResultRow,
     SegmentRow,
@@ -22,6 +23,7 @@ from cloud_worker.storage import (
     Store,
     StoredUtterance,
     TimingRow,
+    TrainingContributionRow,
     UtteranceRow,
 )
 from cloud_worker.transcript import Segment, Transcript
@@ -278,3 +280,141 @@ def test_a_result_for_another_utterance_is_refused() -> None:
     record = answered(utterance("kitchen"))
     with pytest.raises(ValueError, match="hall"):
         dataclasses.replace(record, utterance=utterance("hall"))
+
+
+def consenting(device_id: str = "kitchen", utterance_id: str | None = None) -> Utterance:
+    """An utterance of a device whose owner consents to share it for training."""
+    return dataclasses.replace(utterance(device_id, utterance_id), share_for_training=True)
+
+
+def test_a_consenting_utterance_is_kept_with_its_label_as_a_contribution(open_store: StoreFactory) -> None:
+    store = open_store(keep_audio=False)  # the contribution keeps its own audio
+    record = answered(consenting())
+    store.save([record])
+    (kept,) = store.contributions()
+    spoken, result = record.utterance, record.result
+    assert kept == Contribution(
+        device_id="kitchen",
+        utterance_id=spoken.utterance_id,
+        received_at=record.received_at,
+        captured_at=spoken.captured_at,
+        model_version="1.0.0",
+        sample_rate=SAMPLE_RATE,
+        duration_s=spoken.duration_s,
+        audio=spoken.audio,
+        intent="weather",
+        slots={"day": "tomorrow", "count": 2},
+        confidence=result.confidence,
+        transcript=TRANSCRIPT.text,
+    )
+    assert store.contribution_counts() == {"kitchen": 1}
+    (summary,) = store.contribution_summaries()
+    assert (summary.count, summary.oldest_received_at, summary.newest_received_at) == (1, *[record.received_at] * 2)
+
+
+def test_without_consent_or_without_a_label_nothing_is_kept_for_training(open_store: StoreFactory) -> None:
+    store = open_store()
+    store.save([answered(utterance("kitchen")), failed(consenting("hall"))])
+    assert store.counts()["utterances"] == 2
+    assert store.counts()["training_contributions"] == 0
+    assert store.contributions() == [] and store.contribution_counts() == {}
+
+
+def test_a_redelivered_contribution_is_kept_once(open_store: StoreFactory) -> None:
+    store = open_store()
+    record = answered(consenting())
+    store.save([record])
+    store.save([record, dataclasses.replace(record, received_at=record.received_at + 5)])
+    assert [kept.received_at for kept in store.contributions()] == [record.received_at]
+
+
+def test_contributions_are_ordered_and_chosen_by_device(open_store: StoreFactory) -> None:
+    store = open_store()
+    early, late = time.time() - 60, time.time()
+    records = [
+        dataclasses.replace(answered(consenting(device, name)), received_at=at)
+        for device, name, at in [
+            ("kitchen", "kitchen-late", late),
+            ("hall", "hall-early", early),
+            ("kitchen", "kitchen-early", early),
+        ]
+    ]
+    store.save(records)
+    assert [(kept.received_at, kept.device_id, kept.utterance_id) for kept in store.contributions()] == [
+        (early, "hall", "hall-early"),
+        (early, "kitchen", "kitchen-early"),
+        (late, "kitchen", "kitchen-late"),
+    ]
+    assert [kept.utterance_id for kept in store.contributions(["kitchen"])] == ["kitchen-early", "kitchen-late"]
+    assert store.contributions([]) == []
+    assert store.contribution_counts() == {"hall": 1, "kitchen": 2}
+    hall, kitchen = store.contribution_summaries()
+    assert (kitchen.device_id, kitchen.count, kitchen.oldest_received_at, kitchen.newest_received_at) == (
+        "kitchen",
+        2,
+        early,
+        late,
+    )
+    assert (hall.device_id, hall.count) == ("hall", 1)
+
+
+def test_expired_contributions_are_deleted_audio_and_all(open_store: StoreFactory, database_url: str) -> None:
+    store = open_store(training_retention_days=30)
+    now = time.time()
+    old, recent = answered(consenting("kitchen")), answered(consenting("kitchen"))
+    old = dataclasses.replace(old, received_at=now - 31 * 86400)
+    recent = dataclasses.replace(recent, received_at=now - 29 * 86400)
+    store.save([old, recent])  # the first save purges already: the old one is gone at once
+    assert [kept.utterance_id for kept in store.contributions()] == [recent.utterance.utterance_id]
+    assert len(rows(database_url, TrainingContributionRow)) == 1
+    # The utterances themselves, and their answers, are the worker's own records: the purge leaves them.
+    assert store.counts()["utterances"] == 2
+    # Later, when the recent one is 31 days old too:
+    assert store.purge_expired_contributions(now=now + 2 * 86400) == 1
+    assert store.contributions() == [] and rows(database_url, TrainingContributionRow) == []
+
+
+def test_saving_purges_at_most_once_a_minute(open_store: StoreFactory) -> None:
+    store = open_store(training_retention_days=1)
+    store.save([answered(utterance())])  # the first save purges, and the next purge is a minute away
+    expired = dataclasses.replace(answered(consenting()), received_at=time.time() - 2 * 86400)
+    store.save([expired])
+    assert store.contribution_counts() == {"kitchen": 1}  # not yet: the last purge was under a minute ago
+    assert store.purge_expired_contributions() == 1
+
+
+def test_a_retention_of_zero_keeps_no_contribution(open_store: StoreFactory) -> None:
+    open_store().save([answered(consenting("hall"))])  # kept by a worker with the default retention
+    store = open_store(training_retention_days=0)
+    store.save([answered(consenting("kitchen"))])
+    assert store.contributions() == []
+    assert store.counts()["utterances"] == 2
+
+
+def test_deleting_a_devices_contributions_leaves_the_others(open_store: StoreFactory) -> None:
+    store = open_store()
+    store.save([answered(consenting("kitchen")), answered(consenting("kitchen")), answered(consenting("hall"))])
+    assert store.delete_contributions("kitchen") == 2
+    assert store.delete_contributions("kitchen") == 0
+    assert store.contribution_counts() == {"hall": 1}
+    assert store.counts()["utterances"] == 3
+
+
+@pytest.mark.parametrize("days", [-1.0, float("nan"), float("inf")])
+def test_a_retention_that_is_not_a_number_of_days_is_refused(days: float) -> None:
+    with pytest.raises(ValueError, match="training_retention_days"):
+        StorageSettings(training_retention_days=days)
+
+
+def test_a_database_of_an_earlier_version_gains_the_contributions_table(
+    open_store: StoreFactory, database_url: str
+) -> None:
+    open_store().close()
+    engine = create_engine(database_url)
+    try:
+        TrainingContributionRow.__table__.drop(engine)  # as a database made before contributions existed
+    finally:
+        engine.dispose()
+    store = open_store()
+    store.save([answered(consenting())])
+    assert store.contribution_counts() == {"kitchen": 1}
