@@ -66,6 +66,8 @@ class Outcome(StrEnum):
     """No reply in time: the device gave up (a cloud_timeout result)."""
     DEFERRED = "deferred"
     """Still in the outbox when the wait ended: its reply, when it comes, is given to ``on_deferred_reply``."""
+    SAMPLE = "sample"
+    """A training sample (decided on the device, sent only to be labelled): its reply is counted, nothing more."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,16 @@ class CloudClient:
         self._inbox.put(None)
         self._thread.join()
 
+    def send_sample(self, utterance: Utterance) -> None:
+        """Send a training sample straight to the broker (not through the outbox: a sample lost while the broker
+        is away costs nothing), remembering it so that its reply is known and ignored.
+
+        Raises PublishRefused or TimeoutError when the broker does not take it.
+        """
+        with self._lock:
+            self._remember(utterance.utterance_id, PastRequest(Outcome.SAMPLE, time.time(), None))
+        self._link.send(utterance)
+
     def _hand_over(self, utterance: Utterance) -> int | None:
         """Send or keep the request; its outbox seq, or None when sent straight."""
         if self._outbox is None:
@@ -241,6 +253,9 @@ class CloudClient:
         elif past.outcome == Outcome.TIMED_OUT:
             self._count("cloud_late_replies")
             log.warning("cloud answer after the device gave up, not acted on, no second result", extra=ids)
+        elif past.outcome == Outcome.SAMPLE:
+            self._count("training_samples_labelled")
+            log.debug("cloud label of a training sample, nothing to do", extra=ids)
         elif past.outcome == Outcome.ANSWERED:
             log.info("copy of a cloud answer already handled, ignored", extra=ids)
         else:

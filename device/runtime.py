@@ -24,6 +24,7 @@ offline Last Will meanwhile).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,8 @@ class DeviceRuntime:
         self._source: AudioSource | None = None
         self.outbox = Outbox(settings.outbox, on_drop=self._dropped)
         self._sender: OutboxSender | None = None
+        self._sample_rng = random.Random()
+        """Draws which edge decisions go to the cloud as training samples (cloud.training_sample_share)."""
         self._announce = threading.Event()
         """Set on each connection: the status thread publishes the online status again."""
 
@@ -243,13 +246,16 @@ class DeviceRuntime:
             self.count("no_speech")
             log.info("wake without speech", extra={"device_id": self.device_id})
         elif event.local:
-            self._answer_locally(event)
+            utterance_id = self._answer_locally(event)
+            if self._cloud is not None and self._sample_rng.random() < self.settings.cloud.training_sample_share:
+                cloud_pool.submit(self._share_sample, event, utterance_id)
         elif self._cloud is None:
             self._not_understood(event)
         else:
             cloud_pool.submit(self._ask_cloud, event, new_utterance_id())
 
-    def _answer_locally(self, event: CommandEvent) -> None:
+    def _answer_locally(self, event: CommandEvent) -> str:
+        """Publish the edge result and act on it; the utterance's id."""
         utterance_id = new_utterance_id()
         result = Result(
             device_id=self.device_id,
@@ -266,6 +272,30 @@ class DeviceRuntime:
             self.count("edge_results")
         log.info("edge result", extra=self._context(utterance_id, event))
         self._act(event.intent, event.slots, Source.EDGE, event.decision.confidence, utterance_id)
+        return utterance_id
+
+    def _share_sample(self, event: CommandEvent, utterance_id: str) -> None:
+        """Send an utterance decided on the device to the cloud, only to be labelled for training (same id as its
+        edge result, so the label can be set beside the decision)."""
+        assert self._cloud is not None
+        captured = event.utterance
+        utterance = Utterance.from_samples(
+            self.device_id,
+            captured.audio,
+            captured.sample_rate,
+            hypotheses=tuple(Hypothesis(best.intent, dict(best.slots), best.score) for best in event.alternatives),
+            model_version=self.model.version,
+            reason=UploadReason.TRAINING_SAMPLE,
+            utterance_id=utterance_id,
+            share_for_training=True,
+        )
+        try:
+            self._cloud.send_sample(utterance)
+        except (PublishRefused, TimeoutError, ProtocolError) as error:
+            self.count("training_samples_dropped")
+            log.info("training sample not sent: %s", error, extra={"device_id": self.device_id})
+            return
+        self.count("training_samples_sent")
 
     def _not_understood(self, event: CommandEvent) -> None:
         utterance_id = new_utterance_id()

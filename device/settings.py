@@ -177,7 +177,19 @@ class CloudSettings:
     (kept for the worker's training retention, 30 days by default). Off by default: then nothing this device sends
     is kept for training. Needs upload = "uncertain"."""
 
+    training_sample_share: float = 0.0
+    """Share, in [0, 1], of the commands the device decides itself that it also sends to the cloud, only to be
+    labelled for training: the loop then learns from the commands the device gets wrong while sure, which it
+    never asks about. Needs share_for_training. The device has acted already; the cloud's answer makes no
+    result and is not acted on. Each costs an upload (about 20 kB for 5 s)."""
+
     def __post_init__(self) -> None:
+        if not 0.0 <= self.training_sample_share <= 1.0:
+            raise SettingsError(f"cloud.training_sample_share must be in [0, 1], not {self.training_sample_share}")
+        if self.training_sample_share > 0 and not self.share_for_training:
+            raise SettingsError(
+                "cloud.training_sample_share sends utterances only for training: it needs share_for_training = true"
+            )
         if self.share_for_training and self.upload == UploadPolicy.NEVER:
             raise SettingsError(
                 'cloud.share_for_training cannot be true with cloud.upload = "never": no audio leaves the device,'

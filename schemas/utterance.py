@@ -38,6 +38,9 @@ class UploadReason(StrEnum):
     """It heard speech that matched no command."""
     FORCED = "forced"
     """It was told to, without running its model (``python -m device send``)."""
+    TRAINING_SAMPLE = "training_sample"
+    """It decided the utterance itself and acted on it; it sends it only so the cloud labels it, for training
+    (``cloud.training_sample_share``, with the owner's consent). Its answer is not acted on and makes no result."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from device.audio_sources import AudioSource, PlaylistSource
 from device.outbox import Outbox
 from device.recording import read_recording
 from device.runtime import DeviceRuntime
-from device.settings import OutboxSettings, settings_from_dict
+from device.settings import CloudSettings, OutboxSettings, SettingsError, settings_from_dict
 from device.simulated import SilenceSource
 from schemas.audio import decode_opus
 from schemas.envelope import Envelope
@@ -241,6 +241,44 @@ def test_only_devices_that_consent_contribute_training_data(
     assert (kept.model_version, kept.sample_rate, kept.duration_s) == (local_model.version, 16000, utterance.duration_s)
     assert (kept.intent, kept.transcript, kept.confidence) == (answer.intent, answer.transcript, answer.confidence)
     assert "weather be like tomorrow" in kept.transcript.lower()
+
+
+def test_a_training_sample_of_an_edge_decision_is_labelled_by_the_cloud_and_makes_no_second_result(
+    links, broker_settings, device_id, local_model, worker_factory
+):
+    """With training_sample_share 1, the command the device decides itself is also sent, with the edge result's
+    id, only to be labelled: one result (the edge one, acted on), one training contribution with the cloud's
+    label, and a reply the device counts and does nothing with."""
+    utterances, results = Inbox(), Inbox()
+    observer = links()
+    observer.subscribe(UTTERANCE.topic(device_id=device_id), utterances)
+    observer.subscribe(RESULT.topic(device_id=device_id), results)
+    worker = worker_factory(f"g-{device_id}", device_id)
+    with device_running(
+        broker_settings,
+        device_id,
+        local_model,
+        [IN_VOCABULARY_SAMPLE],
+        cloud={"share_for_training": True, "training_sample_share": 1.0},
+    ) as runtime:
+        assert wait_until(lambda: runtime.presence.counters["training_samples_labelled"] == 1, timeout_s=30)
+        counters = dict(runtime.presence.counters)
+    (edge,) = [answer for answer, _ in drain(results)]
+    assert (edge.source, edge.intent, edge.acted) == (Source.EDGE, "lights_on", True)
+    (sample,) = [utterance for utterance, _ in drain(utterances)]
+    assert sample.reason == UploadReason.TRAINING_SAMPLE and sample.share_for_training
+    assert sample.utterance_id == edge.utterance_id
+    assert counters["training_samples_sent"] == 1 and counters.get("cloud_unknown_replies", 0) == 0
+    assert counters.get("cloud_requests", 0) == 0  # a sample is not a question
+    (kept,) = worker.store.contributions()
+    assert (kept.utterance_id, kept.intent) == (edge.utterance_id, "lights_on")
+
+
+def test_training_samples_need_consent_and_a_share_in_range() -> None:
+    with pytest.raises(SettingsError, match="needs share_for_training"):
+        CloudSettings(training_sample_share=0.1)
+    with pytest.raises(SettingsError, match=r"must be in \[0, 1\]"):
+        CloudSettings(share_for_training=True, training_sample_share=1.5)
 
 
 def answered_at(confidence: float, links, broker_settings, device_id, local_model):
