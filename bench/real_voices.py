@@ -40,12 +40,10 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import soundfile
 from device_cpu import blocks, peak_rss
 
 from device.command_head import CommandHead
@@ -61,23 +59,13 @@ from device.recording import read_recording
 from device.settings import CaptureSettings, DenoiseMode
 from device.speech_embedding import SpeechEmbedding, embedding_directory
 from firmware_tools.fsdd import fsdd_clips
-from firmware_tools.real_speech import EVALUATION_PACKAGES, VocabularyCheck, find_voice_lines
+from firmware_tools.real_speech import EVALUATION_PACKAGES, VocabularyCheck, evaluation_speech, find_voice_lines
 from schemas.vocabulary import load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 16000
 PEER_THRESHOLDS = {"microwakeword": 0.97, "openwakeword": 0.5}
 """Each peer's own default detection threshold (ESPHome's hey_jarvis manifest; openWakeWord's default)."""
-EVALUATION_RECORDINGS = (
-    ("asterisk", Path("/usr/share/asterisk/sounds/en_US_f_Allison"), "*.wav"),
-    ("pocketsphinx", Path("/usr/share/pocketsphinx/test/data"), "*.wav"),
-    ("codec2", Path("/usr/share/codec2/raw"), "*.raw"),
-)
-"""Real speech kept for evaluation only (never trained on): where Debian installs it."""
-CODEC2_NOT_SPEECH = ("sine", "test", "700d")
-"""codec2-examples' raw files that hold modem frames or tones, not speech (by name prefix)."""
-CODEC2_RATE = 8000
-"""codec2-examples' .raw files are headerless 16-bit mono at 8 kHz."""
 
 
 def log(message: str) -> None:
@@ -168,31 +156,6 @@ def non_commands(model: LocalModel) -> dict:
     }
 
 
-def evaluation_speech(quick: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """(source, audio) of every evaluation-only real recording installed here."""
-    lines = find_voice_lines(packages=EVALUATION_PACKAGES)
-    for line in lines[:: 8 if quick else 1]:
-        yield line.package, line.read(RATE)
-    for source, folder, pattern in EVALUATION_RECORDINGS:
-        paths = sorted(folder.rglob(pattern)) if folder.is_dir() else []
-        for path in paths[:: 8 if quick else 1]:
-            if path.suffix == ".raw":
-                if path.name.startswith(CODEC2_NOT_SPEECH):
-                    continue
-                mono, rate = np.fromfile(path, "<i2").astype(np.float32) / 32768.0, CODEC2_RATE
-            else:
-                try:
-                    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
-                except (RuntimeError, soundfile.LibsndfileError):
-                    continue
-                mono = samples.mean(axis=1)
-            if rate != RATE:
-                import soxr
-
-                mono = soxr.resample(mono, rate, RATE)
-            yield source, np.ascontiguousarray(mono, np.float32)
-
-
 def false_wakes(model: LocalModel, quick: bool) -> dict:
     """Wakes on real speech that never says the wake phrase, for us and both peers, and the always-on CPU."""
     from firmware_tools.peers import load_peers
@@ -206,7 +169,7 @@ def false_wakes(model: LocalModel, quick: bool) -> dict:
     peer_cpu = dict.fromkeys(peers, 0.0)
     refractory = model.package.detection.refractory_s
     head_runs_before = model.head.runs if model.head is not None else 0
-    for source, audio in evaluation_speech(quick):
+    for source, audio in evaluation_speech(8 if quick else 1, RATE):
         stream = np.concatenate((audio, gap))
         seconds_by_source[source] = seconds_by_source.get(source, 0.0) + len(stream) / RATE
         started = time.process_time()

@@ -37,11 +37,12 @@ class SilenceSource(AudioSource):
 class SimulatedDevice:
     """One device runtime on a thread of its own; ``stop()`` stops it cleanly (offline status, no Last Will)."""
 
-    def __init__(self, settings: DeviceSettings, *, interval_s: float = 0.3) -> None:
+    def __init__(self, settings: DeviceSettings, *, interval_s: float = 0.3, source: AudioSource | None = None) -> None:
+        """``source`` is what the device hears; by default a quiet room (a silent block every ``interval_s``)."""
         starting = open_starting_model(settings)
         self.settings = settings
         self.runtime = DeviceRuntime(settings, starting.model, starting)
-        self.source = SilenceSource(settings.audio.block_ms, interval_s)
+        self.source = source or SilenceSource(settings.audio.block_ms, interval_s)
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"device-{settings.device_id}", daemon=True)
 

@@ -128,8 +128,40 @@ def render_model_card(model_dir: Path, recipe: Recipe) -> str:
     else:
         lines += _evaluation_lines(evaluation)
     lines += _head_lines(training.get("head"), model_dir)
+    lines += _fleet_lines(training.get("fleet", []))
     lines += _trial_lines()
     return "\n".join(lines) + "\n"
+
+
+def _fleet_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """What each fleet learning round (firmware_tools/learn.py) put into this model: counts, never audio."""
+    if not rounds:
+        return []
+    lines = [
+        "",
+        "## Fleet adaptation",
+        "The command head was fine-tuned on utterances of devices whose owners allow it (`cloud.share_for_training`), "
+        "labelled by the cloud worker, together with its original training windows. Only counts are recorded here; "
+        "no audio is kept in a model package.",
+    ]
+    for record in rounds:
+        data = record["data"]
+        lines += [
+            "",
+            f"### {record['base']} -> {record['version']}",
+            f"- {record['adapt']['trained']}; settings {json.dumps(record['adapt']['settings'])}.",
+            f"- Cloud answers at confidence {record['min_cloud_confidence']} or above; "
+            f"{data['training_utterances']} utterances trained on, {data['held_out_utterances']} held out to judge "
+            f"it; {data['rehearsal_windows']} rehearsal windows of the original training.",
+            "- Training utterances per device and label:",
+            *[
+                f"  - `{device}`: " + ", ".join(f"{label} {count}" for label, count in sorted(sides["train"].items()))
+                for device, sides in data["per_device"].items()
+            ],
+        ]
+        if data.get("left_out"):
+            lines.append("- Left out: " + ", ".join(f"{reason} {count}" for reason, count in data["left_out"].items()))
+    return lines
 
 
 def _head_lines(head: dict[str, Any] | None, model_dir: Path) -> list[str]:

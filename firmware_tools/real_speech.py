@@ -796,3 +796,44 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+EVALUATION_RECORDINGS = (
+    ("asterisk", Path("/usr/share/asterisk/sounds/en_US_f_Allison"), "*.wav"),
+    ("pocketsphinx", Path("/usr/share/pocketsphinx/test/data"), "*.wav"),
+    ("codec2", Path("/usr/share/codec2/raw"), "*.raw"),
+)
+"""Real speech kept for evaluation only (never trained on), besides the evaluation packages' voice lines: where
+Debian installs it (asterisk-core-sounds-en-wav, pocketsphinx-testdata, codec2-examples)."""
+CODEC2_NOT_SPEECH = ("sine", "test", "700d")
+"""codec2-examples' raw files that hold modem frames or tones, not speech (by name prefix)."""
+CODEC2_RATE = 8000
+"""codec2-examples' .raw files are headerless 16-bit mono at 8 kHz."""
+
+
+def evaluation_speech(every: int = 1, sample_rate: int = 16000) -> Iterator[tuple[str, np.ndarray]]:
+    """(source, mono audio at ``sample_rate``) of every ``every``-th evaluation-only real recording installed here.
+
+    None of it says the wake phrase: what wakes a device on it is a false wake.
+    """
+    import soxr
+
+    lines = find_voice_lines(packages=EVALUATION_PACKAGES)
+    for line in lines[::every]:
+        yield line.package, line.read(sample_rate)
+    for source, folder, pattern in EVALUATION_RECORDINGS:
+        paths = sorted(folder.rglob(pattern)) if folder.is_dir() else []
+        for path in paths[::every]:
+            if path.suffix == ".raw":
+                if path.name.startswith(CODEC2_NOT_SPEECH):
+                    continue
+                mono, rate = np.fromfile(path, "<i2").astype(np.float32) / 32768.0, CODEC2_RATE
+            else:
+                try:
+                    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+                except (RuntimeError, soundfile.LibsndfileError):
+                    continue
+                mono = samples.mean(axis=1)
+            if rate != sample_rate:
+                mono = soxr.resample(mono, rate, sample_rate)
+            yield source, np.ascontiguousarray(mono, np.float32)

@@ -100,6 +100,26 @@ class RolloutReportRow(RegistryTables):
     reported_at: Mapped[float]
 
 
+class LearningRoundRow(RegistryTables):
+    """One round of fleet learning (firmware_tools/learn.py): what went in, how the candidate did, what it cost."""
+
+    __tablename__ = "learning_rounds"
+
+    round_id: Mapped[int] = mapped_column(primary_key=True)
+    channel: Mapped[str]
+    base_version: Mapped[str]
+    """The version the candidate was adapted from: what the channel ran."""
+    version: Mapped[str]
+    """The candidate's version."""
+    created_at: Mapped[float]
+    passed: Mapped[bool]
+    """Whether it passed the gate."""
+    outcome: Mapped[str]
+    """``rejected`` (the gate stopped it), ``packaged`` (passed, not rolled out), ``completed`` or ``aborted``."""
+    record: Mapped[dict[str, Any]]
+    """Data counts per device and label (never audio), the gate's figures and reasons, seconds per stage."""
+
+
 class RolloutState(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
@@ -268,6 +288,44 @@ class ModelRegistry(Database):
                 select(RolloutRow).where(RolloutRow.channel == channel).order_by(RolloutRow.rollout_id.desc()).limit(1)
             )
             return None if row is None else _rollout(row)
+
+    def record_round(
+        self, channel: str, base_version: str, version: str, passed: bool, outcome: str, record: dict[str, Any]
+    ) -> int:
+        """Record a learning round; its id."""
+        with self._unavailable_as_error("record a learning round"), Session(self._engine) as session, session.begin():
+            row = LearningRoundRow(
+                channel=channel,
+                base_version=base_version,
+                version=version,
+                created_at=time.time(),
+                passed=passed,
+                outcome=outcome,
+                record=record,
+            )
+            session.add(row)
+            session.flush()
+            return row.round_id
+
+    def set_round_outcome(self, round_id: int, outcome: str, record: dict[str, Any]) -> None:
+        with self._unavailable_as_error("update a learning round"), Session(self._engine) as session, session.begin():
+            session.execute(
+                update(LearningRoundRow)
+                .where(LearningRoundRow.round_id == round_id)
+                .values(outcome=outcome, record=record)
+            )
+
+    def rounds(self, channel: str) -> list[LearningRoundRow]:
+        """The channel's learning rounds, oldest first (detached rows)."""
+        with (
+            self._unavailable_as_error("read learning rounds"),
+            Session(self._engine, expire_on_commit=False) as session,
+        ):
+            rows = session.scalars(
+                select(LearningRoundRow).where(LearningRoundRow.channel == channel).order_by(LearningRoundRow.round_id)
+            ).all()
+            session.expunge_all()
+            return list(rows)
 
     def reports(self, rollout_id: int) -> dict[str, RolloutReportRow]:
         """The latest report of each device in a rollout, by device id (detached rows)."""

@@ -49,3 +49,33 @@ def merge_models(wake: bytes, head: bytes) -> bytes:
     head_signature.subgraphIndex += subgraph_offset
     merged.signatureDefs.append(head_signature)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(merged))
+
+
+def always_on_part(merged: bytes) -> bytes:
+    """The always-on model of a joined file, alone: subgraph 0, the buffers and operator codes it uses, its signature.
+
+    What :func:`merge_models` joined, taken apart again, so that a new head can join the same always-on network.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(merged))
+    wake = model.subgraphs[0]
+    used_buffers = sorted(
+        {0}
+        | {tensor.buffer for tensor in wake.tensors if tensor.buffer}
+        | {entry.buffer for entry in model.metadata or ()}
+    )
+    buffer_index = {old: new for new, old in enumerate(used_buffers)}
+    used_codes = sorted({operator.opcodeIndex for operator in wake.operators})
+    code_index = {old: new for new, old in enumerate(used_codes)}
+    for tensor in wake.tensors:
+        tensor.buffer = buffer_index[tensor.buffer]
+    for operator in wake.operators:
+        operator.opcodeIndex = code_index[operator.opcodeIndex]
+    for entry in model.metadata or ():
+        entry.buffer = buffer_index[entry.buffer]
+    model.buffers = [model.buffers[old] for old in used_buffers]
+    model.operatorCodes = [model.operatorCodes[old] for old in used_codes]
+    model.subgraphs = [wake]
+    model.signatureDefs = [signature for signature in model.signatureDefs if signature.subgraphIndex == 0]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))

@@ -187,6 +187,23 @@ def worker_factory(broker_settings, transcriber, tmp_path) -> Iterator:
         service.stop(end_session=True)  # no session left behind to queue later tests' utterances
 
 
+TINY_FSDD = Path(__file__).parent / "data" / "fsdd"
+"""Six real FSDD digits, one per speaker: the tiny recipe's real speech (the full set is a data directory)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, float]]:
+    """The whole tiny recipe, once for the session: (work folder, package folder, seconds per stage)."""
+    from firmware_tools.pipeline import STAGES, StageContext, run_stages
+    from firmware_tools.recipe import load_recipe
+    from schemas.vocabulary import load_vocabulary
+
+    root = tmp_path_factory.mktemp("tiny")
+    context = StageContext(load_recipe("tiny"), load_vocabulary(), root / "work", root / "model", fsdd_dir=TINY_FSDD)
+    seconds = run_stages(context, list(STAGES))
+    return context.work_dir, context.out_dir, seconds
+
+
 FACTORY_VERSION = "1.1.0"
 """Version of the shipped model, which simulated devices start with."""
 

@@ -6,14 +6,17 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from cloud_worker.storage import StorageSettings, Store, StoredUtterance
 from schemas.protocol import decode
+from schemas.result import Result, Source
 from schemas.status import DeviceState
 from schemas.topics import STATUS
 
-from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox
+from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox, make_utterance
 
 
 def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -25,7 +28,21 @@ def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     [
         ("device", ["send", "detect", "run"]),
         ("cloud_worker", ["serve"]),
-        ("firmware_tools", ["vocab", "keygen", "publish", "rollout", "status", "provision", "bundle", "flash"]),
+        (
+            "firmware_tools",
+            [
+                "vocab",
+                "keygen",
+                "publish",
+                "rollout",
+                "status",
+                "contributions",
+                "learn",
+                "provision",
+                "bundle",
+                "flash",
+            ],
+        ),
         ("broker_config", ["start"]),
     ],
 )
@@ -174,6 +191,91 @@ def test_firmware_tools_publish_refuses_a_bad_key_and_an_absent_broker(broker, t
         "firmware_tools", "status", "--port", "1", "--database", f"sqlite:///{tmp_path}/registry.sqlite3"
     )
     assert no_broker.returncode == 2 and "cannot reach MQTT broker" in no_broker.stderr
+
+
+def _shared(store: Store, *device_ids: str) -> list[StoredUtterance]:
+    """Save one answered utterance of each device, shared for training; the records saved."""
+    records = []
+    for device_id in device_ids:
+        utterance = make_utterance(device_id, share_for_training=True)
+        answer = Result(
+            device_id=device_id,
+            utterance_id=utterance.utterance_id,
+            source=Source.CLOUD,
+            transcript="Turn on the lights.",
+            intent="lights_on",
+            slots={},
+            confidence=0.97,
+            timings_ms={"total": 10.0},
+        )
+        records.append(StoredUtterance(utterance, time.time(), None, answer))
+    store.save(records)
+    return records
+
+
+def test_firmware_tools_contributions_lists_each_device_and_deletes_one(tmp_path) -> None:
+    # No --database: the worker's default database, relative to the working directory as the worker's is.
+    with Store(StorageSettings(url=f"sqlite:///{tmp_path / '.run' / 'worker' / 'mqvox.sqlite3'}")) as store:
+        kitchen, _, hall = _shared(store, "pi-kitchen", "pi-kitchen", "pi-hall")
+
+    def contributions(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "firmware_tools", "contributions", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    listed = contributions()
+    assert listed.returncode == 0, listed.stderr
+    devices = {line["device_id"]: line for line in map(json.loads, listed.stdout.splitlines())}
+    assert {device: line["count"] for device, line in devices.items()} == {"pi-hall": 1, "pi-kitchen": 2}
+    assert devices["pi-hall"]["oldest_received_at"] == devices["pi-hall"]["newest_received_at"] == hall.received_at
+    one = contributions("--device", "pi-kitchen")
+    summary, *lines = map(json.loads, one.stdout.splitlines())
+    assert (summary["device_id"], summary["count"]) == ("pi-kitchen", 2)
+    assert lines[0] == {
+        "utterance_id": kitchen.utterance.utterance_id,
+        "received_at": kitchen.received_at,
+        "model_version": "1.1.0",
+        "intent": "lights_on",
+        "slots": {},
+        "confidence": 0.97,
+        "transcript": "Turn on the lights.",
+        "audio_bytes": len(kitchen.utterance.audio),  # its size, never the audio
+    }
+    assert len(lines) == 2
+    deleted = contributions("--device", "pi-kitchen", "--delete")
+    assert deleted.returncode == 0 and json.loads(deleted.stdout) == {"device_id": "pi-kitchen", "deleted": 2}
+    left = [json.loads(line) for line in contributions().stdout.splitlines()]
+    assert [(line["device_id"], line["count"]) for line in left] == [("pi-hall", 1)]
+
+
+def test_firmware_tools_contributions_refuses_to_delete_everyones_and_reports_a_bad_database(tmp_path) -> None:
+    database = f"sqlite:///{tmp_path / 'worker.sqlite3'}"
+    with Store(StorageSettings(url=database)) as store:
+        _shared(store, "pi-kitchen")
+    everyone = python_m("firmware_tools", "contributions", "--delete", "--database", database)
+    assert everyone.returncode == 2 and "--delete needs --device" in everyone.stderr
+    assert "Traceback" not in everyone.stderr and everyone.stdout == ""
+    with Store(StorageSettings(url=database)) as store:
+        assert store.contribution_counts() == {"pi-kitchen": 1}
+    unreachable = python_m("firmware_tools", "contributions", "--database", f"sqlite:///{tmp_path}")
+    assert unreachable.returncode == 2 and "is unavailable" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+
+
+def test_firmware_tools_learn_says_what_is_missing_with_exit_2(tmp_path) -> None:
+    database = f"sqlite:///{tmp_path / 'worker.sqlite3'}"
+    unsigned = python_m("firmware_tools", "learn", "--auto-rollout", "--database", database)
+    assert unsigned.returncode == 2 and "--auto-rollout publishes and rolls out" in unsigned.stderr
+    no_fsdd = python_m("firmware_tools", "learn", "--database", database, "--state-dir", str(tmp_path / "learn"))
+    assert no_fsdd.returncode == 2 and "give --fsdd DIR" in no_fsdd.stderr
+    nothing = python_m(
+        "firmware_tools", "learn", "--database", database, "--state-dir", str(tmp_path / "learn"), "--fsdd",
+        str(tmp_path), timeout=120,
+    )  # fmt: skip
+    assert nothing.returncode == 2 and "no fleet utterances to learn from" in nothing.stderr
+    no_rounds = python_m("firmware_tools", "learn", "--report", "--database", database, "--out", str(tmp_path))
+    assert no_rounds.returncode == 2 and "no learning round is recorded" in no_rounds.stderr
+    for done in (unsigned, no_fsdd, nothing, no_rounds):
+        assert "Traceback" not in done.stderr
 
 
 def test_device_run_refuses_a_missing_signing_key_before_connecting(tmp_path) -> None:

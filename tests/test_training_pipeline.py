@@ -17,7 +17,7 @@ from device.recording import read_recording
 from firmware_tools.clips import ClipBank
 from firmware_tools.command_head import WINDOW_EMBEDDINGS
 from firmware_tools.phrases import model_labels
-from firmware_tools.pipeline import STAGES, StageContext, run_stages
+from firmware_tools.pipeline import STAGES
 from firmware_tools.recipe import RecipeError, load_recipe
 from firmware_tools.synth import plan_renders
 from firmware_tools.tflite_merge import HEAD_SIGNATURE
@@ -29,14 +29,6 @@ pytestmark = pytest.mark.timeout(400)
 
 FSDD = Path(__file__).parent / "data" / "fsdd"
 """Six real FSDD digits, one per speaker: the head stage's real speech here (the full set is a data directory)."""
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, float]]:
-    root = tmp_path_factory.mktemp("tiny")
-    context = StageContext(load_recipe("tiny"), load_vocabulary(), root / "work", root / "model", fsdd_dir=FSDD)
-    seconds = run_stages(context, list(STAGES))
-    return context.work_dir, context.out_dir, seconds
 
 
 def test_the_tiny_pipeline_runs_every_stage_in_under_two_minutes(tiny_run) -> None:
