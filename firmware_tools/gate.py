@@ -6,11 +6,10 @@ decision, device/detector.py ``decide_scores``; false wakes and the self-test th
 the whole ``ListeningPipeline``). The candidate passes only when:
 
 - **the fleet's held-out slice** (utterances of the fleet never trained on, with the
-  cloud's labels): at a precision of at least ``precision_target`` on it, it can decide
-  more of them than the base (each model at the lowest threshold reaching that
-  precision: the cloud's labels are themselves about 99.5 % right, so a fixed
-  threshold's precision on them says little), and at the shipped threshold its
-  precision is no worse than the base's;
+  cloud's labels): it decides more of them right than the base, and no more of them
+  wrong (the labels are themselves about 99.5 % right, so on a slice of tens a wrong
+  label counts against both models alike; the 99.5 % precision is shown on truth, by
+  bench/learning_loop.py, and held here by not falling);
 - **no shipped set regresses** by more than ``tolerance``:
   - real FSDD speakers (each clip as recorded): top-1, share decided, precision;
   - the held-out synthetic voices (flite and festival ``slt``, flite ``rms``), commands
@@ -42,7 +41,7 @@ from device.recording import read_recording
 from device.self_test import SelfTestSuite, run_self_test
 from device.settings import CaptureSettings, DenoiseMode
 from device.speech_embedding import SpeechEmbedding
-from firmware_tools.command_head import place, threshold_for_precision
+from firmware_tools.command_head import place
 from firmware_tools.heldout import HeldOutSettings, in_noise, load_or_build
 from firmware_tools.phrases import UNKNOWN_LABEL
 from firmware_tools.real_speech import evaluation_speech
@@ -59,14 +58,12 @@ BLOCK = SAMPLE_RATE * 30 // 1000
 class GateSettings:
     """What a candidate must show."""
 
-    precision_target: float = 0.995
-    """Precision at which the candidate must decide more of the fleet's held-out slice than the base."""
     min_coverage_gain: float = 0.0
-    """The candidate must decide a larger share of the fleet's held-out slice than the base at precision_target,
-    by more than this.
+    """The candidate must decide right a larger share of the fleet's held-out slice than the base, by more than this.
     A negative value lets a candidate that decides as much through (a test of the loop's plumbing)."""
     tolerance: float = 0.01
-    """Largest drop (a share: 0.01 is one point) allowed on any figure of a shipped set."""
+    """Largest drop (a share: 0.01 is one point) allowed on any figure of a shipped set; also the largest rise, as a
+    share of the fleet's held-out slice, of the utterances decided wrong there."""
     false_wakes_per_hour: float = 0.5
     """Largest rise in false wakes per hour of real speech allowed."""
     snr_db: float = 10.0
@@ -98,39 +95,27 @@ class JudgedSet:
     """Label of each window."""
 
 
-def head_figures(model: LocalModel, judged: JudgedSet, precision_target: float | None = None) -> dict:
-    """Top-1, share decided on the device, and precision of the decided, as the device decides.
-
-    With ``precision_target``, also the share that would be decided at the lowest threshold keeping the decisions
-    at least that precise on this set (``decided_at_target``): how far the model ranks its right answers above
-    its wrong ones, whatever its threshold.
-    """
+def head_figures(model: LocalModel, judged: JudgedSet) -> dict:
+    """Top-1, share decided on the device, and precision of the decided, as the device decides; and the counts of
+    decisions right and wrong."""
     package = model.package
     temperature = package.detection.head_temperature
     right = decided = right_decided = 0
-    confidences, correct = [], []
     for window, truth in zip(judged.embeddings, judged.truth, strict=True):
         decision = decide_scores(package, softmax(model.head.classifier(window) / temperature))
         right += decision.alternatives[0][0] == truth
         if decision.local:
             decided += 1
             right_decided += decision.label == truth
-        if decision.label is not None:  # a command: decidable at some threshold
-            confidences.append(decision.confidence)
-            correct.append(decision.label == truth)
     count = len(judged.truth)
-    figures = {
+    return {
         "windows": count,
         "top1": round(right / count, 4) if count else None,
         "decided": round(decided / count, 4) if count else None,
         "precision": round(right_decided / decided, 4) if decided else None,
+        "decided_right": right_decided,
+        "decided_wrong": decided - right_decided,
     }
-    if precision_target is not None and count:
-        confidence, good = np.array(confidences), np.array(correct, bool)
-        reached = threshold_for_precision(confidence, good, precision_target) if len(good) else 1.0
-        meets = good.any() and good[confidence >= reached].mean() >= precision_target
-        figures["decided_at_target"] = round(float((confidence >= reached).sum()) / count, 4) if meets else 0.0
-    return figures
 
 
 def embed_windows(windows: Iterable[np.ndarray], embedding: SpeechEmbedding) -> np.ndarray:
@@ -250,28 +235,31 @@ class Gate:
         ):
             if judged is None:
                 continue
-            target = settings.precision_target if name == "fleet_held_out" else None
             try:
-                figures[name] = {
-                    "base": head_figures(base, judged, target),
-                    "new": head_figures(candidate, judged, target),
-                }
+                figures[name] = {"base": head_figures(base, judged), "new": head_figures(candidate, judged)}
             except RuntimeError as error:  # the runtime refuses to run one of the two: never publish that
                 return GateReport(figures, (f"{name}: the model does not run on the device's runtime ({error})",))
         fleet = figures["fleet_held_out"]
         if not fleet["new"]["windows"]:
             reasons.append("the fleet's held-out slice is empty: nothing shows the candidate is better")
         else:
-            # The cloud's labels are right about 99.5 % of the time, so no threshold is trusted to hold a 99.5 %
-            # precision on them; what must rise is the share each model can decide at that precision, each at the
-            # threshold that reaches it on this slice. At the shipped threshold, precision must not fall.
-            new_share, base_share = fleet["new"]["decided_at_target"], fleet["base"]["decided_at_target"]
-            if new_share - base_share <= settings.min_coverage_gain:
+            # Judged against the cloud's labels, which are themselves wrong now and then (about 0.5 % at the curation
+            # floor): on a slice of tens, no threshold's precision can be shown to be 99.5 %. What is asked is the
+            # paired question, where a wrong label counts against both: does the candidate decide more of the
+            # slice right than the base, without deciding more of it wrong?
+            windows = fleet["new"]["windows"]
+            gained = fleet["new"]["decided_right"] - fleet["base"]["decided_right"]
+            if gained / windows <= settings.min_coverage_gain:
                 reasons.append(
-                    f"fleet held-out: {new_share:.4f} decided at {settings.precision_target} precision, not more"
-                    f" than the base's {base_share:.4f}"
+                    f"fleet held-out: {fleet['new']['decided_right']} of {windows} decided right, the base"
+                    f" {fleet['base']['decided_right']}: no gain"
                 )
-            reasons += _drops("fleet_held_out", fleet["base"], fleet["new"], settings.tolerance, ("precision",))
+            extra_wrong = fleet["new"]["decided_wrong"] - fleet["base"]["decided_wrong"]
+            if extra_wrong / windows > settings.tolerance:
+                reasons.append(
+                    f"fleet held-out: {fleet['new']['decided_wrong']} of {windows} decided wrong, the base"
+                    f" {fleet['base']['decided_wrong']}"
+                )
         for name in ("fsdd", "heldout_synthetic_commands"):
             if name in figures:
                 before, after = figures[name]["base"], figures[name]["new"]

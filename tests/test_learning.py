@@ -124,7 +124,7 @@ def loop_settings(tiny_run, tmp_path, **gate) -> LearnSettings:
         "heldout_cache": tmp_path / "heldout",
     }
     return LearnSettings(
-        channel="stable",
+        channel=tmp_path.name.replace("_", "-")[-40:],
         recipe="tiny",
         work_dir=work_dir,
         fsdd_dir=TINY_FSDD,
@@ -138,12 +138,12 @@ def loop_settings(tiny_run, tmp_path, **gate) -> LearnSettings:
 
 # A plumbing test: the tiny recipe's rehearsal windows and a dozen utterances cannot show a real gain, so the gate
 # only holds the candidate to the self-test and lets any figure through.
-PERMISSIVE = {"min_coverage_gain": -1.0, "precision_target": 0.0, "tolerance": 1.0, "false_wakes_per_hour": 1e9}
+PERMISSIVE = {"min_coverage_gain": -1.0, "tolerance": 1.0, "false_wakes_per_hour": 1e9}
 
 
-def start_devices(broker_settings, keys, tmp_path, names, **ota) -> list[SimulatedDevice]:
+def start_devices(broker_settings, keys, tmp_path, channel, names, **ota) -> list[SimulatedDevice]:
     devices = [
-        SimulatedDevice(ota_device_settings(broker_settings, name, "stable", tmp_path / name, keys["fleet.pub"], **ota))
+        SimulatedDevice(ota_device_settings(broker_settings, name, channel, tmp_path / name, keys["fleet.pub"], **ota))
         for name in names
     ]
     for device in devices:
@@ -155,16 +155,17 @@ def start_devices(broker_settings, keys, tmp_path, names, **ota) -> list[Simulat
 def run_with_fleet(settings, shared, broker_settings, links, keys, tmp_path, names, **ota):
     """The base published live, devices on it, one round with --auto-rollout; (outcome, devices' versions, registry
     versions, live version)."""
-    devices = start_devices(broker_settings, keys, tmp_path, names, **ota)
+    channel = settings.channel  # a channel of its own: the session's broker keeps other tests' manifests
+    devices = start_devices(broker_settings, keys, tmp_path, channel, names, **ota)
     try:
         with (
             ModelRegistry(StorageSettings(url=shared)) as registry,
             Store(StorageSettings(url=shared)) as store,
         ):
-            publisher = Publisher(links(), registry, "stable", load_private_key(keys["fleet.key"]))
+            publisher = Publisher(links(), registry, channel, load_private_key(keys["fleet.key"]))
             base = publisher.register(shipped_model_directory())
             publisher.publish_manifest(base, EVERYONE)
-            registry.set_live_version("stable", base.version)
+            registry.set_live_version(channel, base.version)
             plan = RolloutPlan(
                 stages=(StagePlan.parse(f"canary:{names[0]}", 0), StagePlan.parse("fleet:100%", 1)),
                 criteria=AbortCriteria(20.0, 1),
@@ -177,7 +178,7 @@ def run_with_fleet(settings, shared, broker_settings, links, keys, tmp_path, nam
                 wanted = outcome.version if outcome.outcome == "completed" else FACTORY_VERSION
                 wait_until(lambda: all(d.runtime.presence.model_version == wanted for d in devices), timeout_s=60)
             versions = {device.device_id: device.runtime.presence.model_version for device in devices}
-            return outcome, versions, [v.version for v in registry.versions("stable")], registry, said
+            return outcome, versions, [v.version for v in registry.versions(channel)], registry, said
     finally:
         for device in devices:
             device.stop()
@@ -211,9 +212,9 @@ def test_a_round_adapts_the_head_gates_it_and_rolls_it_out_to_the_fleet(
     base_bytes = (shipped_model_directory() / "model.tflite").read_bytes()
     new_bytes = (package_dir / "model.tflite").read_bytes()
     assert always_on_part(new_bytes) == always_on_part(base_bytes) and new_bytes != base_bytes
-    (row,) = registry.rounds("stable")
+    (row,) = registry.rounds(settings.channel)
     assert (row.version, row.outcome, row.passed) == ("1.1.1", "completed", True)
-    shown = report(registry, "stable", tmp_path / "report")
+    shown = report(registry, settings.channel, tmp_path / "report")
     assert Path(shown["plot"]).read_bytes().startswith(b"\x89PNG")
     assert shown["rounds"][0]["version"] == "1.1.1"
 
@@ -233,7 +234,7 @@ def test_a_model_that_regresses_is_stopped_by_the_gate_never_published_and_the_f
     wrecked = ("self-test failed", "does not run on the device's runtime")
     assert any(sign in reason for reason in outcome.gate.reasons for sign in wrecked), outcome.gate.reasons
     assert registered == [FACTORY_VERSION]  # never registered, never published
-    assert registry.live_version("stable") == FACTORY_VERSION
+    assert registry.live_version(settings.channel) == FACTORY_VERSION
     time.sleep(1.0)
     assert versions == {"learn-c": FACTORY_VERSION}
     assert any("stopped by the gate" in line for line in said)
@@ -250,5 +251,5 @@ def test_a_rollout_the_fleet_refuses_halts_and_leaves_the_fleet_on_the_previous_
     )
     assert outcome.gate.passed
     assert outcome.outcome == "aborted", said
-    assert registry.live_version("stable") == FACTORY_VERSION
+    assert registry.live_version(settings.channel) == FACTORY_VERSION
     assert versions == {"learn-d": FACTORY_VERSION, "learn-e": FACTORY_VERSION}
