@@ -12,7 +12,7 @@ APT_PACKAGES := mosquitto mosquitto-clients espeak-ng flite festival festvox-kal
 	festvox-us-slt-hts libportaudio2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages voice-packages demo test bench bench-real-commands bench-real-voices train evaluate lint format broker broker-stop clean
+.PHONY: setup system-packages voice-packages demo test bench bench-real-commands bench-real-voices bench-learning-loop train evaluate lint format broker broker-stop clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -74,6 +74,12 @@ bench-real-commands: setup voice-packages
 bench-real-voices: setup voice-packages
 	@test -n "$(FSDD)" || { echo "usage: make bench-real-voices FSDD=DIR (the FSDD recordings)"; exit 2; }
 	$(PY) bench/real_voices.py --fsdd $(FSDD)
+
+# The fleet learning loop (bench/learning_loop.py): simulated devices spoken to by FSDD speakers the starting model
+# never heard and the held-out synthetic voices; the worker labels, each round adapts, gates and rolls out.
+bench-learning-loop: setup voice-packages
+	@test -n "$(FSDD)" || { echo "usage: make bench-learning-loop FSDD=DIR (the FSDD recordings)"; exit 2; }
+	$(PY) bench/learning_loop.py --fsdd $(FSDD)
 
 lint: setup
 	$(PY) -m ruff check .
