@@ -33,7 +33,7 @@ import numpy as np
 
 from device.speech_embedding import SpeechEmbedding
 from firmware_tools.augment import Augmenter
-from firmware_tools.command_head import Examples, build_member, quantize_head
+from firmware_tools.command_head import Examples, averaged, build_member, class_weights, quantize_head
 from firmware_tools.fleet_data import FleetExample
 from firmware_tools.model_card import write_model_card
 from firmware_tools.recipe import HeadSettings, Recipe
@@ -112,9 +112,7 @@ def fine_tune(model, fleet: Examples, old: Examples, num_labels: int, settings: 
     embeddings = np.concatenate([old.embeddings, fleet.embeddings])
     classes = np.concatenate([old.labels, fleet.labels])
     # Classes balanced as in the first training, then the fleet's windows weigh more.
-    counts = np.bincount(classes, minlength=num_labels).astype(np.float64)
-    balance = np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0)
-    weights = balance[classes] * np.concatenate(
+    weights = class_weights(classes, num_labels)[classes] * np.concatenate(
         [np.ones(len(old.labels)), np.full(len(fleet.labels), settings.fleet_weight)]
     )
     members = [layer for layer in model.layers if isinstance(layer, tf.keras.Model)] or [model]
@@ -127,10 +125,7 @@ def fine_tune(model, fleet: Examples, old: Examples, num_labels: int, settings: 
         )
         member.fit(embeddings, classes, sample_weight=weights, epochs=settings.epochs, batch_size=64, verbose=0)
         tuned.append(member)
-    if len(tuned) == 1:
-        return tuned[0]
-    inputs = tf.keras.Input(model.input_shape[1:], name="embeddings")
-    return tf.keras.Model(inputs, tf.keras.layers.Average(name="logits")([member(inputs) for member in tuned]))
+    return averaged(tuned)
 
 
 def load_float_head(path: Path):
@@ -145,7 +140,6 @@ def float_head_of(package_dir: Path, settings: HeadSettings):
     precision. A released package carries only the int8 file; this is what a round fine-tunes when no float head
     was kept beside it (a float head trained again from the recipe is another head: TensorFlow on CPU is not
     bit-reproducible from one machine to the next)."""
-    import tensorflow as tf
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -184,10 +178,7 @@ def float_head_of(package_dir: Path, settings: HeadSettings):
         network = build_member(len(package.labels), replace(settings, filters=member_weights[0].shape[-1]))
         network.set_weights(member_weights)
         networks.append(network)
-    if len(networks) == 1:
-        return networks[0]
-    inputs = tf.keras.Input(networks[0].input_shape[1:], name="embeddings")
-    return tf.keras.Model(inputs, tf.keras.layers.Average(name="logits")([network(inputs) for network in networks]))
+    return averaged(networks)
 
 
 def package_adapted(

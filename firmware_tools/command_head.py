@@ -201,6 +201,22 @@ def build_member(num_labels: int, settings: HeadSettings):
     return tf.keras.Model(inputs, logits)
 
 
+def class_weights(labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """Per class, the weight that makes every class present weigh as much in total (0 for an absent one)."""
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    return np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0)
+
+
+def averaged(members: list):
+    """The head: one network, or the average of the logits of several."""
+    import tensorflow as tf
+
+    if len(members) == 1:
+        return members[0]
+    inputs = tf.keras.Input((WINDOW_EMBEDDINGS, EMBEDDING_SIZE), name="embeddings")
+    return tf.keras.Model(inputs, tf.keras.layers.Average(name="logits")([member(inputs) for member in members]))
+
+
 def train_head(examples: Examples, keep: np.ndarray, num_labels: int, settings: HeadSettings, seed: int):
     """A head trained on the examples where ``keep`` is true: ``settings.members`` networks, logits averaged.
 
@@ -210,8 +226,7 @@ def train_head(examples: Examples, keep: np.ndarray, num_labels: int, settings: 
     import tensorflow as tf
 
     # Classes are balanced by weight: the digits have real and synthetic windows, other commands synthetic only.
-    counts = np.bincount(examples.labels[keep], minlength=num_labels).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0)
+    weights = class_weights(examples.labels[keep], num_labels)
     members = []
     for member in range(settings.members):
         tf.keras.utils.set_random_seed(seed + 1000 * member)
@@ -230,10 +245,7 @@ def train_head(examples: Examples, keep: np.ndarray, num_labels: int, settings: 
             verbose=0,
         )
         members.append(model)
-    if len(members) == 1:
-        return members[0]
-    inputs = tf.keras.Input((WINDOW_EMBEDDINGS, EMBEDDING_SIZE), name="embeddings")
-    return tf.keras.Model(inputs, tf.keras.layers.Average(name="logits")([member(inputs) for member in members]))
+    return averaged(members)
 
 
 def fit_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
