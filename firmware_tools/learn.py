@@ -72,7 +72,7 @@ class LearnSettings:
     recipe: str = "default"
     """Recipe of the channel's model (its head settings, augmenter and seed)."""
     work_dir: Path = Path(".cache/train/default")
-    """The recipe's training work folder: the head's training windows (rehearsal) and its float head."""
+    """The recipe's training work folder: the head's training windows, rehearsed in every round."""
     fsdd_dir: Path | None = None
     """The FSDD recordings: its speakers are a regression set, and the training windows are rebuilt from them
     when missing."""
@@ -145,7 +145,6 @@ def run_round(
     registry: ModelRegistry,
     *,
     roll_out: Callable[[Path, str], str] | None = None,
-    gate: Gate | None = None,
     say: Callable[[str], None] = print,
 ) -> RoundOutcome:
     """One round. ``roll_out(package_dir, version)`` publishes held and rolls out, returning the rollout's
@@ -209,8 +208,7 @@ def run_round(
     package_adapted(base_dir, model, old, out_dir, version, recipe, fleet_record, settings.seed)
     lap("package")
 
-    if gate is None:
-        gate = Gate(settings.gate, vocabulary, settings.state_dir, fsdd_set(settings, vocabulary, labels), embedding)
+    gate = Gate(settings.gate, vocabulary, settings.state_dir, fsdd_set(settings, vocabulary, labels), embedding)
     held_windows = JudgedSet(
         np.stack([embedding(example.window) for example in held_out]).astype(np.float32)
         if held_out
