@@ -129,7 +129,7 @@ def fine_tune(model, fleet: Examples, old: Examples, num_labels: int, settings: 
 
 
 def load_float_head(path: Path):
-    """A float head saved beside a package (FLOAT_HEAD_FILE) or by the training run's head stage."""
+    """The float head an earlier round kept beside its package (FLOAT_HEAD_FILE)."""
     import tensorflow as tf
 
     return tf.keras.models.load_model(path, compile=False)
