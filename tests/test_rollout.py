@@ -214,4 +214,20 @@ def test_the_registry_keeps_versions_channels_and_rollouts_in_either_database(da
         latest = registry.latest_rollout("stable")
         assert (latest.state, latest.stage_index, latest.reason) == (RolloutState.ABORTED, 1, "too many failures")
         assert registry.reports(rollout.rollout_id)["pi-01"].state == "rolled_back"
-        assert set(registry.counts()) == {"model_versions", "channels", "rollouts", "rollout_reports"}
+        # Fleet learning rounds (firmware_tools/learn.py) live beside them.
+        first = registry.record_round("stable", "1.2.0", "1.2.1", True, "packaged", {"data": {"n": 3}})
+        registry.record_round("stable", "1.2.1", "1.2.2", False, "rejected", {"data": {"n": 5}})
+        registry.set_round_outcome(first, "completed", {"data": {"n": 3}, "seconds": {"rollout": 2.0}})
+        rounds = registry.rounds("stable")
+        assert [(row.version, row.passed, row.outcome) for row in rounds] == [
+            ("1.2.1", True, "completed"),
+            ("1.2.2", False, "rejected"),
+        ]
+        assert rounds[0].record["seconds"] == {"rollout": 2.0} and registry.rounds("other") == []
+        assert set(registry.counts()) == {
+            "model_versions",
+            "channels",
+            "rollouts",
+            "rollout_reports",
+            "learning_rounds",
+        }
