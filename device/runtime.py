@@ -278,24 +278,27 @@ class DeviceRuntime:
         """Send an utterance decided on the device to the cloud, only to be labelled for training (same id as its
         edge result, so the label can be set beside the decision)."""
         assert self._cloud is not None
-        captured = event.utterance
-        utterance = Utterance.from_samples(
-            self.device_id,
-            captured.audio,
-            captured.sample_rate,
-            hypotheses=tuple(Hypothesis(best.intent, dict(best.slots), best.score) for best in event.alternatives),
-            model_version=self.model.version,
-            reason=UploadReason.TRAINING_SAMPLE,
-            utterance_id=utterance_id,
-            share_for_training=True,
-        )
         try:
-            self._cloud.send_sample(utterance)
+            self._cloud.send_sample(self._utterance(event, utterance_id, UploadReason.TRAINING_SAMPLE))
         except (PublishRefused, TimeoutError, ProtocolError) as error:
             self.count("training_samples_dropped")
             log.info("training sample not sent: %s", error, extra={"device_id": self.device_id})
             return
         self.count("training_samples_sent")
+
+    def _utterance(self, event: CommandEvent, utterance_id: str, reason: UploadReason) -> Utterance:
+        """The captured audio as heard, with the device's guesses, as a request to the cloud."""
+        captured = event.utterance
+        return Utterance.from_samples(
+            self.device_id,
+            captured.audio,
+            captured.sample_rate,
+            hypotheses=tuple(Hypothesis(best.intent, dict(best.slots), best.score) for best in event.alternatives),
+            model_version=self.model.version,
+            reason=reason,
+            utterance_id=utterance_id,
+            share_for_training=self.settings.cloud.share_for_training,
+        )
 
     def _not_understood(self, event: CommandEvent) -> None:
         utterance_id = new_utterance_id()
@@ -313,16 +316,8 @@ class DeviceRuntime:
         assert self._cloud is not None
         captured = event.utterance
         try:
-            utterance = Utterance.from_samples(
-                self.device_id,
-                captured.audio,
-                captured.sample_rate,
-                hypotheses=tuple(Hypothesis(best.intent, dict(best.slots), best.score) for best in event.alternatives),
-                model_version=self.model.version,
-                reason=UploadReason.OUT_OF_VOCABULARY if event.intent is None else UploadReason.LOW_CONFIDENCE,
-                utterance_id=utterance_id,
-                share_for_training=self.settings.cloud.share_for_training,
-            )
+            reason = UploadReason.OUT_OF_VOCABULARY if event.intent is None else UploadReason.LOW_CONFIDENCE
+            utterance = self._utterance(event, utterance_id, reason)
             self.count("cloud_requests")
             log.info("asking the cloud", extra=self._context(utterance_id, event))
             reply = self._cloud.ask(utterance, timeout_s=self.settings.cloud.timeout_s)
