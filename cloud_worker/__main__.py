@@ -17,7 +17,7 @@ from cloud_worker.settings import BatchSettings, UtteranceLimits, WorkerSettings
 from cloud_worker.storage import StorageSettings, StorageUnavailable
 from schemas.audio import MAX_UTTERANCE_S
 from schemas.errors import ProtocolError
-from schemas.logfmt import configure_logging
+from schemas.logfmt import LOG_LEVELS, configure_logging, log_level
 from schemas.mqtt import BrokerUnavailable, add_broker_arguments, broker_from_arguments
 from schemas.vocabulary import load_vocabulary
 
@@ -132,7 +132,12 @@ def _emit(as_json: bool, line: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cloud_worker", description="The mqvox cloud worker.")
-    parser.add_argument("--log-level", default="INFO", help="log level (logs are JSON lines on stderr)")
+    parser.add_argument(
+        "--log-level",
+        type=log_level,
+        default="INFO",
+        help=f"{', '.join(LOG_LEVELS)} (default: %(default)s; logs are JSON lines on stderr)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     server = commands.add_parser(
         "serve",

@@ -23,7 +23,7 @@ from device.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
 from device.self_test import SelfTestUnavailable
 from device.settings import DenoiseMode, DeviceSettings, SettingsError, load_settings
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.logfmt import configure_logging
+from schemas.logfmt import LOG_LEVELS, configure_logging, log_level
 from schemas.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, broker_from_arguments
 from schemas.result import ErrorInfo, Result, Source
 from schemas.signing import SignatureError
@@ -183,7 +183,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m device", description="The mqvox device.")
-    parser.add_argument("--log-level", default="WARNING", help="log level (logs are JSON lines on stderr)")
+    parser.add_argument(
+        "--log-level",
+        type=log_level,
+        default="WARNING",
+        help=f"{', '.join(LOG_LEVELS)} (default: %(default)s; logs are JSON lines on stderr)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     sender = commands.add_parser(

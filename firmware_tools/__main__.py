@@ -463,10 +463,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="[NAME:]SPEC",
         help="a stage, in order: devices (canary:dev-1,dev-2) or a share of the fleet (early:25%%); repeat",
     )
-    roller.add_argument("--max-failure-percent", type=float, default=20.0, help="halt at this failure share")
-    roller.add_argument("--min-reports", type=int, default=3, help="...once this many devices reported")
-    roller.add_argument("--stage-timeout-s", type=float, default=600.0, help="halt if a stage waits longer")
-    roller.add_argument("--soak-s", type=float, default=0.0, help="watch a finished stage this long before the next")
+    roller.add_argument(
+        "--max-failure-percent", type=float, default=20.0, help="halt at this failure share (default: %(default)s)"
+    )
+    roller.add_argument(
+        "--min-reports", type=int, default=3, help="...once this many devices reported (default: %(default)s)"
+    )
+    roller.add_argument(
+        "--stage-timeout-s", type=float, default=600.0, help="halt if a stage waits longer (default: %(default)s)"
+    )
+    roller.add_argument(
+        "--soak-s", type=float, default=0.0, help="watch a finished stage this long before the next (default: 0)"
+    )
     roller.set_defaults(run=rollout)
 
     watcher = commands.add_parser(
@@ -644,7 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     flasher.set_defaults(run=flash)
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away (| head) is then caught below
+        return code
+    except BrokenPipeError:
+        # The reader has all it wanted; say nothing more, and let the exit's flush find nowhere to fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ProtocolError, OSError, ValueError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -69,6 +69,10 @@ class StagePlan:
             if not 0 < percent <= 100:
                 raise PlanError(f"stage {text!r}: the percentage must be over 0 and at most 100")
             return cls(name, (), percent)
+        if spec.strip().replace(".", "", 1).isdigit():
+            raise PlanError(
+                f"stage {text!r}: {spec!r} is a bare number; write {spec}% for a share of the fleet, or name devices"
+            )
         devices = tuple(device.strip() for device in spec.split(",") if device.strip())
         try:
             for device in devices:

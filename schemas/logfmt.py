@@ -36,6 +36,19 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+"""The levels ``--log-level`` takes, in any case."""
+
+
+def log_level(text: str) -> str:
+    """An argparse type for ``--log-level``: a known level, upper case; a clear error otherwise."""
+    import argparse
+
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}: one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
 def configure_logging(component: str, level: str = "INFO") -> None:
     """Send this process's logs to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)

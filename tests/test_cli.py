@@ -278,6 +278,39 @@ def test_firmware_tools_learn_says_what_is_missing_with_exit_2(tmp_path) -> None
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("package", ["device", "cloud_worker"])
+def test_an_unknown_log_level_is_named_with_exit_2(package: str) -> None:
+    done = python_m(package, "--log-level", "foo", "--help")
+    assert done.returncode == 2
+    assert "unknown log level 'foo': one of debug, info, warning, error, critical" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert python_m(package, "--log-level", "Debug", "--help").returncode == 0
+
+
+def test_firmware_tools_output_to_a_reader_that_went_away_ends_quietly() -> None:
+    # `python -m firmware_tools vocab | head -1`: the reader closes the pipe before the output is flushed.
+    reader_gone = subprocess.Popen(
+        [sys.executable, "-m", "firmware_tools", "vocab"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    reader_gone.stdout.close()
+    stderr = reader_gone.stderr.read().decode()
+    assert reader_gone.wait(60) == 0
+    assert "Broken pipe" not in stderr and "BrokenPipeError" not in stderr and stderr == ""
+
+
+def test_a_stage_that_is_a_bare_number_is_refused_before_anything_is_published(tmp_path) -> None:
+    done = python_m(
+        "firmware_tools", "rollout", "--version", "1.2.0", "--stage", "fleet:150", "--key", str(tmp_path / "k"),
+        "--database", f"sqlite:///{tmp_path / 'r.sqlite3'}", "--port", "1",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "'150' is a bare number; write 150% for a share of the fleet, or name devices" in done.stderr
+    assert "Traceback" not in done.stderr
+    help_text = python_m("firmware_tools", "rollout", "--help").stdout
+    for default in ("(default: 20.0)", "(default: 3)", "(default: 600.0)", "(default: 0)"):
+        assert default in help_text
+
+
 def test_device_run_refuses_a_missing_signing_key_before_connecting(tmp_path) -> None:
     config = tmp_path / "device.toml"
     config.write_text('[audio]\nsource = "stdin"\n[broker]\nport = 1\n[ota]\npublic_key = "missing.pub"\n')

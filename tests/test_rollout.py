@@ -62,6 +62,9 @@ def test_stage_specs_parse_and_accumulate():
     for bad in ("x:", "0%", "150%", "x:a/b", "lots%", "c:+"):
         with pytest.raises(PlanError):
             StagePlan.parse(bad, 0)
+    for typo in ("fleet:150", "25", "early:12.5"):  # a percentage without its %, not a device named "150"
+        with pytest.raises(PlanError, match="bare number"):
+            StagePlan.parse(typo, 0)
     with pytest.raises(PlanError):
         RolloutPlan(stages=())
     assert AbortCriteria(20, 3).tripped(1, 3) and not AbortCriteria(20, 3).tripped(1, 2)
