@@ -115,7 +115,8 @@ def transcribe(args: argparse.Namespace) -> int:
             "confidence": match.score,
         }
         _emit(args.json, line)
-    return 1 if failed else 0
+    # Nothing readable is bad input (2); some files transcribed and some not, a partial result (1).
+    return 2 if failed == len(args.files) else 1 if failed else 0
 
 
 def _emit(as_json: bool, line: dict) -> None:

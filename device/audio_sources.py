@@ -22,7 +22,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from device.recording import DEVICE_SAMPLE_RATE, PCM_SCALE
+from device.recording import DEVICE_SAMPLE_RATE, PCM_SCALE, unreadable
 from device.settings import AudioSettings, AudioSourceKind
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,10 @@ class FileSource(AudioSource):
         """The recording."""
         self.block_samples = _checked_block_samples(block_samples)
         """Samples per block yielded."""
-        if not self.path.is_file():
-            # libsndfile says only "System error" for a missing file.
-            raise AudioSourceError(f"audio file {self.path} does not exist or is not a file")
         try:
             self._file = soundfile.SoundFile(self.path)
-        except soundfile.LibsndfileError as error:
-            raise AudioSourceError(f"cannot read audio file {self.path}: {error.error_string}") from None
-        except OSError as error:
-            raise AudioSourceError(f"cannot read audio file {self.path}: {error}") from None
+        except (soundfile.LibsndfileError, OSError) as error:
+            raise AudioSourceError(unreadable(self.path, error)) from None
         if self._file.frames == 0:
             self._file.close()
             raise AudioSourceError(f"audio file {self.path} holds no samples")

@@ -149,9 +149,9 @@ def test_unusable_files_are_refused_with_the_file_and_the_reason(tmp_path: Path)
     silent = tmp_path / "no_samples.wav"
     soundfile.write(silent, np.zeros(0, np.float32), 16000)
     cases = [
-        (text, "cannot read audio file", "Format not recognised"),
-        (empty, "cannot read audio file", "Format not recognised"),
-        (tmp_path / "missing.flac", "does not exist", "missing.flac"),
+        (text, "cannot read audio file", "Format not recognised (WAV, FLAC or OGG are read)"),
+        (empty, "is empty (0 bytes)", "empty.wav"),  # not libsndfile's "Format not recognised"
+        (tmp_path / "missing.flac", "no such audio file", "missing.flac"),  # not libsndfile's "System error"
         (tmp_path, "is not a file", str(tmp_path)),
         (silent, "holds no samples", "no_samples.wav"),
     ]

@@ -287,6 +287,16 @@ def test_an_unknown_log_level_is_named_with_exit_2(package: str) -> None:
     assert python_m(package, "--log-level", "Debug", "--help").returncode == 0
 
 
+def test_transcribe_says_which_file_is_missing_or_empty(tmp_path) -> None:
+    (tmp_path / "empty.wav").write_bytes(b"")
+    for name, reason in (("missing.wav", "no such audio file"), ("empty.wav", "is empty (0 bytes)")):
+        done = python_m("cloud_worker", "transcribe", str(tmp_path / name), timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert reason in done.stdout + done.stderr
+        assert "System error" not in done.stdout + done.stderr and "Format not recognised" not in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_firmware_tools_output_to_a_reader_that_went_away_ends_quietly() -> None:
     # `python -m firmware_tools vocab | head -1`: the reader closes the pipe before the output is flushed.
     reader_gone = subprocess.Popen(

@@ -99,7 +99,7 @@ def test_detect_reports_unreadable_files_and_goes_on(tmp_path: Path) -> None:
     first, second, *rest = lines(shown)
     assert first["event"] == second["event"] == "error"
     assert "cannot read audio file" in first["error"] and "notes.wav" in first["error"]
-    assert "does not exist" in second["error"]
+    assert "no such audio file" in second["error"]
     assert [line["event"] for line in rest] == ["wake", "command"]
 
 
@@ -180,7 +180,7 @@ def test_run_refuses_a_broken_config_before_connecting(tmp_path: Path) -> None:
     ("audio", "message"),
     [
         ('source = "stdin"\nstdin_sample_rate = 4000', "4000"),
-        ('source = "file"\nfiles = ["missing.flac"]', "does not exist"),
+        ('source = "file"\nfiles = ["missing.flac"]', "no such audio file"),
         ('source = "microphone"\ninput_device = "no such microphone"', "no such microphone"),
     ],
 )
