@@ -41,7 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -153,6 +153,10 @@ class ContributionSummary:
     """Unix time (seconds) the oldest kept one was received."""
     newest_received_at: float
     """Unix time (seconds) the newest kept one was received."""
+
+
+SUPPORTED_URLS = "use sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME"
+"""What a database URL may be, for error messages."""
 
 
 class StorageUnavailable(ConnectionError):
@@ -333,13 +337,18 @@ class Database:
 
     def __init__(self, settings: StorageSettings | None = None) -> None:
         self.settings = settings or StorageSettings()
-        url = make_url(self.settings.url)
+        try:
+            url = make_url(self.settings.url)
+        except ArgumentError:
+            raise ValueError(f"{self.settings.url!r} is not a database URL: {SUPPORTED_URLS}") from None
         self.database = url.render_as_string(hide_password=True)
         """The database URL with its password masked, for messages and logs."""
         try:
             self._engine = _create_engine(url, self.settings)
         except OSError as error:  # The SQLite file's folder could not be made.
             raise StorageUnavailable(f"database {self.database} is unavailable ({error})") from error
+        except NoSuchModuleError:  # SQLAlchemy knows no such dialect or driver
+            raise ValueError(f"database {self.database}: unknown kind of database; {SUPPORTED_URLS}") from None
         dialect = self._engine.dialect.name
         if dialect not in _INSERTS:
             self._engine.dispose()

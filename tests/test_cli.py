@@ -287,6 +287,18 @@ def test_an_unknown_log_level_is_named_with_exit_2(package: str) -> None:
     assert python_m(package, "--log-level", "Debug", "--help").returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [("foo://bar", "database foo://bar: unknown kind of database"), ("not a url", "'not a url' is not a database URL")],
+)
+def test_a_database_url_that_is_no_database_is_named_with_exit_2(url: str, reason: str) -> None:
+    for command in (("cloud_worker", "serve", "--port", "1"), ("firmware_tools", "status", "--port", "1")):
+        done = python_m(*command, "--database", url)
+        assert done.returncode == 2, done.stderr
+        assert reason in done.stderr and "use sqlite:///PATH or postgresql+psycopg://" in done.stderr
+        assert "Traceback" not in done.stderr and "NoSuchModuleError" not in done.stderr
+
+
 def test_transcribe_says_which_file_is_missing_or_empty(tmp_path) -> None:
     (tmp_path / "empty.wav").write_bytes(b"")
     for name, reason in (("missing.wav", "no such audio file"), ("empty.wav", "is empty (0 bytes)")):
