@@ -278,7 +278,12 @@ class ModelUpdater:
         except ModelUnavailable as error:
             return f"the model does not load: {error}", None
         report = run_self_test(model, self.settings.capture, self.settings.denoise, self.suite)
-        log.info(report.reason(), extra={"device_id": self.device_id, "version": model.version})
+        # A failed self-test means the update is refused and rolled back: an operator must see it by default.
+        log.log(
+            logging.INFO if report.passed else logging.WARNING,
+            report.reason(),
+            extra={"device_id": self.device_id, "version": model.version},
+        )
         return (None if report.passed else report.reason()), model
 
     def _incompatibility(self, manifest: ModelManifest) -> str | None:

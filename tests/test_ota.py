@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -187,7 +188,10 @@ def test_a_model_for_another_front_end_is_rejected_before_download(operator, fle
     assert device.runtime.model.version == FACTORY_VERSION
 
 
-def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(operator, fleet, links, packages):
+def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(
+    operator, fleet, links, packages, caplog
+):
+    caplog.set_level(logging.INFO, logger="device.ota")
     inbox = watch_status(links, "selftest-1")
     device = fleet("selftest-1")
     broken = operator.register(packages["broken-1.2.0"])
@@ -200,6 +204,9 @@ def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(o
     ]
     reason = steps[-1][2]
     assert reason.startswith("self-test failed on 3 of 5 clips") and reason.endswith(f"{FACTORY_VERSION} kept")
+    # A refused update is a warning, seen at the device's default log level, not an info line.
+    (failed,) = [record for record in caplog.records if record.getMessage().startswith("self-test failed")]
+    assert failed.levelno == logging.WARNING
     assert device.runtime.model.version == FACTORY_VERSION
     installed = InstalledModels(device.settings.ota.state_dir, shipped_model_directory(), FACTORY_VERSION)
     assert installed.active == installed.factory and installed.journal.trial is None
