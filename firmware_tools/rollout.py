@@ -199,7 +199,10 @@ class RolloutRunner:
         failures, reports = self._tally(self._final_reports(self._channel_fleet(), rollout.started_at))
         self.registry.set_live_version(self.channel, self.version)
         self.registry.finish_rollout(rollout.rollout_id, RolloutState.COMPLETED)
-        cleared = self.publisher.clear_superseded({self.version, *([previous] if previous else [])})
+        # Never the blob of a version a device of the channel runs (one that refused this one, say): a device that
+        # restarts or falls back would find no model to fetch.
+        in_use = {seen.status.model_version for seen in self._channel_fleet().values() if seen.status.model_version}
+        cleared = self.publisher.clear_superseded({self.version, *([previous] if previous else []), *in_use})
         self.say(
             f"completed: {reports} report(s), {failures} failure(s); {self.version} is live"
             + (f"; cleared blobs {', '.join(cleared)}" if cleared else "")
@@ -220,6 +223,13 @@ class RolloutRunner:
                 return (
                     f"{failures} of {reported} device(s) failed to apply {self.version}"
                     f" ({100 * failures / reported:.0f}% >= {self.plan.criteria.max_failure_percent:g}%)"
+                )
+            if reported and failures == reported:
+                # Whatever min_reports says: a fleet smaller than it would otherwise "complete" with every device
+                # refusing the version, and the registry would record it live.
+                return (
+                    f"every report so far is a failure: {failures} of {reported} device(s) could not apply"
+                    f" {self.version}"
                 )
             waiting = self._expected(fleet, stage) - self._settled(fleet, reports)
             now = time.monotonic()

@@ -157,6 +157,72 @@ def test_a_rollout_goes_stage_by_stage_and_a_broken_one_halts_and_restores_the_f
         stop_fleet(devices)
 
 
+def picky_device(broker_settings, keys, channel, tmp_path, name):
+    """A device on the shipped model whose self-test no model passes: hardware on which every update fails."""
+    settings = ota_device_settings(
+        broker_settings, name, channel, tmp_path / name, keys["fleet.pub"], self_test=str(PICKY_SUITE)
+    )
+    return SimulatedDevice(settings, interval_s=0.2).start()
+
+
+def test_a_fleet_smaller_than_min_reports_that_refuses_a_version_halts_it(
+    rollout_env, broker_settings, keys, packages, tmp_path
+):
+    # Issue 21: two devices, both failing their self-test, and --min-reports 3: the rollout said "completed",
+    # and the registry recorded the refused version live.
+    channel, registry, publisher, watch = rollout_env
+    names = [f"{channel}-p{number}" for number in range(2)]
+    devices = {name: picky_device(broker_settings, keys, channel, tmp_path, name) for name in names}
+    try:
+        live = publisher.register(shipped_model_directory())
+        publisher.publish_manifest(live, EVERYONE)
+        registry.set_live_version(channel, live.version)
+        assert wait_until(lambda: set(names) <= set(watch.snapshot()), 15)
+        publisher.register(packages["1.2.0"])
+        plan = RolloutPlan(
+            stages=(StagePlan.parse("fleet:100%", 0),), criteria=AbortCriteria(20, 3), stage_timeout_s=60
+        )
+        say: list[str] = []
+        outcome = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append).run()
+        assert outcome.state == RolloutState.ABORTED, say
+        assert outcome.reason.startswith("every report so far is a failure")
+        assert registry.live_version(channel) == FACTORY_VERSION
+        assert all(device.runtime.presence.model_version == FACTORY_VERSION for device in devices.values())
+        assert registry.version(channel, FACTORY_VERSION).blob_retained
+    finally:
+        stop_fleet(devices)
+
+
+def test_a_completed_rollout_keeps_the_blob_of_a_version_a_device_still_runs(
+    rollout_env, broker_settings, keys, packages, tmp_path
+):
+    # Issue 21: the registry said 1.3.0 was live while the devices ran 1.1.0; the next good rollout cleared
+    # every blob but the new and the "previous" version's, the one the devices ran among them.
+    channel, registry, publisher, watch = rollout_env
+    good, refusing = f"{channel}-good", f"{channel}-refusing"
+    devices = start_fleet(broker_settings, keys, channel, tmp_path, [good])
+    devices[refusing] = picky_device(broker_settings, keys, channel, tmp_path, refusing)
+    try:
+        factory = publisher.register(shipped_model_directory())
+        publisher.publish_manifest(factory, EVERYONE)
+        assert wait_until(lambda: {good, refusing} <= set(watch.snapshot()), 15)
+        publisher.publish_blob(publisher.register(packages["1.3.0"]))
+        registry.set_live_version(channel, "1.3.0")  # recorded live, run by no device
+        publisher.register(packages["1.2.0"])
+        plan = RolloutPlan(
+            stages=(StagePlan.parse(f"canary:{good}", 0), StagePlan.parse("fleet:100%", 1)),
+            criteria=AbortCriteria(max_failure_percent=60, min_reports=1),
+            stage_timeout_s=60,
+        )
+        say: list[str] = []
+        outcome = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append).run()
+        assert outcome.state == RolloutState.COMPLETED and outcome.failures == 1, say
+        assert devices[refusing].runtime.presence.model_version == FACTORY_VERSION
+        assert registry.version(channel, FACTORY_VERSION).blob_retained  # the refusing device runs it
+    finally:
+        stop_fleet(devices)
+
+
 def test_firmware_tools_status_prints_the_table(rollout_env, broker_settings, keys, tmp_path):
     channel, registry, publisher, _watch = rollout_env
     devices = start_fleet(broker_settings, keys, channel, tmp_path, [f"{channel}-s0"])
