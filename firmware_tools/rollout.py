@@ -115,12 +115,14 @@ class RolloutPlan:
     """How long a stage may wait for its devices' reports before the rollout halts."""
     soak_s: float = 0.0
     """How long to keep watching a finished stage for late failures before the next one."""
+    progress_s: float = 10.0
+    """While a stage waits, how often (seconds) to say which devices it waits for."""
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise PlanError("a rollout needs at least one stage")
-        if self.stage_timeout_s <= 0 or self.soak_s < 0:
-            raise PlanError("stage_timeout_s must be positive and soak_s not negative")
+        if self.stage_timeout_s <= 0 or self.soak_s < 0 or self.progress_s <= 0:
+            raise PlanError("stage_timeout_s and progress_s must be positive and soak_s not negative")
 
     def cumulative(self) -> list[RolloutStage]:
         """The stage each manifest carries: every device named so far, the largest percentage so far."""
@@ -213,6 +215,7 @@ class RolloutRunner:
     def _watch_stage(self, rollout_id: int, started_at: float, stage: RolloutStage) -> str | None:
         """Wait for the stage's devices; the reason to halt, or None when the stage is done."""
         deadline = time.monotonic() + self.plan.stage_timeout_s
+        next_progress = time.monotonic() + self.plan.progress_s
         soak_until: float | None = None
         while True:
             fleet = self._channel_fleet()
@@ -241,6 +244,14 @@ class RolloutRunner:
                 return (
                     f"stage {stage.name}: {len(waiting)} device(s) did not report within"
                     f" {self.plan.stage_timeout_s:g} s ({', '.join(sorted(waiting)[:5])})"
+                )
+            elif now >= next_progress:
+                # A rollout waiting in silence looks hung; say for whom, and how long it may still wait.
+                next_progress = now + self.plan.progress_s
+                more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+                self.say(
+                    f"  stage {stage.name}: waiting for {', '.join(sorted(waiting)[:5])}{more}"
+                    f" ({deadline - now:.0f} s left before it halts)"
                 )
             time.sleep(self.poll_s)
 

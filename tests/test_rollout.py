@@ -67,6 +67,8 @@ def test_stage_specs_parse_and_accumulate():
             StagePlan.parse(typo, 0)
     with pytest.raises(PlanError):
         RolloutPlan(stages=())
+    with pytest.raises(PlanError, match="progress_s"):
+        RolloutPlan(stages=plan.stages, progress_s=0)
     assert AbortCriteria(20, 3).tripped(1, 3) and not AbortCriteria(20, 3).tripped(1, 2)
     assert not AbortCriteria(50, 2).tripped(1, 3)
 
@@ -180,12 +182,19 @@ def test_a_fleet_smaller_than_min_reports_that_refuses_a_version_halts_it(
         assert wait_until(lambda: set(names) <= set(watch.snapshot()), 15)
         publisher.register(packages["1.2.0"])
         plan = RolloutPlan(
-            stages=(StagePlan.parse("fleet:100%", 0),), criteria=AbortCriteria(20, 3), stage_timeout_s=60
+            stages=(StagePlan.parse("fleet:100%", 0),),
+            criteria=AbortCriteria(20, 3),
+            stage_timeout_s=60,
+            progress_s=0.01,  # the first poll after the offer (every 0.1 s) says it: the devices take longer
         )
         say: list[str] = []
         outcome = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append).run()
         assert outcome.state == RolloutState.ABORTED, say
         assert outcome.reason.startswith("every report so far is a failure")
+        # While the devices tried the version, the rollout said whom it waited for.
+        assert any(
+            line.startswith("  stage fleet: waiting for ") and "s left before it halts" in line for line in say
+        ), say
         assert registry.live_version(channel) == FACTORY_VERSION
         assert all(device.runtime.presence.model_version == FACTORY_VERSION for device in devices.values())
         assert registry.version(channel, FACTORY_VERSION).blob_retained
