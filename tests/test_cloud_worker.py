@@ -250,13 +250,10 @@ def test_a_redelivered_utterance_whose_answer_went_out_is_acknowledged_not_answe
     assert worker.store.counts()["transcripts"] == 1
 
 
-def test_a_stored_answer_that_never_went_out_is_published_from_storage_not_transcribed_again(
-    worker, links, device_id: str
-) -> None:
-    utterance = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE)
-    # As a worker leaves it when it dies between its commit and its publish.
-    stored = Result(
-        device_id=device_id,
+def weather_answer(utterance) -> Result:
+    """The answer a worker stores for OUT_OF_VOCABULARY_SAMPLE: no intent, the transcript."""
+    return Result(
+        device_id=utterance.device_id,
         utterance_id=utterance.utterance_id,
         source=Source.CLOUD,
         transcript="What will the weather be like tomorrow?",
@@ -265,6 +262,14 @@ def test_a_stored_answer_that_never_went_out_is_published_from_storage_not_trans
         confidence=0.9,
         timings_ms={"total": 12.0},
     )
+
+
+def test_a_stored_answer_that_never_went_out_is_published_from_storage_not_transcribed_again(
+    worker, links, device_id: str
+) -> None:
+    utterance = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE)
+    # As a worker leaves it when it dies between its commit and its publish.
+    stored = weather_answer(utterance)
     worker.store.save([StoredUtterance(utterance, time.time(), None, stored)])
     results = replies_to(device_id, links)
     links().send(utterance)
@@ -279,16 +284,7 @@ def test_a_worker_deletes_expired_training_contributions_when_it_starts_and_keep
 ) -> None:
     url = f"sqlite:///{tmp_path / 'contributions.sqlite3'}"
     earlier = make_utterance(device_id, OUT_OF_VOCABULARY_SAMPLE, share_for_training=True)
-    label = Result(
-        device_id=device_id,
-        utterance_id=earlier.utterance_id,
-        source=Source.CLOUD,
-        transcript="What will the weather be like tomorrow?",
-        intent=None,
-        slots={},
-        confidence=0.9,
-        timings_ms={"total": 12.0},
-    )
+    label = weather_answer(earlier)
     with Store(StorageSettings(url=url)) as store:  # kept two days ago by a worker that keeps them for 30
         store.save([StoredUtterance(earlier, time.time() - 2 * 86400, None, label)])
         assert store.contribution_counts() == {device_id: 1}
