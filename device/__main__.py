@@ -23,7 +23,7 @@ from device.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
 from device.self_test import SelfTestUnavailable
 from device.settings import DenoiseMode, DeviceSettings, SettingsError, load_settings
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.logfmt import LOG_LEVELS, configure_logging, log_level
+from schemas.logfmt import LOG_FORMATS, LOG_LEVELS, configure_logging, log_level
 from schemas.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, broker_from_arguments
 from schemas.result import ErrorInfo, Result, Source
 from schemas.signing import SignatureError
@@ -181,14 +181,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m device", description="The mqvox device.")
+def _add_log_options(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """``--log-level`` and ``--log-format``, before the command or, for ``run``, after it too."""
+    # After the command, an option left out must not overwrite the one given before it: no default there.
+    unset = {"default": argparse.SUPPRESS} if after_command else {}
     parser.add_argument(
         "--log-level",
         type=log_level,
-        default="WARNING",
-        help=f"{', '.join(LOG_LEVELS)} (default: %(default)s; logs are JSON lines on stderr)",
+        help=f"{', '.join(LOG_LEVELS)} (default: info for run, one line per event; warning for the others)",
+        **unset,
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="logs on stderr as short lines for a person, or one JSON object per line with the device and "
+        "utterance ids (default: text)",
+        **({"default": "text"} | unset),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m device", description="The mqvox device.")
+    _add_log_options(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     sender = commands.add_parser(
@@ -230,13 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         "run",
         help="run the device online: listen, wake, decide, publish results, ask the cloud when unsure",
         description="Run the device as configured (see device/config.example.toml) until its audio ends "
-        "or it receives SIGTERM/SIGINT. Logs are JSON lines on stderr.",
+        "or it receives SIGTERM/SIGINT. Logs one line on stderr per wake, decision, cloud answer and action, "
+        "each with its utterance id; --log-level warning keeps only what went wrong, --log-format json gives "
+        "JSON lines.",
     )
     runner.add_argument("--config", type=Path, required=True, help="device config TOML")
+    _add_log_options(runner, after_command=True)
     runner.set_defaults(run=run)
 
     args = parser.parse_args(argv)
-    configure_logging("device", args.log_level)
+    # Running, a device says what it hears and does; the one-shot commands print their own results on stdout.
+    level = args.log_level or ("INFO" if args.command == "run" else "WARNING")
+    configure_logging("device", level, args.log_format)
     try:
         return args.run(args)
     except (

@@ -502,7 +502,7 @@ def test_device_run_stops_cleanly_at_the_end_of_stdin(links, broker_settings, de
         f'device_id = "{device_id}"\n[broker]\nport = {broker_settings.port}\n[audio]\nsource = "stdin"\n'
     )
     done = subprocess.run(
-        [sys.executable, "-m", "device", "--log-level", "INFO", "run", "--config", str(config)],
+        [sys.executable, "-m", "device", "--log-format", "json", "run", "--config", str(config)],
         input=_pcm(IN_VOCABULARY_SAMPLE),
         capture_output=True,
         timeout=60,
