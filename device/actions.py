@@ -112,6 +112,7 @@ class ActionRunner:
         """Queue the action for ``request.intent``; None when no action is configured for it."""
         found = self.action_for(request.intent)
         if found is None:
+            log.debug("no action for %s", request.intent, extra={"utterance_id": request.utterance_id})
             return None
         return self._executor.submit(self._run, found[0], found[1], request)
 
@@ -148,7 +149,8 @@ class ActionRunner:
         if ok:
             log.info("action ran", extra=extra | {"duration_ms": outcome.duration_ms})
         else:
-            log.warning("action failed", extra=extra)
+            # The device goes on listening, but what was asked of it was not done: a failure.
+            log.error("action failed", extra=extra)
         return outcome
 
     def _count_here(self, name: str) -> None:

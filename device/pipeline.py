@@ -9,6 +9,7 @@ online runtime both drive this class, so offline results are the device's result
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ from device.detector import CommandDecision, WakeDetector, WakeEvent
 from device.local_model import LocalModel
 from device.settings import CaptureSettings, DenoiseMode
 from schemas.result import SlotValue
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -208,9 +211,13 @@ class ListeningPipeline:
         head, threshold = self.model.head, self.model.package.detection.verify_threshold
         if head is None or threshold <= 0:
             return True
-        if head.wake_score(self.model.package, self._until(round(wake.time_s * self.sample_rate))) >= threshold:
+        verified = head.wake_score(self.model.package, self._until(round(wake.time_s * self.sample_rate)))
+        if verified >= threshold:
             return True
         self.rejected_wakes += 1
+        # Routine: the first stage is tuned to miss few wakes, so the verifier turns some down.
+        detail = f"verifier {verified:.2f}, under {threshold:.2f}"
+        log.debug("wake not confirmed", extra={"time_s": wake.time_s, "score": wake.score, "detail": detail})
         return False
 
     def _remember(self, audio: np.ndarray) -> None:

@@ -84,6 +84,8 @@ class DeviceRuntime:
         """Draws which edge decisions go to the cloud as training samples (cloud.training_sample_share)."""
         self._announce = threading.Event()
         """Set on each connection: the status thread publishes the online status again."""
+        self._heard_utterance_id: str | None = None
+        """The id of the utterance after the last wake, given at the wake so that its log lines all carry it."""
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add to one of the counters that the status reports."""
@@ -119,7 +121,12 @@ class DeviceRuntime:
             if link.connected:
                 self._send(self._status(DeviceState.ONLINE))
             self._start_updates(link)
-            log.info("listening", extra={"device_id": self.device_id})
+            log.info(
+                "listening as %s with model %s",
+                self.device_id,
+                self.model.version,
+                extra={"device_id": self.device_id, "version": self.model.version},
+            )
             status_thread = threading.Thread(target=self._refresh_status, name="status", daemon=True)
             status_thread.start()
             cloud_pool = ThreadPoolExecutor(settings.cloud.max_in_flight, thread_name_prefix="cloud")
@@ -186,7 +193,9 @@ class DeviceRuntime:
         assert model is not None
         self.pipeline = ListeningPipeline(model, self.settings.capture, self.settings.denoise)
         self.model = model
-        log.info("listening with model %s", model.version, extra={"device_id": self.device_id})
+        log.info(
+            "listening with model %s", model.version, extra={"device_id": self.device_id, "version": model.version}
+        )
 
     def _status(self, state: DeviceState):
         held = self.outbox.stats()
@@ -241,22 +250,27 @@ class DeviceRuntime:
     def _handle(self, event: WakeEvent | NoSpeech | CommandEvent, cloud_pool: ThreadPoolExecutor) -> None:
         if isinstance(event, WakeEvent):
             self.count("wakes")
-            log.info("wake", extra={"device_id": self.device_id, "time_s": event.time_s, "score": event.score})
-        elif isinstance(event, NoSpeech):
+            self._heard_utterance_id = new_utterance_id()
+            context = self._ids(self._heard_utterance_id) | {"time_s": event.time_s, "score": event.score}
+            log.info("wake", extra=context)
+            return
+        # The pipeline gives a wake, then its utterance's outcome: the outcome takes the id the wake was logged with.
+        utterance_id = self._heard_utterance_id or new_utterance_id()
+        self._heard_utterance_id = None
+        if isinstance(event, NoSpeech):
             self.count("no_speech")
-            log.info("wake without speech", extra={"device_id": self.device_id})
+            log.info("wake without speech", extra=self._ids(utterance_id))
         elif event.local:
-            utterance_id = self._answer_locally(event)
+            self._answer_locally(event, utterance_id)
             if self._cloud is not None and self._sample_rng.random() < self.settings.cloud.training_sample_share:
                 cloud_pool.submit(self._share_sample, event, utterance_id)
         elif self._cloud is None:
-            self._not_understood(event)
+            self._not_understood(event, utterance_id)
         else:
-            cloud_pool.submit(self._ask_cloud, event, new_utterance_id())
+            cloud_pool.submit(self._ask_cloud, event, utterance_id)
 
-    def _answer_locally(self, event: CommandEvent) -> str:
-        """Publish the edge result and act on it; the utterance's id."""
-        utterance_id = new_utterance_id()
+    def _answer_locally(self, event: CommandEvent, utterance_id: str) -> None:
+        """Publish the edge result and act on it."""
         result = Result(
             device_id=self.device_id,
             utterance_id=utterance_id,
@@ -272,7 +286,6 @@ class DeviceRuntime:
             self.count("edge_results")
         log.info("edge result", extra=self._context(utterance_id, event))
         self._act(event.intent, event.slots, Source.EDGE, event.decision.confidence, utterance_id)
-        return utterance_id
 
     def _share_sample(self, event: CommandEvent, utterance_id: str) -> None:
         """Send an utterance decided on the device to the cloud, only to be labelled for training (same id as its
@@ -282,7 +295,7 @@ class DeviceRuntime:
             self._cloud.send_sample(self._utterance(event, utterance_id, UploadReason.TRAINING_SAMPLE))
         except (PublishRefused, TimeoutError, ProtocolError) as error:
             self.count("training_samples_dropped")
-            log.info("training sample not sent: %s", error, extra={"device_id": self.device_id})
+            log.warning("training sample not sent: %s", error, extra=self._ids(utterance_id))
             return
         self.count("training_samples_sent")
 
@@ -300,8 +313,7 @@ class DeviceRuntime:
             share_for_training=self.settings.cloud.share_for_training,
         )
 
-    def _not_understood(self, event: CommandEvent) -> None:
-        utterance_id = new_utterance_id()
+    def _not_understood(self, event: CommandEvent, utterance_id: str) -> None:
         guess, score = event.decision.alternatives[0]
         error = ErrorInfo(
             ErrorCode.NOT_UNDERSTOOD,
@@ -319,7 +331,7 @@ class DeviceRuntime:
             reason = UploadReason.OUT_OF_VOCABULARY if event.intent is None else UploadReason.LOW_CONFIDENCE
             utterance = self._utterance(event, utterance_id, reason)
             self.count("cloud_requests")
-            log.info("asking the cloud", extra=self._context(utterance_id, event))
+            log.info("asking the cloud", extra=self._context(utterance_id, event) | {"reason": str(reason)})
             reply = self._cloud.ask(utterance, timeout_s=self.settings.cloud.timeout_s)
         except CloudDeferred as deferred:
             # No cloud_timeout result: the request is answered by the cloud once it gets there (_deferred_reply).
@@ -362,8 +374,11 @@ class DeviceRuntime:
         self._keep(result)
         context = self._ids(result.utterance_id) | {
             "intent": reply.intent,
+            "slots": dict(reply.slots),
+            "transcript": reply.transcript,
             "confidence": reply.confidence,
             "acted": result.acted,
+            "latency_ms": round(total_ms),
         }
         if result.error is not None:
             context |= {"code": str(result.error.code), "detail": result.error.message}
@@ -380,11 +395,16 @@ class DeviceRuntime:
         return {"device_id": self.device_id, "utterance_id": utterance_id}
 
     def _context(self, utterance_id: str, event: CommandEvent) -> dict:
-        return self._ids(utterance_id) | {
+        """What the device made of an utterance, for its log lines; an unsure one names the device's best guess."""
+        context = self._ids(utterance_id) | {
             "intent": event.intent,
+            "slots": dict(event.slots),
             "confidence": event.decision.confidence,
             "time_s": round(event.time_s, 3),
         }
+        if event.intent is None:
+            context["detail"] = f"best guess {event.alternatives[0].label}"
+        return context
 
 
 def _ms_since(moment: float) -> float:
