@@ -181,7 +181,12 @@ class ModelUpdater:
             return
         if not manifest.stage.includes(self.device_id):
             self._count("ota_not_in_stage")
-            log.info("manifest of %s is for stage %s, without this device", manifest.version, manifest.stage.name)
+            log.debug(
+                "manifest of %s is for stage %s, without this device",
+                manifest.version,
+                manifest.stage.name,
+                extra=self._ids(manifest),
+            )
             return
         try:
             verify_manifest(manifest, self.public_key)
@@ -193,12 +198,13 @@ class ModelUpdater:
         # A rollback manifest names the version to run, older or not: a device that missed the rollout it
         # undoes may be behind it. Any other manifest only ever moves a device forward.
         if manifest.rollback and manifest.version == running:
-            log.info("rollback to %s: it runs already", manifest.version, extra=self._ids(manifest))
+            log.debug("rollback to %s: it runs already", manifest.version, extra=self._ids(manifest))
             return
         if not manifest.rollback and not newer(manifest.version, running):
             if newer(running, manifest.version):
                 self._count("ota_replays_ignored")
-            log.info("manifest of %s ignored: %s runs already", manifest.version, running, extra=self._ids(manifest))
+            # Routine: the retained manifest comes again at every start and reconnection.
+            log.debug("manifest of %s ignored: %s runs already", manifest.version, running, extra=self._ids(manifest))
             return
         refused = self.installed.refused_reason(manifest.version, manifest.sha256)
         if refused is not None:

@@ -150,7 +150,7 @@ class Outbox:
             if excess_messages > 0 or excess_bytes > 0:
                 if self.settings.drop == DropPolicy.NEWEST:
                     self._count_drop("full", 1)
-                    log.error("outbox full, the new message is dropped (drop = newest)", extra=_ids(utterance_id))
+                    log.warning("outbox full, the new message is dropped (drop = newest)", extra=_ids(utterance_id))
                     return None
                 self._drop_oldest(max(excess_messages, 0), max(excess_bytes, 0))
             cursor = self._db.execute(
