@@ -8,9 +8,9 @@ connection and state folder: device/simulated.py). Everything an operator does g
 through the real command line, ``python -m firmware_tools``:
 
 1. ``keygen``; ``publish`` the shipped model (1.1.0) to everyone (it is what the devices run);
-2. ``publish --hold`` 1.2.0 (the shipped weights, a new version) and ``rollout`` it:
+2. ``publish`` (which holds) 1.2.0 (the shipped weights, a new version) and ``rollout`` it:
    canary (2 named devices), 25 % of the fleet, then 100 %;
-3. ``publish --hold`` 1.3.0, whose weights are deliberately scrambled
+3. ``publish`` 1.3.0, whose weights are deliberately scrambled
    (firmware_tools/drill.py), and ``rollout`` it the same way: every device that gets it
    fails its self-test and rolls back, the abort criteria halt the rollout, and 1.2.0
    is re-published as a rollback;
@@ -88,9 +88,9 @@ def main() -> int:
         early = [name for name in names if RolloutStage("early", (), 25.0).includes(name)]
         summary["in_25_percent_by_hash"] = early
         try:
-            firmware_tools("publish", "--model", str(shipped), *key_args, **on_broker)
+            firmware_tools("publish", "--model", str(shipped), "--stage", "fleet:100%", *key_args, **on_broker)
             for label, package in (("good", good), ("broken", broken)):
-                firmware_tools("publish", "--model", str(package), "--hold", *key_args, **on_broker)
+                firmware_tools("publish", "--model", str(package), *key_args, **on_broker)
                 version = json.loads((package / "manifest.json").read_text())["version"]
                 stage_args = [argument for stage in STAGES for argument in ("--stage", stage)]
                 code, output, seconds = firmware_tools(

@@ -124,20 +124,45 @@ def _release_tools(args: argparse.Namespace) -> Iterator[tuple]:
 
 
 def publish(args: argparse.Namespace) -> int:
-    """Register a model package, retain its blob, and offer it to a stage (everyone by default)."""
+    """Register a model package and retain its blob; with --stage, also offer it to that one stage at once."""
+    from firmware_tools.fleet import FleetWatch
     from firmware_tools.release import EVERYONE
-    from schemas.model import RolloutStage
+    from firmware_tools.rollout import RolloutPlan, StagePlan, check_named_devices
 
-    with _release_tools(args) as (registry, _link, publisher):
+    if args.hold and args.stage:
+        raise ValueError("--hold offers the version to no device, --stage to some: give one of them")
+    stage_plan = StagePlan.parse(args.stage, 0) if args.stage else None
+    with _release_tools(args) as (registry, link, publisher):
+        if stage_plan is not None and stage_plan.devices:
+            watch = FleetWatch(link)
+            watch.settle()
+            check_named_devices(
+                [stage_plan.devices], watch.seen(), args.channel, registry.revoked_devices(), args.allow_unknown
+            )
         version = publisher.register(args.model, notes=args.notes, min_device_version=args.min_device_version)
         publisher.publish_blob(version)
         line = {"channel": args.channel, "version": version.version, "sha256": version.package.sha256}
-        if not args.hold:
-            devices = tuple(device for device in (args.devices or "").split(",") if device)
-            stage = RolloutStage("publish", devices, args.percent) if devices or args.percent != 100 else EVERYONE
-            manifest = publisher.publish_manifest(version, stage)
+        if stage_plan is None:
+            line["held"] = True
+            print(
+                f"{version.version} is registered and its blob retained; no device is offered it. Roll it out with:"
+                f" python -m firmware_tools rollout --channel {args.channel} --version {version.version}"
+                " --stage canary:DEVICE --stage fleet:100% --key KEY",
+                file=sys.stderr,
+            )
+        else:
+            if failed := registry.failed_reports(args.channel, version.version):
+                listed = "; ".join(f"{device}: {reason}" for device, reason in sorted(failed.items())[:5])
+                print(
+                    f"warning: {len(failed)} device(s) could not apply {version.version} before ({listed})",
+                    file=sys.stderr,
+                )
+            stage = RolloutPlan(stages=(stage_plan,)).cumulative()[0]
+            whole_fleet = stage.percent >= 100
+            manifest = publisher.publish_manifest(version, EVERYONE if whole_fleet else stage)
             line |= {"stage": manifest.to_dict()["stage"], "key_id": manifest.key_id}
-            if stage == EVERYONE:
+            if whole_fleet:
+                # The operator asked for the whole fleet at once, with no rollout to watch it: what they chose live.
                 registry.set_live_version(args.channel, version.version)
         print(json.dumps(line))
     return 0
@@ -154,6 +179,7 @@ def rollout(args: argparse.Namespace) -> int:
         criteria=AbortCriteria(args.max_failure_percent, args.min_reports),
         stage_timeout_s=args.stage_timeout_s,
         soak_s=args.soak_s,
+        allow_unknown=args.allow_unknown,
     )
     with _release_tools(args) as (registry, link, publisher):
         watch = FleetWatch(link)
@@ -312,6 +338,14 @@ def provision(args: argparse.Namespace) -> int:
         channel=args.channel,
         signing_key=args.signing_key,
     )
+    if args.revoke:
+        from cloud_worker.storage import StorageSettings
+        from firmware_tools.registry import ModelRegistry
+
+        # Its retained status may say "online" for ever: the ACL now refuses its offline status and Last Will.
+        with ModelRegistry(StorageSettings(url=args.database)) as registry:
+            for name in args.revoke:
+                registry.revoke_device(name)
     print(json.dumps(dataclasses.asdict(outcome)))
     return 0
 
@@ -343,16 +377,21 @@ def flash(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_release_arguments(parser: argparse.ArgumentParser, *, key: bool) -> None:
+def _add_database_argument(parser: argparse.ArgumentParser) -> None:
     from cloud_worker.storage import StorageSettings
-    from schemas.mqtt import add_broker_arguments
 
-    parser.add_argument("--channel", default="stable", help="release channel (default: %(default)s)")
     parser.add_argument(
         "--database",
         default=StorageSettings.url,
         help="SQLAlchemy URL of the registry, the worker's database (default: %(default)s)",
     )
+
+
+def _add_release_arguments(parser: argparse.ArgumentParser, *, key: bool) -> None:
+    from schemas.mqtt import add_broker_arguments
+
+    parser.add_argument("--channel", default="stable", help="release channel (default: %(default)s)")
+    _add_database_argument(parser)
     add_broker_arguments(parser)
     if key:
         parser.add_argument("--key", type=Path, required=True, help="Ed25519 private key PEM (from keygen)")
@@ -429,19 +468,32 @@ def main(argv: list[str] | None = None) -> int:
 
     publisher = commands.add_parser(
         "publish",
-        help="register a model version, retain its blob and a signed manifest for a stage",
-        description="Register the package in --model (model.tflite + manifest.json) in the database, publish the "
-        "model retained on models/<channel>/blobs/<version>, then a signed manifest retained on "
-        "models/<channel>/manifest for the given stage (default: every device). --hold publishes no manifest: "
-        "roll it out later with rollout.",
+        help="register a model version and retain its blob; it goes to devices only through rollout or --stage",
+        description="Register the package in --model (model.tflite + manifest.json) in the database and publish "
+        "the model retained on models/<channel>/blobs/<version>. No device is offered it: roll it out with "
+        "rollout, which watches the devices and halts on failures. --stage offers it at once to one stage "
+        "(fleet:100%% for every device: the version is then recorded live), with a signed manifest retained on "
+        "models/<channel>/manifest, and no watching.",
     )
     publisher.add_argument("--model", type=Path, required=True, help="model package directory")
     _add_release_arguments(publisher, key=True)
-    publisher.add_argument("--notes", default="", help="release notes carried in the manifest")
-    publisher.add_argument("--min-device-version", default="0.1.0", help="oldest device software that can run it")
-    publisher.add_argument("--devices", help="comma-separated devices the manifest is for")
-    publisher.add_argument("--percent", type=float, default=100.0, help="share of the fleet, by stable hash")
-    publisher.add_argument("--hold", action="store_true", help="register and retain the blob, publish no manifest")
+    publisher.add_argument("--notes", default="", help="release notes carried in the manifest (default: none)")
+    publisher.add_argument(
+        "--min-device-version", default="0.1.0", help="oldest device software that can run it (default: %(default)s)"
+    )
+    publisher.add_argument(
+        "--stage",
+        metavar="[NAME:]SPEC",
+        help="offer it at once to these devices (dev-1,dev-2) or this share of the fleet (25%%, 100%% for all)",
+    )
+    publisher.add_argument(
+        "--allow-unknown", action="store_true", help="accept --stage devices that have never published a status"
+    )
+    publisher.add_argument(
+        "--hold",
+        action="store_true",
+        help="offer it to no device: what publish does without --stage (kept for scripts)",
+    )
     publisher.set_defaults(run=publish)
 
     roller = commands.add_parser(
@@ -474,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     roller.add_argument(
         "--soak-s", type=float, default=0.0, help="watch a finished stage this long before the next (default: 0)"
+    )
+    roller.add_argument(
+        "--allow-unknown",
+        action="store_true",
+        help="accept stages naming devices that have never published a status (default: refuse, a typo most often)",
     )
     roller.set_defaults(run=rollout)
 
@@ -609,7 +666,13 @@ def main(argv: list[str] | None = None) -> int:
     ):
         provisioner.add_argument(f"--{role}", action="append", metavar="NAME", help=f"provision {what}; repeat")
     provisioner.add_argument("--reissue", action="append", metavar="NAME", help="new key and certificate; repeat")
-    provisioner.add_argument("--revoke", action="append", metavar="NAME", help="revoke and remove; repeat")
+    provisioner.add_argument(
+        "--revoke",
+        action="append",
+        metavar="NAME",
+        help="revoke and remove, and record it in --database so that rollouts and status leave it out; repeat",
+    )
+    _add_database_argument(provisioner)
     provisioner.add_argument("--signing-key", type=Path, help="model-signing public key (keygen's .pub), kept")
     provisioner.add_argument("--channel", default="stable", help="model channel of the devices named (default: stable)")
     provisioner.add_argument(

@@ -148,7 +148,7 @@ def run_round(
     say: Callable[[str], None] = print,
 ) -> RoundOutcome:
     """One round. ``roll_out(package_dir, version)`` publishes held and rolls out, returning the rollout's
-    state (``completed`` or ``aborted``); it is called only for a candidate that passed, and only with
+    state (``completed``, ``partial`` or ``aborted``); it is called only for a candidate that passed, and only with
     ``settings.auto_rollout``."""
     from firmware_tools.train import configure_tensorflow
 
@@ -227,7 +227,7 @@ def run_round(
         lap("rollout")
         registry.set_round_outcome(round_id, outcome, record | {"seconds": seconds})
     elif report.passed:
-        say(f"{version} passed the gate; publish it with: python -m firmware_tools publish --model {out_dir} --hold")
+        say(f"{version} passed the gate; publish it with: python -m firmware_tools publish --model {out_dir}")
     else:
         say(f"{version} stopped by the gate: nothing published, the channel keeps {base_version}")
     return RoundOutcome(round_id, base_version, version, out_dir, report, outcome, seconds, data)

@@ -18,6 +18,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from cloud_worker.storage import COLUMN_TYPES, Database
 from schemas.model import ModelPackage, parse_version
+from schemas.status import OtaState
+
+FAILED_STEPS = (OtaState.REJECTED, OtaState.ROLLED_BACK)
+"""Final update steps that count as failures."""
 
 
 class RegistryError(ValueError):
@@ -100,6 +104,17 @@ class RolloutReportRow(RegistryTables):
     reported_at: Mapped[float]
 
 
+class RevokedDeviceRow(RegistryTables):
+    """A device whose certificate was revoked: its retained status may still say "online" (the ACL now refuses
+    its offline status and its Last Will), so rollouts and status must not trust it."""
+
+    __tablename__ = "revoked_devices"
+
+    device_id: Mapped[str] = mapped_column(primary_key=True)
+    revoked_at: Mapped[float]
+    """Unix time (seconds)."""
+
+
 class LearningRoundRow(RegistryTables):
     """One round of fleet learning (firmware_tools/learn.py): what went in, how the candidate did, what it cost."""
 
@@ -115,7 +130,7 @@ class LearningRoundRow(RegistryTables):
     passed: Mapped[bool]
     """Whether it passed the gate."""
     outcome: Mapped[str]
-    """``rejected`` (the gate stopped it), ``packaged`` (passed, not rolled out), ``completed`` or ``aborted``."""
+    """``rejected`` (the gate stopped it), ``packaged`` (passed, not rolled out), or the rollout's state."""
     record: Mapped[dict[str, Any]]
     """Data counts per device and label (never audio), the gate's figures and reasons, seconds per stage."""
 
@@ -123,6 +138,10 @@ class LearningRoundRow(RegistryTables):
 class RolloutState(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
+    """Every targeted online device applied the version: it is live."""
+    PARTIAL = "partial"
+    """The stages ran to the end within the abort criteria, but some devices could not apply the version: the
+    live version is unchanged, and the devices that applied it keep it."""
     ABORTED = "aborted"
 
 
@@ -326,6 +345,32 @@ class ModelRegistry(Database):
             ).all()
             session.expunge_all()
             return list(rows)
+
+    def failed_reports(self, channel: str, version: str) -> dict[str, str]:
+        """Devices that rejected or rolled back ``version`` in any rollout of the channel, with their reason."""
+        failed = [str(step) for step in FAILED_STEPS]
+        with self._unavailable_as_error("read reports"), Session(self._engine) as session:
+            rows = session.execute(
+                select(RolloutReportRow.device_id, RolloutReportRow.state, RolloutReportRow.reason)
+                .join(RolloutRow, RolloutRow.rollout_id == RolloutReportRow.rollout_id)
+                .where(
+                    RolloutRow.channel == channel,
+                    RolloutReportRow.version == version,
+                    RolloutReportRow.state.in_(failed),
+                )
+            ).all()
+            return {device: reason or state for device, state, reason in rows}
+
+    def revoke_device(self, device_id: str) -> None:
+        """Record that a device's certificate was revoked (again is fine)."""
+        with self._unavailable_as_error("record a revocation"), Session(self._engine) as session, session.begin():
+            if session.get(RevokedDeviceRow, device_id) is None:
+                session.add(RevokedDeviceRow(device_id=device_id, revoked_at=time.time()))
+
+    def revoked_devices(self) -> set[str]:
+        """Every device recorded as revoked."""
+        with self._unavailable_as_error("read revocations"), Session(self._engine) as session:
+            return set(session.scalars(select(RevokedDeviceRow.device_id)).all())
 
     def reports(self, rollout_id: int) -> dict[str, RolloutReportRow]:
         """The latest report of each device in a rollout, by device id (detached rows)."""

@@ -8,10 +8,17 @@ A stage is done when every online device of the channel in it has reported a fin
 version (``applied``, ``rejected`` or ``rolled_back``), or already runs it. After every
 report the abort criteria are checked over all reports of the rollout: once there are
 at least ``min_reports``, a failure share (rejected or rolled back) at or over
-``max_failure_percent`` halts the rollout. So does a stage whose devices do not all
-report within its timeout: a rollout that cannot tell whether devices are fine does
-not go on. Halting re-publishes the previous version as a signed rollback manifest to
-everyone and clears the failed version's blob.
+``max_failure_percent`` halts the rollout, and so does a stage in which every report so far
+is a failure, however few. So does a stage whose devices do not all report within its timeout:
+a rollout that cannot tell whether devices are fine does not go on. Halting re-publishes the
+previous version as a signed rollback manifest to everyone and clears the failed version's blob.
+
+The rollout *completes*, and the version becomes the channel's live one, only when every online
+device it reached applied it. When the stages ran to the end but some devices could not apply it,
+it ends *partial*: the live version stays what it was and no blob is cleared.
+
+Revoked devices (ModelRegistry.revoke_device) are left out: their retained status may say
+"online" for ever, since the ACL refuses their offline status and Last Will.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from firmware_tools.fleet import FleetWatch, SeenStatus
-from firmware_tools.registry import ModelRegistry, RolloutState
+from firmware_tools.registry import FAILED_STEPS, ModelRegistry, RolloutState
 from firmware_tools.release import EVERYONE, Publisher
 from schemas.model import RolloutStage
 from schemas.status import DeviceState, DeviceStatus, OtaState
@@ -33,8 +40,6 @@ log = logging.getLogger("mqvox.rollout")
 
 FINAL_STEPS = (OtaState.APPLIED, OtaState.REJECTED, OtaState.ROLLED_BACK)
 """Update steps after which a device has nothing more to say about a version."""
-FAILED_STEPS = (OtaState.REJECTED, OtaState.ROLLED_BACK)
-"""Final steps that count as failures."""
 
 _STAGE = re.compile(r"^(?:(?P<name>[A-Za-z0-9_-]{1,64}):)?(?P<spec>.+)$")
 
@@ -117,6 +122,8 @@ class RolloutPlan:
     """How long to keep watching a finished stage for late failures before the next one."""
     progress_s: float = 10.0
     """While a stage waits, how often (seconds) to say which devices it waits for."""
+    allow_unknown: bool = False
+    """Accept stages naming devices that have never published a status (a typo, most often)."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -138,6 +145,28 @@ class RolloutPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check_devices(self, seen: dict[str, SeenStatus], channel: str, revoked: set[str]) -> None:
+        """PlanError if a stage names a revoked device, one following another channel, or (unless
+        ``allow_unknown``) one that never published a status."""
+        check_named_devices([stage.devices for stage in self.stages], seen, channel, revoked, self.allow_unknown)
+
+
+def check_named_devices(
+    named: list[tuple[str, ...]], seen: dict[str, SeenStatus], channel: str, revoked: set[str], allow_unknown: bool
+) -> None:
+    """PlanError if any device named for ``channel`` is revoked, follows another channel, or is unknown."""
+    devices = [device for group in named for device in group]
+    if bad := sorted({device for device in devices if device in revoked}):
+        raise PlanError(f"revoked device(s) named: {', '.join(bad)}")
+    if bad := sorted({device for device in devices if device in seen and seen[device].status.channel != channel}):
+        others = ", ".join(f"{device} ({seen[device].status.channel})" for device in bad)
+        raise PlanError(f"device(s) following another channel than {channel}: {others}")
+    if not allow_unknown and (bad := sorted({device for device in devices if device not in seen})):
+        raise PlanError(
+            f"no status was ever published by {', '.join(bad)}: check the name, or pass --allow-unknown"
+            " to offer the version to a device that has not connected yet"
+        )
+
 
 @dataclass(frozen=True)
 class RolloutOutcome:
@@ -152,7 +181,7 @@ class RolloutOutcome:
     failures: int
     """Of those, how many rejected it or rolled it back."""
     reason: str | None
-    """Why it halted; None when it completed."""
+    """Why it halted or ended partial; None when it completed."""
     restored: str | None
     """The version re-published after a halt, if any."""
 
@@ -180,6 +209,8 @@ class RolloutRunner:
         self.say = say
         self.poll_s = poll_s
         self._recorded: dict[str, tuple[str, str]] = {}
+        self.revoked: set[str] = set()
+        """Devices the registry records as revoked, read when the rollout starts: never waited for."""
 
     def run(self) -> RolloutOutcome:
         target = self.registry.version(self.channel, self.version)
@@ -187,18 +218,29 @@ class RolloutRunner:
         if previous == self.version:
             raise PlanError(f"{self.channel} {self.version} is live already")
         self.watch.settle()  # the retained statuses are in before the rollout's clock starts
+        self.revoked = self.registry.revoked_devices()
+        self.plan.check_devices(self.watch.seen(), self.channel, self.revoked)
         rollout = self.registry.start_rollout(self.channel, self.version, previous, self.plan.to_dict())
         self.say(f"rollout {rollout.rollout_id}: {self.channel} {previous or '(none)'} -> {self.version}")
         stage_index = 0
         for stage_index, stage in enumerate(self.plan.cumulative()):
             self.registry.enter_stage(rollout.rollout_id, stage_index)
             self.publisher.publish_manifest(target, stage)
-            expected = self._expected(self._channel_fleet(), stage)
-            self.say(f"stage {stage_index + 1} ({stage.name}): offered to {len(expected)} online device(s)")
+            fleet = self._channel_fleet()
+            expected = self._expected(fleet, stage)
+            offline = sorted(set(stage.devices) - expected)
+            self.say(
+                f"stage {stage_index + 1} ({stage.name}): offered to {len(expected)} online device(s)"
+                + (f"; named but offline: {', '.join(offline)} (they fetch it when they connect)" if offline else "")
+            )
             halted = self._watch_stage(rollout.rollout_id, rollout.started_at, stage)
             if halted is not None:
                 return self._halt(rollout.rollout_id, rollout.started_at, stage_index, previous, halted)
-        failures, reports = self._tally(self._final_reports(self._channel_fleet(), rollout.started_at))
+        final = self._final_reports(self._channel_fleet(), rollout.started_at)
+        failures, reports = self._tally(final)
+        stage = stage_index + 1
+        if failures:
+            return self._partial(rollout.rollout_id, stage, previous, final)
         self.registry.set_live_version(self.channel, self.version)
         self.registry.finish_rollout(rollout.rollout_id, RolloutState.COMPLETED)
         # Never the blob of a version a device of the channel runs (one that refused this one, say): a device that
@@ -206,11 +248,27 @@ class RolloutRunner:
         in_use = {seen.status.model_version for seen in self._channel_fleet().values() if seen.status.model_version}
         cleared = self.publisher.clear_superseded({self.version, *([previous] if previous else []), *in_use})
         self.say(
-            f"completed: {reports} report(s), {failures} failure(s); {self.version} is live"
+            f"completed: {reports} report(s), every one applied; {self.version} is live"
             + (f"; cleared blobs {', '.join(cleared)}" if cleared else "")
         )
-        stage = stage_index + 1
-        return RolloutOutcome(rollout.rollout_id, RolloutState.COMPLETED, stage, reports, failures, None, None)
+        return RolloutOutcome(rollout.rollout_id, RolloutState.COMPLETED, stage, reports, 0, None, None)
+
+    def _partial(
+        self, rollout_id: int, stage: int, previous: str | None, final: dict[str, DeviceStatus]
+    ) -> RolloutOutcome:
+        """The stages ran to the end, but not every device could apply the version: it does not go live."""
+        failed = {device: status.ota for device, status in final.items() if status.ota.state in FAILED_STEPS}
+        reason = f"{len(failed)} of {len(final)} device(s) could not apply {self.version}: " + "; ".join(
+            f"{device} {ota.state}" + (f" ({ota.reason})" if ota.reason else "")
+            for device, ota in sorted(failed.items())[:5]
+        )
+        self.registry.finish_rollout(rollout_id, RolloutState.PARTIAL, reason)
+        self.say(
+            f"partial: {reason}. The live version stays {previous or '(none)'}; the devices that applied"
+            f" {self.version} keep it, and no blob is cleared. Fix or retire the failing devices and run the"
+            " rollout again, or roll back by rolling out the previous version."
+        )
+        return RolloutOutcome(rollout_id, RolloutState.PARTIAL, stage, len(final), len(failed), reason, None)
 
     def _watch_stage(self, rollout_id: int, started_at: float, stage: RolloutStage) -> str | None:
         """Wait for the stage's devices; the reason to halt, or None when the stage is done."""
@@ -284,8 +342,13 @@ class RolloutRunner:
             time.sleep(self.poll_s)
 
     def _channel_fleet(self) -> dict[str, SeenStatus]:
-        """The latest status of every device following this rollout's channel: one view for each poll."""
-        return {device: seen for device, seen in self.watch.seen().items() if seen.status.channel == self.channel}
+        """The latest status of every device following this rollout's channel, revoked ones left out: one view
+        for each poll."""
+        return {
+            device: seen
+            for device, seen in self.watch.seen().items()
+            if seen.status.channel == self.channel and device not in self.revoked
+        }
 
     @staticmethod
     def _expected(fleet: dict[str, SeenStatus], stage: RolloutStage) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from firmware_tools.release import EVERYONE, Publisher
 from firmware_tools.rollout import AbortCriteria, PlanError, RolloutPlan, RolloutRunner, StagePlan
 from schemas.model import RolloutStage
 from schemas.signing import load_private_key
-from schemas.topics import MODEL_BLOB
+from schemas.status import DeviceState, DeviceStatus
+from schemas.topics import MANIFEST, MODEL_BLOB
 from tests.conftest import FACTORY_VERSION, REPO, Inbox, ota_device_settings, wait_until
 
 PICKY_SUITE = REPO / "tests" / "data" / "picky_self_test"
@@ -202,11 +204,11 @@ def test_a_fleet_smaller_than_min_reports_that_refuses_a_version_halts_it(
         stop_fleet(devices)
 
 
-def test_a_completed_rollout_keeps_the_blob_of_a_version_a_device_still_runs(
+def test_a_rollout_some_devices_refuse_ends_partial_and_the_live_version_stays(
     rollout_env, broker_settings, keys, packages, tmp_path
 ):
-    # Issue 21: the registry said 1.3.0 was live while the devices ran 1.1.0; the next good rollout cleared
-    # every blob but the new and the "previous" version's, the one the devices ran among them.
+    # Issue 21: "completed" meant every stage ran within the abort criteria, refusing devices or not, and the
+    # registry then recorded the version live. Completed now means every device it reached applied it.
     channel, registry, publisher, watch = rollout_env
     good, refusing = f"{channel}-good", f"{channel}-refusing"
     devices = start_fleet(broker_settings, keys, channel, tmp_path, [good])
@@ -214,22 +216,166 @@ def test_a_completed_rollout_keeps_the_blob_of_a_version_a_device_still_runs(
     try:
         factory = publisher.register(shipped_model_directory())
         publisher.publish_manifest(factory, EVERYONE)
+        registry.set_live_version(channel, FACTORY_VERSION)
         assert wait_until(lambda: {good, refusing} <= set(watch.snapshot()), 15)
-        publisher.publish_blob(publisher.register(packages["1.3.0"]))
-        registry.set_live_version(channel, "1.3.0")  # recorded live, run by no device
         publisher.register(packages["1.2.0"])
         plan = RolloutPlan(
             stages=(StagePlan.parse(f"canary:{good}", 0), StagePlan.parse("fleet:100%", 1)),
-            criteria=AbortCriteria(max_failure_percent=60, min_reports=1),
+            criteria=AbortCriteria(max_failure_percent=60, min_reports=1),  # 1 failure in 2 does not halt it
             stage_timeout_s=60,
         )
         say: list[str] = []
         outcome = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append).run()
-        assert outcome.state == RolloutState.COMPLETED and outcome.failures == 1, say
+        assert outcome.state == RolloutState.PARTIAL and (outcome.reports, outcome.failures) == (2, 1), say
+        assert outcome.reason.startswith(f"1 of 2 device(s) could not apply 1.2.0: {refusing} rolled_back")
+        assert registry.live_version(channel) == FACTORY_VERSION
+        assert registry.latest_rollout(channel).state == RolloutState.PARTIAL
+        assert devices[good].runtime.presence.model_version == "1.2.0"
         assert devices[refusing].runtime.presence.model_version == FACTORY_VERSION
-        assert registry.version(channel, FACTORY_VERSION).blob_retained  # the refusing device runs it
+        assert (
+            registry.version(channel, FACTORY_VERSION).blob_retained
+            and registry.version(channel, "1.2.0").blob_retained
+        )
+        assert any(line.startswith("partial: ") and f"live version stays {FACTORY_VERSION}" in line for line in say)
+        assert registry.failed_reports(channel, "1.2.0").keys() == {refusing}
     finally:
         stop_fleet(devices)
+
+
+def test_a_completed_rollout_keeps_the_blob_of_a_version_an_offline_device_runs(
+    rollout_env, broker_settings, keys, packages, tmp_path
+):
+    # Issue 21: the registry said 1.3.0 was live while the devices ran 1.1.0; the next good rollout cleared
+    # every blob but the new and the "previous" version's, the one the devices ran among them.
+    channel, registry, publisher, watch = rollout_env
+    good, away = f"{channel}-good", f"{channel}-away"
+    devices = start_fleet(broker_settings, keys, channel, tmp_path, [good, away])
+    try:
+        factory = publisher.register(shipped_model_directory())
+        publisher.publish_manifest(factory, EVERYONE)
+        assert wait_until(lambda: {good, away} <= set(watch.snapshot()), 15)
+        devices.pop(away).stop()  # offline, its retained status says it runs the factory model
+        assert wait_until(lambda: str(watch.snapshot()[away].state) == "offline", 15)
+        publisher.publish_blob(publisher.register(packages["1.3.0"]))
+        registry.set_live_version(channel, "1.3.0")  # recorded live, run by no device
+        publisher.register(packages["1.2.0"])
+        plan = RolloutPlan(stages=(StagePlan.parse("fleet:100%", 0),), stage_timeout_s=60)
+        say: list[str] = []
+        outcome = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append).run()
+        assert outcome.state == RolloutState.COMPLETED and outcome.failures == 0, say
+        assert registry.live_version(channel) == "1.2.0"
+        assert registry.version(channel, FACTORY_VERSION).blob_retained  # the offline device runs it
+    finally:
+        stop_fleet(devices)
+
+
+def test_stages_naming_unknown_revoked_or_foreign_devices_are_refused(rollout_env, links):
+    channel, _registry, _publisher, watch = rollout_env
+    here, elsewhere = f"{channel}-here", f"{channel}-elsewhere"
+    for device, its_channel in ((here, channel), (elsewhere, "other")):
+        links().send(DeviceStatus(device, DeviceState.ONLINE, "0.1.0", FACTORY_VERSION, its_channel))
+    assert wait_until(lambda: {here, elsewhere} <= set(watch.snapshot()), 15)
+    seen = watch.seen()
+
+    def check(spec: str, revoked=frozenset(), allow_unknown=False) -> None:
+        plan = RolloutPlan(stages=(StagePlan.parse(spec, 0),), allow_unknown=allow_unknown)
+        plan.check_devices(seen, channel, set(revoked))
+
+    check(f"canary:{here}")
+    with pytest.raises(PlanError, match=f"no status was ever published by {channel}-hree: check the name"):
+        check(f"canary:{here},{channel}-hree")
+    check(f"canary:{channel}-new", allow_unknown=True)
+    with pytest.raises(PlanError, match=f"revoked device\\(s\\) named: {here}"):
+        check(f"canary:{here}", revoked={here})
+    with pytest.raises(PlanError, match=f"following another channel than {channel}: {elsewhere} \\(other\\)"):
+        check(f"canary:{elsewhere}")
+    check("fleet:100%", revoked={here})  # a share names no device
+
+
+def test_a_rollout_leaves_out_a_revoked_device_whose_status_still_says_online(
+    rollout_env, broker_settings, links, keys, packages, tmp_path
+):
+    # Issue 21: the ACL refuses a revoked device's offline status and Last Will, so its retained status says
+    # "online" for ever; the rollout waited for it and rolled the fleet back.
+    channel, registry, publisher, watch = rollout_env
+    good, revoked = f"{channel}-good", f"{channel}-revoked"
+    devices = start_fleet(broker_settings, keys, channel, tmp_path, [good])
+    links().send(DeviceStatus(revoked, DeviceState.ONLINE, "0.1.0", FACTORY_VERSION, channel))
+    try:
+        publisher.publish_manifest(publisher.register(shipped_model_directory()), EVERYONE)
+        registry.set_live_version(channel, FACTORY_VERSION)
+        assert wait_until(lambda: {good, revoked} <= set(watch.snapshot()), 15)
+        publisher.register(packages["1.2.0"])
+        registry.revoke_device(revoked)
+        registry.revoke_device(revoked)  # twice is fine
+        plan = RolloutPlan(stages=(StagePlan.parse("fleet:100%", 0),), stage_timeout_s=20)
+        say: list[str] = []
+        outcome = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append).run()
+        assert outcome.state == RolloutState.COMPLETED and outcome.reports == 1, say
+        assert "offered to 1 online device(s)" in say[1]
+    finally:
+        stop_fleet(devices)
+
+
+def firmware_tools(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "firmware_tools", *args], capture_output=True, text=True, timeout=120)
+
+
+def retained_manifest(links, channel: str):
+    """The manifest retained for the channel, or None when none comes within a second."""
+    inbox = Inbox()
+    links().subscribe(MANIFEST.topic(channel=channel), inbox)
+    try:
+        return inbox.get(1.0)[1]
+    except Exception:
+        return None
+
+
+def test_publish_holds_unless_given_a_stage_and_warns_about_a_version_devices_refused(
+    rollout_env, broker_settings, links, keys, packages, tmp_path
+):
+    # Issue 21: publish without --hold went straight to every device, even with a version every device had
+    # refused, without a word. Publishing now holds; going live takes a rollout or an explicit --stage.
+    channel, registry, _publisher, _watch = rollout_env
+    common = [
+        "--channel", channel, "--key", str(keys["fleet.key"]), "--port", str(broker_settings.port),
+        "--database", f"sqlite:///{tmp_path}/registry.sqlite3",
+    ]  # fmt: skip
+    held = firmware_tools("publish", "--model", str(packages["1.2.0"]), *common)
+    assert held.returncode == 0, held.stderr
+    assert json.loads(held.stdout)["held"] is True
+    assert f"rollout --channel {channel} --version 1.2.0" in held.stderr
+    assert registry.version(channel, "1.2.0").blob_retained and registry.live_version(channel) is None
+    assert retained_manifest(links, channel) is None
+    # A rollout in which a device rolled 1.3.0 back, recorded; publishing 1.3.0 to everyone says so.
+    rollout = registry.start_rollout(channel, "1.3.0", None, {"stages": []})
+    registry.record_report(rollout.rollout_id, f"{channel}-d1", "rolled_back", "1.3.0", "self-test failed", 1.0)
+    registry.finish_rollout(rollout.rollout_id, RolloutState.ABORTED, "failures")
+    both = firmware_tools("publish", "--model", str(packages["1.3.0"]), "--hold", "--stage", "fleet:100%", *common)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+    unknown = firmware_tools("publish", "--model", str(packages["1.3.0"]), "--stage", "canary:nobody", *common)
+    assert unknown.returncode == 2 and "no status was ever published by nobody" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    everyone = firmware_tools("publish", "--model", str(packages["1.3.0"]), "--stage", "fleet:100%", *common)
+    assert everyone.returncode == 0, everyone.stderr
+    assert f"warning: 1 device(s) could not apply 1.3.0 before ({channel}-d1: self-test failed)" in everyone.stderr
+    assert registry.live_version(channel) == "1.3.0"
+    manifest = retained_manifest(links, channel)
+    assert manifest is not None and json.loads(manifest.payload)["version"] == "1.3.0"
+
+
+def test_provision_revoke_records_the_device_as_revoked_in_the_registry(rollout_env, keys, tmp_path):
+    _channel, registry, _publisher, _watch = rollout_env
+    fleet = ["--fleet-dir", str(tmp_path / "fleet"), "--database", f"sqlite:///{tmp_path}/registry.sqlite3"]
+    made = firmware_tools(
+        "provision", *fleet, "--device", "pi-01", "--device", "pi-02", "--signing-key", str(keys["fleet.pub"])
+    )
+    assert made.returncode == 0, made.stderr
+    assert registry.revoked_devices() == set()
+    revoked = firmware_tools("provision", *fleet, "--revoke", "pi-02")
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout)["revoked"] == ["pi-02"]
+    assert registry.revoked_devices() == {"pi-02"}
 
 
 def test_firmware_tools_status_prints_the_table(rollout_env, broker_settings, keys, tmp_path):
@@ -302,10 +448,16 @@ def test_the_registry_keeps_versions_channels_and_rollouts_in_either_database(da
             ("1.2.2", False, "rejected"),
         ]
         assert rounds[0].record["seconds"] == {"rollout": 2.0} and registry.rounds("other") == []
+        # Failure reports of a version, for publish's warning; revoked devices, for rollouts and status.
+        assert registry.failed_reports("stable", "1.3.0") == {"pi-01": "self-test"}
+        assert registry.failed_reports("stable", "1.2.0") == {} and registry.failed_reports("other", "1.3.0") == {}
+        registry.revoke_device("pi-02")
+        assert registry.revoked_devices() == {"pi-02"}
         assert set(registry.counts()) == {
             "model_versions",
             "channels",
             "rollouts",
             "rollout_reports",
             "learning_rounds",
+            "revoked_devices",
         }
