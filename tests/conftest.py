@@ -33,6 +33,19 @@ OUT_OF_VOCABULARY_SAMPLE = SAMPLES / "hey_jarvis_weather_tomorrow.flac"
 _ids = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def private_state_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own state root (schemas/locations.py), for it and its subprocesses: never the user's.
+
+    Through XDG_STATE_HOME, so no MQVOX_ variable appears in the environment that actions see.
+    """
+    xdg_state_home = tmp_path_factory.mktemp("state")
+    for chosen_elsewhere in ("STATE_DIRECTORY", "MQVOX_STATE_DIR"):
+        monkeypatch.delenv(chosen_elsewhere, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(xdg_state_home))
+    return xdg_state_home / "mqvox"
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """One Mosquitto for the session, from broker_config/mosquitto.dev.conf on a free port."""
