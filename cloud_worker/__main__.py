@@ -17,6 +17,7 @@ from cloud_worker.settings import BatchSettings, UtteranceLimits, WorkerSettings
 from cloud_worker.storage import StorageSettings, StorageUnavailable
 from schemas.audio import MAX_UTTERANCE_S
 from schemas.errors import ProtocolError
+from schemas.locations import default_database_url
 from schemas.logfmt import LOG_LEVELS, configure_logging, log_level
 from schemas.mqtt import BrokerUnavailable, add_broker_arguments, broker_from_arguments
 from schemas.vocabulary import load_vocabulary
@@ -177,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     server.add_argument(
         "--database",
-        default=StorageSettings.url,
-        help="SQLAlchemy URL: SQLite file or postgresql+psycopg://… (default: %(default)s)",
+        default=default_database_url(),
+        help="SQLAlchemy URL: SQLite file or postgresql+psycopg://…; the operator tools (firmware_tools) use the "
+        "same default, in the state folder that $MQVOX_STATE_DIR moves (default: %(default)s)",
     )
     server.add_argument("--no-audio", action="store_true", help="store no audio, only its metadata (retention)")
     server.add_argument(

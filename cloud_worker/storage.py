@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -46,6 +46,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from cloud_worker.transcript import Transcript
+from schemas.locations import Role, default_database_url, make_private_folder, make_state_folder, state_folder
 from schemas.result import Result
 from schemas.utterance import Utterance
 
@@ -61,9 +62,11 @@ PURGE_INTERVAL_S = 60.0
 class StorageSettings:
     """Where and what the worker stores."""
 
-    url: str = "sqlite:///.run/worker/mqvox.sqlite3"
-    """SQLAlchemy database URL. The default is an embedded SQLite file, relative to the working directory (its
-    folder is created when missing); ``postgresql+psycopg://user:password@host:5432/name`` for a shared server."""
+    url: str = field(default_factory=default_database_url)
+    """SQLAlchemy database URL. The default is an embedded SQLite file, ``mqvox.sqlite3`` in the worker's state
+    folder (schemas/locations.py: ``$STATE_DIRECTORY/worker`` under systemd, else ``$MQVOX_STATE_DIR/worker``, else
+    ``~/.local/state/mqvox/worker``), which the operator tools use too; a SQLite file's folder is made, mode 0700,
+    when missing. ``postgresql+psycopg://user:password@host:5432/name`` for a shared server."""
     keep_audio: bool = True
     """Retention: whether the utterances' Opus audio is stored. Without it only its size is kept."""
     connect_timeout_s: int = 5
@@ -636,7 +639,11 @@ def _create_engine(url: URL, settings: StorageSettings) -> Engine:
     connect_args: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(url.database).parent
+            if folder == state_folder(Role.WORKER):
+                make_state_folder(Role.WORKER, "--database")
+            else:
+                make_private_folder(folder, "choose another --database")
         connect_args["timeout"] = settings.busy_timeout_s
     elif url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = max(settings.connect_timeout_s, 2)

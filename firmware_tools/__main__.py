@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.errors import ProtocolError
+from schemas.locations import Role, default_database_url, state_folder
 from schemas.vocabulary import load_vocabulary
 
 
@@ -284,7 +285,7 @@ def learn(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         work_dir=args.work_dir or Path(".cache/train") / Path(args.recipe).stem,
         fsdd_dir=args.fsdd,
-        state_dir=args.state_dir or Path(".cache/learn") / args.channel,
+        state_dir=args.state_dir or state_folder(Role.WORKER) / "learn" / args.channel,
         base_dir=args.base,
         curate=CurateSettings(
             min_confidence=args.min_confidence,
@@ -378,12 +379,10 @@ def flash(args: argparse.Namespace) -> int:
 
 
 def _add_database_argument(parser: argparse.ArgumentParser) -> None:
-    from cloud_worker.storage import StorageSettings
-
     parser.add_argument(
         "--database",
-        default=StorageSettings.url,
-        help="SQLAlchemy URL of the registry, the worker's database (default: %(default)s)",
+        default=default_database_url(),
+        help="SQLAlchemy URL of the registry, the worker's database (default: the worker's, %(default)s)",
     )
 
 
@@ -567,8 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     contributor.add_argument(
         "--database",
         metavar="URL",
-        default=StorageSettings.url,
-        help="SQLAlchemy URL of the worker's database (default: %(default)s)",
+        default=default_database_url(),
+        help="SQLAlchemy URL of the worker's database (default: the worker's, %(default)s)",
     )
     contributor.set_defaults(run=contributions)
 
@@ -596,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     learner.add_argument("--fsdd", type=Path, help="the FSDD recordings (a regression set and rehearsal data)")
     learner.add_argument("--recipe", default="default", help="recipe of the channel's model (default: %(default)s)")
     learner.add_argument("--work-dir", type=Path, help="the recipe's training folder (default: .cache/train/RECIPE)")
-    learner.add_argument("--state-dir", type=Path, help="where round packages are kept (default: .cache/learn/CHANNEL)")
+    learner.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"where round packages are kept (default: {state_folder(Role.WORKER) / 'learn'}/CHANNEL)",
+    )
     learner.add_argument("--base", type=Path, help="package of the running model (default: the shipped one)")
     learner.add_argument("--devices", help="comma-separated devices to learn from (a per-site model); default all")
     learner.add_argument(

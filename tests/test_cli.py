@@ -214,8 +214,8 @@ def _shared(store: Store, *device_ids: str) -> list[StoredUtterance]:
 
 
 def test_firmware_tools_contributions_lists_each_device_and_deletes_one(tmp_path) -> None:
-    # No --database: the worker's default database, relative to the working directory as the worker's is.
-    with Store(StorageSettings(url=f"sqlite:///{tmp_path / '.run' / 'worker' / 'mqvox.sqlite3'}")) as store:
+    # No --database: the worker's default database, in the state folder both use (tests/test_locations.py).
+    with Store(StorageSettings()) as store:
         kitchen, _, hall = _shared(store, "pi-kitchen", "pi-kitchen", "pi-hall")
 
     def contributions(*args: str) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -235,13 +236,17 @@ def test_two_workers_saving_the_same_batch_at_once(open_store: StoreFactory) -> 
     assert (counts["devices"], counts["utterances"], counts["results"], counts["segments"]) == (2, 20, 20, 40)
 
 
-def test_default_settings_make_a_sqlite_file_in_wal_mode(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_settings_make_a_sqlite_file_in_wal_mode(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, private_state_root
+) -> None:
     monkeypatch.chdir(tmp_path)
     with Store() as store:
         store.save([answered(utterance())])
         assert store.counts()["utterances"] == 1
-    database = tmp_path / ".run" / "worker" / "mqvox.sqlite3"
-    assert database.is_file()
+    # In the worker's state folder, made private, whatever the working directory.
+    database = private_state_root / "worker" / "mqvox.sqlite3"
+    assert database.is_file() and not (tmp_path / ".run").exists()
+    assert stat.S_IMODE(database.parent.stat().st_mode) == 0o700
     engine = create_engine(f"sqlite:///{database}")
     try:
         with engine.connect() as connection:
