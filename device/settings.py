@@ -21,6 +21,7 @@ import dacite
 
 from schemas.audio import MAX_UTTERANCE_S
 from schemas.errors import ProtocolError
+from schemas.locations import Role, StateLocationError, make_state_folder
 from schemas.mqtt import BrokerSettings, TlsSettings
 from schemas.topics import check_identifier
 
@@ -221,8 +222,8 @@ class OutboxSettings:
     """The persistent outbox: results and utterances kept while the broker is unreachable, sent in order after."""
 
     path: str | None = None
-    """SQLite file; None for ``outbox.sqlite3`` in the state folder (ota.state_dir, default ``state`` beside the
-    config file). ":memory:" keeps nothing across restarts."""
+    """SQLite file; None for ``outbox.sqlite3`` in the state folder (ota.state_dir, by default the device's own
+    state folder: see OtaSettings.state_dir). ":memory:" keeps nothing across restarts."""
     max_messages: int = 1000
     """Most messages held."""
     max_bytes: int = 16 * 1024 * 1024
@@ -261,9 +262,11 @@ class OtaSettings:
     channel: str = "stable"
     """Release channel whose manifest the device follows (models/<channel>/manifest)."""
     state_dir: str | None = None
-    """Where updated models and the update journal are kept; None for a folder ``state`` beside the config file
-    (in the working directory without one). The configured model stays the factory model, used until the first
-    update and whenever nothing newer works."""
+    """Where updated models, the update journal and the outbox are kept; None for the device's state folder,
+    wherever the config file is: ``$STATE_DIRECTORY/device`` under systemd (StateDirectory=), else
+    ``$MQVOX_STATE_DIR/device``, else ``$XDG_STATE_HOME/mqvox/device`` (``~/.local/state/mqvox/device``); it is
+    made with mode 0700 (schemas/locations.py). The configured model stays the factory model, used until the
+    first update and whenever nothing newer works."""
     self_test: str | None = None
     """Folder of the self-test suite (suite.toml and its clips); None for the suite shipped with mqvox."""
     download_timeout_s: float = 60.0
@@ -441,7 +444,11 @@ def _build(cls: type, data: Any, path: str):
 
 
 def load_settings(path: str | Path) -> DeviceSettings:
-    """Read a device config file. Relative file paths in it are taken relative to the file's folder."""
+    """Read a device config file. Relative file paths in it are taken relative to the file's folder.
+
+    A config that names no state folder (ota.state_dir) gets the device's own, wherever the file is
+    (schemas/locations.py); it is made here, so a folder that cannot be written is a SettingsError.
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -450,28 +457,32 @@ def load_settings(path: str | Path) -> DeviceSettings:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SettingsError(f"config {path} is not valid TOML: {error}") from None
     settings = settings_from_dict(data, str(path))
-    return _resolve_paths(settings, path.parent)
+    return _resolve_paths(settings, path)
 
 
-def _resolve_paths(settings: DeviceSettings, base: Path) -> DeviceSettings:
+def _resolve_paths(settings: DeviceSettings, config: Path) -> DeviceSettings:
     def resolve(value: str | None) -> str | None:
-        return None if value is None else str((base / Path(value).expanduser()).resolve())
+        return None if value is None else str((config.parent / Path(value).expanduser()).resolve())
 
     ota = settings.ota
+    state_dir = resolve(ota.state_dir)
+    # The outbox is always on: a config file always names its file, in the state folder unless it says otherwise.
+    if state_dir is None and (ota.public_key is not None or settings.outbox.path is None):
+        try:
+            state_dir = str(make_state_folder(Role.DEVICE, f"ota.state_dir in {config}"))
+        except StateLocationError as error:
+            raise SettingsError(str(error)) from None
     ota = replace(
         ota,
         public_key=resolve(ota.public_key),
         # The default folder is only named when updates are on, so an empty file still equals the defaults.
-        state_dir=resolve(ota.state_dir or ("state" if ota.public_key else None)),
+        state_dir=state_dir if ota.public_key is not None else resolve(ota.state_dir),
         self_test=resolve(ota.self_test),
     )
-    # The outbox is always on: a config file always names its file.
-    outbox = replace(
-        settings.outbox,
-        path=settings.outbox.path
-        if settings.outbox.path == ":memory:"
-        else resolve(settings.outbox.path or str(Path(ota.state_dir or "state") / OUTBOX_FILE)),
-    )
+    outbox_path = settings.outbox.path
+    if outbox_path != ":memory:":
+        outbox_path = resolve(outbox_path) or str(Path(state_dir or "") / OUTBOX_FILE)
+    outbox = replace(settings.outbox, path=outbox_path)
     tls = settings.broker.tls
     if tls is not None:
         tls = TlsSettings(resolve(tls.ca_file), resolve(tls.cert_file), resolve(tls.key_file))

@@ -78,11 +78,11 @@ def test_the_example_config_loads_and_documents_the_defaults() -> None:
     assert {item.name for item in fields(DeviceSettings)} <= set(raw) | {"actions"}
 
 
-def test_an_empty_config_is_the_defaults(tmp_path: Path) -> None:
+def test_an_empty_config_is_the_defaults(tmp_path: Path, private_state_root: Path) -> None:
     (tmp_path / "empty.toml").write_text("")
     loaded = load_settings(tmp_path / "empty.toml")
-    # The outbox is always on, so a config file names its file: in the state folder beside the config.
-    assert loaded.outbox.path == str(tmp_path / "state" / OUTBOX_FILE)
+    # The outbox is always on, so a config file names its file: in the device's state folder, not beside the config.
+    assert loaded.outbox.path == str(private_state_root / "device" / OUTBOX_FILE)
     assert replace(loaded, outbox=OutboxSettings()) == DeviceSettings()
     assert loaded.audio.source == AudioSourceKind.MICROPHONE
     assert loaded.denoise == DenoiseMode.UTTERANCE and loaded.cloud.upload == UploadPolicy.UNCERTAIN
