@@ -129,9 +129,14 @@ class CloudClient:
         # Subscribed before the first request, so no answer can arrive unheard.
         link.subscribe(REPLY.topic(device_id=device_id), self._receive, qos=REPLY.qos)
 
-    def ask(self, utterance: Utterance, timeout_s: float) -> CloudReply | None:
+    def ask(self, utterance: Utterance, timeout_s: float, resend_after_s: float = 0.0) -> CloudReply | None:
         """Publish ``utterance`` and return the cloud's reply, or None if none came within ``timeout_s`` (the device
         then gives up on it: a later reply is late).
+
+        Every ``resend_after_s`` (0: never) without a reply, a request that has left the device is sent again,
+        with the same utterance id: one that went to a worker which died, or into the session of a worker that
+        stopped, reaches a live one, and the workers answer an utterance id once. One still in the outbox (the
+        broker unreachable) is not sent twice.
 
         Raises CloudDeferred when the request is still in the outbox at the end of the wait, and
         PublishRefused when it could not be sent or kept.
@@ -142,7 +147,14 @@ class CloudClient:
             self._pending[utterance_id] = waiter
         try:
             queued = self._hand_over(utterance)
-            waiter.done.wait(timeout_s)
+            deadline = time.monotonic() + timeout_s
+            resend_at = time.monotonic() + resend_after_s if resend_after_s > 0 else float("inf")
+            while not waiter.done.wait(max(0.0, min(deadline, resend_at) - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    break
+                resend_at = time.monotonic() + resend_after_s
+                if queued is None or not self._outbox.holds(queued):
+                    queued = self._resend(utterance, queued)
         except BaseException:
             with self._lock:
                 del self._pending[utterance_id]
@@ -160,6 +172,18 @@ class CloudClient:
         if outcome == Outcome.DEFERRED:
             raise CloudDeferred(f"the broker is unreachable: the request waits in the outbox after {timeout_s:g} s")
         return waiter.replies[0] if waiter.replies else None
+
+    def _resend(self, utterance: Utterance, queued: int | None) -> int | None:
+        """Send an unanswered request again; its new outbox seq (the old one if it could not be sent)."""
+        ids = {"device_id": self._device_id, "utterance_id": utterance.utterance_id}
+        try:
+            queued = self._hand_over(utterance)
+        except (PublishRefused, TimeoutError) as error:
+            log.warning("could not send an unanswered request again: %s", error, extra=ids)
+            return queued
+        self._count("cloud_resends")
+        log.info("no cloud answer yet: sent the request again", extra=ids)
+        return queued
 
     def settle(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the replies to the deferred requests that have left the outbox (a stopping

@@ -332,7 +332,9 @@ class DeviceRuntime:
             utterance = self._utterance(event, utterance_id, reason)
             self.count("cloud_requests")
             log.info("asking the cloud", extra=self._context(utterance_id, event) | {"reason": str(reason)})
-            reply = self._cloud.ask(utterance, timeout_s=self.settings.cloud.timeout_s)
+            reply = self._cloud.ask(
+                utterance, timeout_s=self.settings.cloud.timeout_s, resend_after_s=self.settings.cloud.resend_after_s
+            )
         except CloudDeferred as deferred:
             # No cloud_timeout result: the request is answered by the cloud once it gets there (_deferred_reply).
             self.count("cloud_deferred")

@@ -168,6 +168,10 @@ class CloudSettings:
     """uncertain: send unsure utterances as Opus; never: keep all audio on the device."""
     timeout_s: float = 10.0
     """How long to wait for the cloud's reply before publishing a cloud_timeout result."""
+    resend_after_s: float = 3.0
+    """Send a request again (same utterance id: the workers answer it once) each time this many seconds pass
+    without an answer, until timeout_s: a request that went to a worker which died, or into the session of one
+    that stopped, then reaches a live one. 0 sends each request once."""
     max_in_flight: int = 4
     """Cloud requests waiting for an answer at once; further unsure utterances wait their turn."""
     min_confidence: float = CLOUD_MIN_CONFIDENCE
@@ -198,6 +202,8 @@ class CloudSettings:
             )
         if self.timeout_s <= 0:
             raise SettingsError(f"cloud.timeout_s must be positive, not {self.timeout_s}")
+        if self.resend_after_s < 0:
+            raise SettingsError(f"cloud.resend_after_s must be 0 (never) or positive, not {self.resend_after_s}")
         if self.max_in_flight < 1:
             raise SettingsError(f"cloud.max_in_flight must be at least 1, not {self.max_in_flight}")
         if not 0.0 <= self.min_confidence <= 1.0:

@@ -354,6 +354,51 @@ def test_without_an_answer_the_device_publishes_a_cloud_timeout(links, broker_se
     assert runtime.presence.counters["cloud_timeouts"] == 1
 
 
+class FirstCopyLost:
+    """A worker that died with the first copy of each request (it never answers it) and a live one that answers
+    every later copy, played on the real broker."""
+
+    def __init__(self, link: MqttLink, device_id: str) -> None:
+        self.link = link
+        self.copies: list[Utterance] = []
+        link.subscribe(UTTERANCE.topic(device_id=device_id), self._on_utterance)
+
+    def _on_utterance(self, topic: str, envelope: Envelope) -> None:
+        utterance = decode(topic, envelope)
+        self.copies.append(utterance)
+        if len(self.copies) > 1:
+            reply = lights(0.99)(utterance)
+            threading.Thread(
+                target=self.link.publish,
+                args=(envelope.response_topic, reply.to_wire()),
+                kwargs={"qos": 1, "retain": False},
+            ).start()
+
+
+def test_an_unanswered_request_is_sent_again_with_the_same_utterance_id(links, broker_settings, device_id, local_model):
+    # Issue 21: a request that went to a worker which died, or into a stopped worker's session, waited there
+    # unanswered; the device now sends it again after cloud.resend_after_s, and a live worker answers it.
+    results = Inbox()
+    links().subscribe(RESULT.topic(device_id=device_id), results)
+    workers = FirstCopyLost(links(), device_id)
+    runtime = run_device(
+        broker_settings, device_id, local_model, [OUT_OF_VOCABULARY_SAMPLE], cloud={"timeout_s": 6, "resend_after_s": 1}
+    )
+    ((result, _),) = drain(results)
+    assert (result.source, result.intent, result.acted) == (Source.CLOUD, "lights_on", True)
+    assert len(workers.copies) == 2 and workers.copies[0].utterance_id == workers.copies[1].utterance_id
+    assert workers.copies[0].utterance_id == result.utterance_id
+    assert runtime.presence.counters["cloud_resends"] == 1
+    # Without re-sending, the same lost first copy is a cloud_timeout.
+    lost = FirstCopyLost(links(), f"{device_id}-once")
+    once = run_device(
+        broker_settings, f"{device_id}-once", local_model, [OUT_OF_VOCABULARY_SAMPLE],
+        cloud={"timeout_s": 2, "resend_after_s": 0},
+    )  # fmt: skip
+    assert len(lost.copies) == 1 and once.presence.counters["cloud_timeouts"] == 1
+    assert once.presence.counters.get("cloud_resends", 0) == 0
+
+
 def test_a_reply_after_the_timeout_gets_no_second_result_and_is_counted_late(
     links, broker_settings, device_id, local_model, caplog
 ):
