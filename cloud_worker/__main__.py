@@ -81,8 +81,17 @@ def serve(args: argparse.Namespace) -> int:
     service = UtteranceService(settings).start()
     log.info("ready", extra={"detail": f"model {service.transcriber.name}, database {service.store.database}"})
     stopping.wait()
-    service.stop()
-    log.info("stopped")
+    service.stop(end_session=not args.keep_session)
+    log.info("stopped", extra={"detail": "session kept" if args.keep_session else "session ended"})
+    return 0
+
+
+def retire(args: argparse.Namespace) -> int:
+    """End a gone worker's broker session, so that its share of the utterances goes to the others."""
+    from cloud_worker.service import retire_session, worker_client_id
+
+    retire_session(args.worker_id, broker_from_arguments(args))
+    print(json.dumps({"retired": args.worker_id, "client_id": worker_client_id(args.worker_id)}))
     return 0
 
 
@@ -162,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         "--session-expiry",
         type=int,
         default=WorkerSettings.session_expiry_s,
-        help="seconds the broker keeps queuing this worker's utterances while it is away (default: %(default)s)",
+        help="seconds the broker keeps queuing this worker's utterances while it is away after a crash or with "
+        "--keep-session (default: %(default)s)",
+    )
+    server.add_argument(
+        "--keep-session",
+        action="store_true",
+        help="on SIGINT/SIGTERM keep the broker session, for a restart that takes up its queued share (default: "
+        "leave the group and end the session, so that the other workers get everything at once)",
     )
     server.add_argument(
         "--max-audio-s",
@@ -197,6 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free)")
     add_asr_arguments(server)
     server.set_defaults(run=serve)
+    retirer = commands.add_parser(
+        "retire",
+        help="end the broker session of a worker gone for good, so that its share goes to the others",
+        description="Mosquitto keeps routing a share of the group's utterances to a worker's session until the "
+        "session expires (--session-expiry), even when the worker was killed and never came back. This connects "
+        "under that worker's client id with a clean start and ends its session; what was queued for it is "
+        "dropped, and devices send their unanswered requests again. A worker still running is only disconnected "
+        "and connects again: stop it first.",
+    )
+    retirer.add_argument("--worker-id", required=True, help="the gone worker's --worker-id (its host name by default)")
+    add_broker_arguments(retirer)
+    retirer.set_defaults(run=retire)
     offline = commands.add_parser(
         "transcribe",
         help="transcribe audio files offline, with no broker",

@@ -46,7 +46,7 @@ from schemas.backoff import Backoff
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.mqtt import Delivery, MqttLink, PublishRefused
+from schemas.mqtt import BrokerSettings, Delivery, MqttLink, PublishRefused
 from schemas.protocol import decode
 from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source
@@ -93,6 +93,19 @@ class _Stopping(Exception):
     """Raised out of a storage retry when the worker is told to stop during a database outage."""
 
 
+def worker_client_id(worker_id: str) -> str:
+    """The MQTT client id, and so the broker session, of the worker named ``worker_id``."""
+    return f"mqvox-worker-{worker_id}"
+
+
+def retire_session(worker_id: str, broker: BrokerSettings) -> None:
+    """End the broker session of a worker that is gone for good, from outside: connect under its client id with a
+    clean start and no expiry, and leave. Its share of the group's utterances then goes to the others; what was
+    queued for it is dropped (devices send an unanswered request again). A worker still running is disconnected
+    by it (the broker gives the client id to the newest connection) and connects again with a new session."""
+    MqttLink(worker_client_id(worker_id), broker, clean_start=True, session_expiry_s=0).close(end_session=True)
+
+
 class UtteranceService:
     """One worker's consumer. ``start()`` connects and subscribes; ``stop()`` finishes the batch and disconnects.
 
@@ -135,7 +148,7 @@ class UtteranceService:
             log.info("metrics served", extra={"detail": f"http://127.0.0.1:{self.metrics_port}/metrics"})
         subscription = shared_filter(self.settings.group, UTTERANCE)
         self._link = MqttLink(
-            f"mqvox-worker-{self.settings.worker_id}",
+            worker_client_id(self.settings.worker_id),
             self.settings.broker,
             manual_ack=True,
             clean_start=False,
@@ -146,9 +159,19 @@ class UtteranceService:
         log.info("subscribed", extra={"topic": subscription})
         return self
 
-    def stop(self, *, end_session: bool = False) -> None:
-        """Finish the batch in hand and disconnect. The broker keeps the session, and queues this worker's share,
-        for ``session_expiry_s``, unless ``end_session`` (a worker retired for good: the others take it all)."""
+    def stop(self, *, end_session: bool = True) -> None:
+        """Stop taking utterances, answer those in hand, and disconnect, ending the broker session.
+
+        Mosquitto keeps routing a share of the group's utterances to a member's session until it ends, where they
+        would wait unanswered for ``session_expiry_s``: so the worker first leaves the group (the broker then
+        gives the others everything), answers what it holds, and then ends its session. ``end_session=False``
+        keeps the session and the subscription, for a restart that picks up its share where it left it.
+        """
+        if end_session and self._link is not None and self._link.connected:
+            try:
+                self._link.unsubscribe(shared_filter(self.settings.group, UTTERANCE))
+            except (PublishRefused, TimeoutError) as error:
+                log.warning("could not leave the shared subscription before stopping: %s", error)
         self._stopping.set()  # ends a storage retry: what it holds stays unacknowledged, with the broker
         self._inbox.put(None)
         if self._thread.is_alive():

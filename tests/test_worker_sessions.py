@@ -1,0 +1,95 @@
+"""A worker's broker session on a real Mosquitto: a clean stop ends it, and `cloud_worker retire` ends a gone
+worker's, so that no share of the group's utterances waits in the session of a worker that is not there."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+
+from cloud_worker.service import worker_client_id
+from schemas.envelope import Envelope
+from schemas.mqtt import MqttLink
+from schemas.topics import UTTERANCE, shared_filter
+
+MESSAGES = 12
+
+
+def group_member(broker_settings, client_id: str, group: str) -> tuple[MqttLink, queue.Queue]:
+    """A persistent member of the shared subscription, like a worker: what it receives goes on the queue."""
+    link = MqttLink(client_id, broker_settings, manual_ack=True, clean_start=False, session_expiry_s=600)
+    received: queue.Queue = queue.Queue()
+    link.consume(shared_filter(group, UTTERANCE), received.put, qos=UTTERANCE.qos)
+    return link, received
+
+
+def send_utterances(links, device_id: str) -> None:
+    sender = links()
+    for number in range(MESSAGES):
+        # The broker routes by topic; what the payload says does not matter to the shared subscription.
+        sender.publish(
+            UTTERANCE.topic(device_id=device_id), Envelope(f"{number}".encode(), "text/plain"), qos=1, retain=False
+        )
+
+
+def drained(received: queue.Queue, timeout_s: float = 1.5) -> int:
+    count = 0
+    try:
+        while True:
+            received.get(timeout=timeout_s)
+            count += 1
+    except queue.Empty:
+        return count
+
+
+def test_retire_ends_a_gone_workers_session_and_the_live_worker_gets_everything(
+    broker_settings, links, device_id, tmp_path
+):
+    group = f"retire-{device_id}"
+    live, live_received = group_member(broker_settings, f"live-{device_id}", group)
+    gone_id = f"gone-{device_id}"
+    gone, _ = group_member(broker_settings, worker_client_id(gone_id), group)
+    try:
+        gone.close()  # as a worker that died: its session stays, and the broker keeps routing to it
+        send_utterances(links, device_id)
+        before = drained(live_received)
+        assert 0 < before < MESSAGES, f"the gone worker's session should have taken a share, live got {before}"
+        retired = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cloud_worker",
+                "retire",
+                "--worker-id",
+                gone_id,
+                "--port",
+                str(broker_settings.port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert retired.returncode == 0, retired.stderr
+        assert f'"retired": "{gone_id}"' in retired.stdout
+        send_utterances(links, device_id)
+        assert drained(live_received) == MESSAGES
+    finally:
+        live.close(end_session=True)
+
+
+def test_a_worker_that_stops_cleanly_leaves_no_session_behind(worker_factory, broker_settings, links, device_id):
+    # Issue 21: after a worker with a persistent session stopped cleanly, half of the devices' utterances went
+    # unanswered, queued in its session until it expired.
+    group = f"stop-{device_id}"
+    live, live_received = group_member(broker_settings, f"live-{device_id}", group)
+    try:
+        worker_factory(group, f"stopping-{device_id}").stop()
+        send_utterances(links, device_id)
+        assert drained(live_received) == MESSAGES
+        # Kept on request (--keep-session), for a restart that takes up its queued share.
+        worker_factory(group, f"keeping-{device_id}").stop(end_session=False)
+        send_utterances(links, device_id)
+        assert 0 < drained(live_received) < MESSAGES
+    finally:
+        live.close(end_session=True)
+        MqttLink(worker_client_id(f"keeping-{device_id}"), broker_settings, clean_start=True).close(end_session=True)
