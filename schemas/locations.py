@@ -98,6 +98,8 @@ def make_private_folder(folder: str | Path, remedy: str) -> Path:
     existing = next((index for index, path in enumerate(lineage) if path.is_dir()), len(lineage))
     try:
         for path in reversed(lineage[:existing]):
+            if path.exists() or path.is_symlink():
+                raise StateLocationError(f"cannot make the folder {folder} ({path} is not a folder): {remedy}")
             path.mkdir(mode=PRIVATE_FOLDER_MODE, exist_ok=True)
     except OSError as error:
         raise StateLocationError(f"cannot make the folder {folder} ({error.strerror or error}): {remedy}") from None
