@@ -90,6 +90,7 @@ def main() -> int:
             f"[broker]\nport = {broker.port}\n"
             f'[audio]\nsource = "file"\nfiles = {json.dumps([str(s) for s in samples])}\n'
             "[cloud]\ntimeout_s = 20\n"
+            f'[ota]\nstate_dir = "{RUN_DIR / "state"}"\n'  # the outbox here, not in the user's state folder
             f'[actions."*"]\ncommand = \'echo "$MQVOX_SOURCE action: $MQVOX_INTENT" >> {RUN_DIR / "actions.log"}\'\n'
         )
         try:
