@@ -132,7 +132,8 @@ class UtteranceService:
         self._stopping = threading.Event()
         self.counts: Counter[str] = Counter()
         """Utterances ``transcribed``, ``answered`` (from storage too), ``replayed`` from storage, ``refused``,
-        ``already_published`` (a redelivery acknowledged without a second answer), ``unstored`` (left
+        ``already_published`` (a redelivery acknowledged without a second answer), ``answered_elsewhere`` (a copy
+        another worker stored first, acknowledged without an answer: that worker answers it), ``unstored`` (left
         unacknowledged when the worker stopped during a database outage), and ``storage_retries``."""
 
     def start(self) -> UtteranceService:
@@ -333,11 +334,19 @@ class UtteranceService:
             }
             result = self._result(item.utterance, transcript, failure, timings)
             records.append(StoredUtterance(item.utterance, item.received.received_unix, transcript, result))
-        self._with_storage(lambda: self.store.save(records))
+        stored = self._with_storage(lambda: self.store.save(records))
         self.counts["transcribed"] += len(firsts)
         published = []
         for copies, record in zip(groups, records, strict=True):
             self.metrics.latency.observe(record.result.timings_ms["total"] / 1000)
+            if copies[0].key not in stored:
+                # Another worker stored it first (a device sent it again while both had it): that worker's answer
+                # stands, and it answers; should it die first, the device's next copy is answered from storage.
+                for copy in copies:
+                    copy.received.delivery.ack()
+                self.counts["answered_elsewhere"] += 1
+                log.info("stored first by another worker, which answers it", extra=_ids(record.result))
+                continue
             # One answer per utterance: the other copies in the batch (a redelivery that met its original)
             # are only acknowledged, and only once that answer has gone out.
             if self._answer(copies[0].received, record.result, how="transcribed"):

@@ -441,8 +441,9 @@ class Store(Database):
                     .on_conflict_do_nothing(index_elements=[PublicationRow.utterance_row_id])
                 )
 
-    def save(self, records: Sequence[StoredUtterance]) -> None:
+    def save(self, records: Sequence[StoredUtterance]) -> set[tuple[str, str]]:
         """Store every record in one transaction; one whose (device_id, utterance_id) is stored already is skipped.
+        The (device_id, utterance_id) of the records stored by this call.
 
         A duplicate, even one another worker inserts at the same moment, is skipped by the
         database itself (INSERT ... ON CONFLICT DO NOTHING) and never aborts the others.
@@ -450,10 +451,14 @@ class Store(Database):
         # One order for every worker, so two batches touching the same devices lock them in the same order.
         ordered = sorted(records, key=lambda record: (record.utterance.device_id, record.utterance.utterance_id))
         with self._unavailable_as_error("save utterances"), Session(self._engine) as session, session.begin():
-            for record in ordered:
-                self._save_one(session, record)
+            stored = {
+                (record.utterance.device_id, record.utterance.utterance_id)
+                for record in ordered
+                if self._save_one(session, record)
+            }
         if time.monotonic() >= self._next_purge_at:
             self.purge_expired_contributions()
+        return stored
 
     def contributions(self, device_ids: Sequence[str] | None = None) -> list[Contribution]:
         """The training contributions kept, of these devices (every device when None), audio included.
@@ -532,7 +537,8 @@ class Store(Database):
             log.info("expired training contributions deleted", extra={"detail": f"{deleted} older than {days} days"})
         return deleted
 
-    def _save_one(self, session: Session, record: StoredUtterance) -> None:
+    def _save_one(self, session: Session, record: StoredUtterance) -> bool:
+        """Whether the record was stored (False: stored already)."""
         utterance, result, received_at = record.utterance, record.result, record.received_at
         session.execute(
             self._insert(DeviceRow)
@@ -561,7 +567,7 @@ class Store(Database):
             .returning(UtteranceRow.row_id)
         ).scalar_one_or_none()
         if row_id is None:
-            return  # Stored already, by this worker or another: its first answer stands.
+            return False  # Stored already, by this worker or another: its first answer stands.
         session.execute(
             update(DeviceRow)
             .where(DeviceRow.device_id == utterance.device_id)
@@ -629,6 +635,7 @@ class Store(Database):
                 )
             )
         session.add_all(rows)
+        return True
 
 
 _INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}

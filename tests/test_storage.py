@@ -128,11 +128,13 @@ def test_saved_answer_is_returned_equal(open_store: StoreFactory) -> None:
 def test_saving_again_stores_nothing_new(open_store: StoreFactory) -> None:
     store = open_store()
     record = answered(utterance())
-    store.save([record])
+    key = ("kitchen", record.utterance.utterance_id)
+    assert store.save([record]) == {key}
     before = store.counts()
     redelivered = dataclasses.replace(record, result=dataclasses.replace(record.result, intent="other"))
-    store.save([redelivered])
-    store.save([record, record])
+    # Nothing stored, so the worker that saved it (another, say) answers it, and this one does not.
+    assert store.save([redelivered]) == set()
+    assert store.save([record, record]) == set()
     assert store.counts() == before
     assert store.answer_of("kitchen", record.utterance.utterance_id).result == record.result
 
