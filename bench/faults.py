@@ -1,21 +1,27 @@
-"""Fault tests with real processes: every utterance answered exactly once through four faults.
+"""Fault tests with real processes: every utterance answered exactly once through five faults.
 
     .venv/bin/python bench/faults.py [--devices 50] [--utterances 10] [--db-outage-s 30] [--cut-s 20]
-                                     [--faults broker_restart,worker_kill,database_outage,device_cut]
+                                     [--retire-after-s 5]
+                                     [--faults broker_restart,worker_kill,worker_gone,database_outage,device_cut]
 
 Each fault runs on a rig of its own, so that what one fault leaves broken is not counted
 against another: a real Mosquitto (broker_config/, with persistence), two cloud workers as
 subprocesses (``python -m cloud_worker serve``, stable worker ids, so persistent
 sessions), and a PostgreSQL database (``mqvox_faults_<pid>_<fault>``, dropped at the end).
 The load is fresh for each fault: ``--devices`` simulated devices, each with its own MQTT
-connection, SQLite outbox and OutboxSender, put ``--utterances`` real recordings (samples/
-and device/self_test_clips/, encoded to Opus) into their outboxes, paced over
-``--spread-s``. In the middle of the load:
+connection, SQLite outbox, OutboxSender and CloudClient (the device's own, which sends an
+unanswered request again every ``cloud.resend_after_s`` until ``cloud.timeout_s``, the
+device defaults), ask about ``--utterances`` real recordings (samples/ and
+device/self_test_clips/, encoded to Opus) through their outboxes, paced over ``--spread-s``. In the middle of the load:
 
 - ``broker_restart``: Mosquitto stopped (SIGTERM, it saves its persistence file) and
   started again on the same data directory and port ``--broker-down-s`` later;
 - ``worker_kill``: ``kill -9`` of one worker once it has answered some of the load, and
   the same worker id started again ``--restart-delay-s`` later, as systemd would;
+- ``worker_gone``: ``kill -9`` of one worker, never started again; ``--retire-after-s``
+  later its session is ended with ``python -m cloud_worker retire`` (negative: never),
+  as a unit's ExecStopPost or an operator would. Until then the broker routes a share
+  of the load to the dead session, and the devices' re-sends reach the live worker;
 - ``database_outage``: the database refuses connections (``ALLOW_CONNECTIONS false``
   and ``pg_terminate_backend`` of its sessions) for ``--db-outage-s``;
 - ``device_cut``: ``--cut-devices`` devices reach the broker through a TCP proxy that
@@ -49,15 +55,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy import create_engine, make_url, text
 
 from broker_config.broker import Broker
+from device.cloud_client import CloudClient, CloudDeferred
 from device.outbox import Outbox, OutboxSender
 from device.recording import read_recording
-from device.settings import OutboxSettings
+from device.settings import CloudSettings, OutboxSettings
 from schemas.envelope import Envelope
 from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.protocol import decode
@@ -79,7 +87,7 @@ CLIPS = (
 POSTGRES_URL = os.environ.get("MQVOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 """A PostgreSQL database to administer from: the bench creates and drops a database of its own beside it."""
 
-FAULTS = ("broker_restart", "worker_kill", "database_outage", "device_cut")
+FAULTS = ("broker_restart", "worker_kill", "worker_gone", "database_outage", "device_cut")
 """Every fault, in the order they run (each on a fresh broker, workers and database)."""
 
 _started = time.monotonic()
@@ -114,6 +122,9 @@ class FaultSettings:
     """How long Mosquitto stays down in ``broker_restart``."""
     restart_delay_s: float = 2.0
     """How long the killed worker stays dead in ``worker_kill`` before it is started again."""
+    retire_after_s: float = 5.0
+    """In ``worker_gone``, how long after the kill its session is ended with ``cloud_worker retire``; negative:
+    never, and the broker keeps routing a share of the load to the dead session."""
     db_outage_s: float = 30.0
     """How long the database refuses connections in ``database_outage``."""
     cut_s: float = 20.0
@@ -388,31 +399,63 @@ class Observer:
         self.link.close(end_session=True)
 
 
+class DeviceCounters:
+    """The counters a device's status would carry (cloud_resends, cloud_late_replies, ...), added to from the
+    cloud client's threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._counts[name]
+
+
 @dataclass
 class SimulatedDevice:
-    """One device's connection, outbox and sender, as the device runtime wires them."""
+    """One device's connection, outbox, sender and cloud client, as the device runtime wires them: each request
+    is asked on a thread of its own, and sent again while unanswered (cloud.resend_after_s) as a device does."""
 
     device_id: str
     link: MqttLink
     outbox: Outbox
     sender: OutboxSender
+    client: CloudClient
+    asking: ThreadPoolExecutor
+    cloud: CloudSettings
+    counts: DeviceCounters
     sent: list[str] = field(default_factory=list)
-    """Utterance ids put into the outbox, in order."""
+    """Utterance ids handed to the cloud client, in order."""
 
     @classmethod
-    def open(cls, device_id: str, port: int, folder: Path) -> SimulatedDevice:
+    def open(cls, device_id: str, port: int, folder: Path, *, in_flight: int) -> SimulatedDevice:
         link = MqttLink(device_id, BrokerSettings(port=port, connect_timeout_s=5.0), require_connection=False)
         outbox = Outbox(OutboxSettings(path=str(folder / f"{device_id}.sqlite3")))
-        return cls(device_id, link, outbox, OutboxSender(outbox, link).start())
+        sender = OutboxSender(outbox, link).start()
+        counts = DeviceCounters()
+        client = CloudClient(link, device_id, outbox=outbox, sender=sender, count=counts.add)
+        asking = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix=f"ask-{device_id}")
+        return cls(device_id, link, outbox, sender, client, asking, CloudSettings(), counts)
 
     def send(self, utterance: Utterance) -> None:
-        self.outbox.put(utterance)
         self.sent.append(utterance.utterance_id)
-        self.sender.wake()
+        self.asking.submit(self._ask, utterance)
+
+    def _ask(self, utterance: Utterance) -> None:
+        # The answer is counted by the Observer, where the workers publish it; here only the device's side.
+        with contextlib.suppress(CloudDeferred):  # the broker away: the outbox sends it later, once
+            self.client.ask(utterance, self.cloud.timeout_s, self.cloud.resend_after_s)
 
     def close(self) -> int:
         """Stop; how many messages were left unsent in the outbox."""
+        self.asking.shutdown(wait=True, cancel_futures=True)
         self.sender.stop()
+        self.client.close()
         self.link.close()
         left = self.outbox.stats().messages
         self.outbox.close()
@@ -590,7 +633,9 @@ class FaultRig:
                 device_id = f"{fault.replace('_', '-')}-{self.tag}-{index:03d}"
                 through_proxy = proxy is not None and index < settings.cut_devices
                 port = proxy.port if through_proxy else self.broker.port
-                devices.append(SimulatedDevice.open(device_id, port, self.folder / "outboxes"))
+                devices.append(
+                    SimulatedDevice.open(device_id, port, self.folder / "outboxes", in_flight=settings.utterances)
+                )
             load = Load(devices, self.templates, settings.utterances, settings.spread_s)
             load.start()
             evidence = FAULT_ACTIONS[fault](self, load, devices, proxy)
@@ -618,6 +663,7 @@ class FaultRig:
             "elapsed_s": round(time.monotonic() - started, 1),
             "unsent": unsent,
             "answered_twice_in_worker_logs": sum(1 for count in published.values() if count > 1),
+            "device_resends": sum(device.counts.get("cloud_resends") for device in devices),
             "fault": evidence,
         }
         if hung:
@@ -716,6 +762,40 @@ def fault_worker_kill(rig: FaultRig, load: Load, devices: list, proxy: TcpProxy 
     }
 
 
+def fault_worker_gone(rig: FaultRig, load: Load, devices: list, proxy: TcpProxy | None) -> dict:
+    victim = rig.workers[0]
+    rig.wait_to_trigger(load, lambda ids: _answered_by(victim, ids))
+    ids = load.sent_ids()
+    by_victim, answered = _answered_by(victim, ids), rig.observer.answered(ids)
+    say(
+        f"worker_gone: kill -9 {victim.worker_id} for good"
+        f" (it answered {by_victim}; {len(ids)} sent, {answered} answered)"
+    )
+    victim.kill()
+    resends_before = sum(device.counts.get("cloud_resends") for device in devices)
+    retired = None
+    if rig.settings.retire_after_s >= 0:
+        # What the unit's ExecStopPost, a supervisor or an operator does for a worker that will not come back.
+        time.sleep(rig.settings.retire_after_s)
+        done = subprocess.run(
+            [sys.executable, "-m", "cloud_worker", "retire", "--worker-id", victim.worker_id,
+             "--port", str(rig.broker.port)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        retired = done.returncode == 0
+        say(f"worker_gone: retired its session {rig.settings.retire_after_s:g} s after the kill: {done.stdout.strip()}")
+    return {
+        "killed": victim.worker_id,
+        "answered_by_it_before": by_victim,
+        "sent_before": len(ids),
+        "answered_before": answered,
+        "retire_after_s": rig.settings.retire_after_s,
+        "retired": retired,
+        "resends_before_kill": resends_before,
+        "load_running_after": load.is_alive(),
+    }
+
+
 def fault_database_outage(rig: FaultRig, load: Load, devices: list, proxy: TcpProxy | None) -> dict:
     rig.wait_to_trigger(load, rig.observer.answered)
     offsets = [worker.log_path.stat().st_size for worker in rig.workers]
@@ -772,6 +852,7 @@ def fault_device_cut(rig: FaultRig, load: Load, devices: list, proxy: TcpProxy |
 FAULT_ACTIONS = {
     "broker_restart": fault_broker_restart,
     "worker_kill": fault_worker_kill,
+    "worker_gone": fault_worker_gone,
     "database_outage": fault_database_outage,
     "device_cut": fault_device_cut,
 }
@@ -817,6 +898,9 @@ def main() -> int:
     parser.add_argument("--spread-s", type=float, default=defaults.spread_s, help="pacing of each device's load")
     parser.add_argument("--broker-down-s", type=float, default=defaults.broker_down_s)
     parser.add_argument("--restart-delay-s", type=float, default=defaults.restart_delay_s)
+    parser.add_argument(
+        "--retire-after-s", type=float, default=defaults.retire_after_s, help="worker_gone: negative for never"
+    )
     parser.add_argument("--db-outage-s", type=float, default=defaults.db_outage_s)
     parser.add_argument("--cut-s", type=float, default=defaults.cut_s)
     parser.add_argument("--cut-devices", type=int, default=defaults.cut_devices)
@@ -839,6 +923,7 @@ def main() -> int:
         spread_s=args.spread_s,
         broker_down_s=args.broker_down_s,
         restart_delay_s=args.restart_delay_s,
+        retire_after_s=args.retire_after_s,
         db_outage_s=args.db_outage_s,
         cut_s=args.cut_s,
         cut_devices=min(args.cut_devices, args.devices),

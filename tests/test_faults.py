@@ -1,4 +1,4 @@
-"""The four faults of bench/faults.py at small scale, with real processes: every utterance answered exactly once.
+"""The five faults of bench/faults.py at small scale, with real processes: every utterance answered exactly once.
 
 Each test gets its own Mosquitto (with persistence), two ``python -m cloud_worker serve`` subprocesses, a
 PostgreSQL database of its own and simulated devices with SQLite outboxes; the fault lands in the middle of
@@ -49,6 +49,8 @@ def test_every_utterance_answered_exactly_once(fault, templates, postgres_admin,
     if fault == "worker_kill":
         assert evidence["answered_by_it_before"] >= 1, evidence
         assert evidence["in_progress_at_kill"] >= 1, evidence
+    elif fault == "worker_gone":
+        assert evidence["answered_by_it_before"] >= 1 and evidence["retired"], evidence
     elif fault == "database_outage":
         assert evidence["sessions_ended"] >= 1, evidence
         assert evidence["workers_noticed"] >= 1, evidence
