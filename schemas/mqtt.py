@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as paho
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -35,6 +39,10 @@ class PublishRefused(RuntimeError):
     """A publish or subscription the broker refused, or one refused before sending because the broker would."""
 
 
+class NotAuthorized(PublishRefused):
+    """A publish or subscription the broker's ACL refused this client (MQTT 5 reason 0x87)."""
+
+
 class NoMatchingSubscribers(Exception):
     """The broker accepted a QoS 1 message but had no subscription to give it to (PUBACK reason 0x10): it is gone.
 
@@ -45,6 +53,9 @@ class NoMatchingSubscribers(Exception):
 
 NO_MATCHING_SUBSCRIBERS = 0x10
 """MQTT 5 PUBACK reason: accepted, and delivered to no one; Mosquitto 2 sends it to MQTT 5 publishers."""
+
+NOT_AUTHORIZED = 0x87
+"""MQTT 5 PUBACK or SUBACK reason: the broker's ACL does not let this client publish or read the topic."""
 
 SESSION_TAKEN_OVER = 0x8E
 """MQTT 5 DISCONNECT reason: another client connected with this client id, and the broker closed this one."""
@@ -77,18 +88,55 @@ class TlsSettings:
     @classmethod
     def from_folder(cls, folder: str) -> TlsSettings:
         """The CA, certificate and key of a client folder written by ``firmware_tools provision``."""
+        if not os.path.isdir(folder):
+            raise BrokerUnavailable(
+                f"TLS folder {folder} {'is not a folder' if os.path.exists(folder) else 'does not exist'}: give a "
+                f"client folder of firmware_tools provision, with {TLS_CA_FILE}, {TLS_CERT_FILE} and {TLS_KEY_FILE}"
+            )
         return cls(f"{folder}/{TLS_CA_FILE}", f"{folder}/{TLS_CERT_FILE}", f"{folder}/{TLS_KEY_FILE}")
 
     def context(self) -> ssl.SSLContext:
-        """A client context: the broker's certificate and host name verified, TLS 1.2 at least."""
+        """A client context: the broker's certificate and host name verified, TLS 1.2 at least.
+
+        Raises BrokerUnavailable naming the file that is missing, unreadable or not what it should be.
+        """
+        _check_pem(self.ca_file, "CA certificate", x509.load_pem_x509_certificates)
+        if self.cert_file is not None:
+            _check_pem(self.cert_file, "client certificate", x509.load_pem_x509_certificate)
+        if self.key_file is not None:
+            _check_pem(self.key_file, "private key", lambda data: serialization.load_pem_private_key(data, None))
         try:
             context = ssl.create_default_context(cafile=self.ca_file)
-            if self.cert_file is not None:
+        except ssl.SSLError as error:
+            raise BrokerUnavailable(f"TLS: cannot use the CA certificate {self.ca_file}: {error.reason}") from None
+        if self.cert_file is not None:
+            try:
                 context.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as error:
-            raise BrokerUnavailable(f"cannot use the TLS files {self}: {error}") from None
+            except ssl.SSLError as error:
+                if error.reason == "KEY_VALUES_MISMATCH":
+                    problem = f"the private key {self.key_file} is not the key of the certificate {self.cert_file}"
+                else:
+                    problem = f"cannot use the certificate {self.cert_file} with its key: {error.reason or error}"
+                raise BrokerUnavailable(f"TLS: {problem}") from None
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         return context
+
+
+def _check_pem(path: str, what: str, load: Callable[[bytes], object]) -> None:
+    """Raise BrokerUnavailable unless ``path`` is a readable file that ``load`` reads as ``what``."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BrokerUnavailable(f"TLS: the {what} {path} does not exist") from None
+    except OSError as error:
+        raise BrokerUnavailable(f"TLS: cannot read the {what} {path}: {error.strerror}") from None
+    try:
+        load(data)
+    except TypeError:
+        # cryptography's answer to a key that needs a password.
+        raise BrokerUnavailable(f"TLS: the {what} {path} is encrypted; mqvox needs it unencrypted") from None
+    except ValueError:
+        raise BrokerUnavailable(f"TLS: the {what} {path} is not a valid PEM {what}") from None
 
 
 @dataclass(frozen=True)
@@ -105,6 +153,11 @@ class BrokerSettings:
     """How long to wait for CONNACK (seconds)."""
     tls: TlsSettings | None = None
     """TLS settings; None for a plain TCP connection (the loopback development broker)."""
+
+    @property
+    def address(self) -> str:
+        """``host:port``, as messages name the broker."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +176,37 @@ def broker_from_arguments(args: argparse.Namespace) -> BrokerSettings:
     """BrokerSettings from options added by add_broker_arguments."""
     tls = TlsSettings.from_folder(args.tls) if args.tls else None
     return BrokerSettings(host=args.host, port=args.port, tls=tls)
+
+
+def tls_hint(broker: BrokerSettings) -> str:
+    """What to try when a plain connection to ``broker`` was reset or closed during the MQTT handshake."""
+    return f"the broker at {broker.address} may require TLS: pass --tls DIR (a device: [broker.tls] in its config)"
+
+
+def connection_failure(error: OSError, broker: BrokerSettings) -> str:
+    """Why a connection to ``broker`` failed, in one line that says what to check."""
+    address = broker.address
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve host {broker.host!r} ({error.strerror})"
+    if isinstance(error, ConnectionRefusedError):
+        return f"connection refused at {address} (is the broker running?)"
+    if isinstance(error, TimeoutError):
+        return (
+            f"connection to {address} timed out after {broker.connect_timeout_s:g} s "
+            "(is the address right, and the port open in its firewall?)"
+        )
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"TLS handshake with {address} failed: the broker's certificate does not verify against "
+            f"{broker.tls.ca_file if broker.tls else 'the CA file'}: {error.verify_message}"
+        )
+    if isinstance(error, (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)):
+        if broker.tls is None:
+            return f"connection reset by {address}: {tls_hint(broker)}"
+        return f"connection reset by {address} during the TLS handshake (does this port speak TLS?)"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake with {address} failed: {error.reason or error}"
+    return f"cannot connect to {address}: {error.strerror or error}"
 
 
 MessageHandler = Callable[[str, Envelope], None]
@@ -188,6 +272,7 @@ class MqttLink:
         waits at most ``broker.connect_timeout_s`` for it and then goes on, paho connecting in the background
         (a device starts and obeys local commands while its network is down)."""
         self.client_id = client_id
+        self._broker = broker
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         self._manual_ack = manual_ack
         self._client.manual_ack_set(manual_ack)
@@ -229,38 +314,40 @@ class MqttLink:
             self._client.tls_set_context(broker.tls.context())
         connect_properties = Properties(PacketTypes.CONNECT)
         connect_properties.SessionExpiryInterval = session_expiry_s
-        address = f"{broker.host}:{broker.port}"
-        if not require_connection:
-            self._client.connect_async(
-                broker.host,
-                broker.port,
-                keepalive=broker.keepalive_s,
-                clean_start=clean_start,
-                properties=connect_properties,
-            )
-            self._client.loop_start()
-            if not self._connected.wait(broker.connect_timeout_s) or self._connect_reason is not None:
-                reason = self._connect_reason or f"no CONNACK within {broker.connect_timeout_s} s"
-                log.warning(
-                    "not connected to the MQTT broker at %s yet (%s); retrying in the background", address, reason
-                )
-            return
+        # paho's socket timeout bounds the TCP connection and the TLS handshake; the CONNACK wait is below.
+        self._client.connect_timeout = broker.connect_timeout_s
+        connect = dict(
+            host=broker.host,
+            port=broker.port,
+            keepalive=broker.keepalive_s,
+            clean_start=clean_start,
+            properties=connect_properties,
+        )
+        # The first attempt is made here, not on paho's thread, so that its failure is known at once, with its cause
+        # (paho's on_connect_fail is told neither): a refused connection must not read as a CONNACK timeout.
         try:
-            self._client.connect(
-                broker.host,
-                broker.port,
-                keepalive=broker.keepalive_s,
-                clean_start=clean_start,
-                properties=connect_properties,
-            )
+            self._client.connect(**connect)
         except OSError as error:
-            raise BrokerUnavailable(f"cannot reach MQTT broker at {address}: {error}") from error
+            reason = connection_failure(error, broker)
+            if require_connection:
+                raise BrokerUnavailable(f"cannot reach MQTT broker: {reason}") from error
+            log.warning("not connected to the MQTT broker: %s; retrying in the background", reason)
+            self._client.connect_async(**connect)  # paho's thread retries from the start, with backoff
+            self._client.loop_start()
+            return
         self._client.loop_start()
-        if not self._connected.wait(broker.connect_timeout_s) or self._connect_reason is not None:
+        if not self._connected.wait(broker.connect_timeout_s):
+            self._connect_reason = (
+                f"no CONNACK from the MQTT broker at {broker.address} within {broker.connect_timeout_s:g} s"
+            )
+        reason = self._connect_reason  # before disconnect(), whose callback would tell of the disconnection instead
+        if reason is None:
+            return
+        if require_connection:
             self._client.loop_stop()
             self._client.disconnect()
-            reason = self._connect_reason or f"no CONNACK within {broker.connect_timeout_s} s"
-            raise BrokerUnavailable(f"MQTT broker at {address} refused {client_id!r}: {reason}")
+            raise BrokerUnavailable(reason)
+        log.warning("not connected to the MQTT broker yet: %s; retrying in the background", reason)
 
     @property
     def connected(self) -> bool:
@@ -279,7 +366,9 @@ class MqttLink:
         if isinstance(connection, socket.socket) and connection.family in (socket.AF_INET, socket.AF_INET6):
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reason_code.is_failure:
-            self._connect_reason = str(reason_code)
+            self._connect_reason = (
+                f"the MQTT broker at {self._broker.address} refused {self.client_id!r}: {reason_code}"
+            )
             log.error("the MQTT broker refused %r: %s", self.client_id, reason_code)
             self._connected.set()
             return
@@ -308,10 +397,17 @@ class MqttLink:
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if not self._connected.is_set():
-            # Closed before any CONNACK: with TLS, the broker refused the certificate (unknown CA,
-            # expired, revoked). Fail now, with the socket's error, rather than wait out the timeout.
+            # Closed before any CONNACK: with TLS, the broker refused the certificate (unknown CA, expired,
+            # revoked); without, a TLS listener reset what it took for a handshake. Fail now, with the socket's
+            # error, rather than wait out the timeout.
             detail = self._last_error or str(reason_code)
-            self._connect_reason = f"connection closed before CONNACK: {detail}"
+            if self._broker.tls is None:
+                hint = tls_hint(self._broker)
+            else:
+                hint = "it may have refused this client's certificate (signed by another CA, expired or revoked)"
+            self._connect_reason = (
+                f"the MQTT broker at {self._broker.address} closed the connection before CONNACK ({detail}): {hint}"
+            )
             self._connected.set()
             return
         if reason_code.value == SESSION_TAKEN_OVER:
@@ -329,7 +425,8 @@ class MqttLink:
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         outcome: Exception | None = None
         if reason_code.is_failure:
-            outcome = PublishRefused(f"broker refused the publish: {reason_code}")
+            refused = NotAuthorized if reason_code.value == NOT_AUTHORIZED else PublishRefused
+            outcome = refused(f"broker refused the publish: {reason_code}")
         elif reason_code.value == NO_MATCHING_SUBSCRIBERS:
             outcome = NoMatchingSubscribers(f"no subscriber: {reason_code}")
         with self._ack_lock:
@@ -425,7 +522,8 @@ class MqttLink:
             if not done.is_set():
                 raise TimeoutError(f"no PUBACK for {topic!r} within {timeout_s} s")
         if outcome[0] is not None and not isinstance(outcome[0], NoMatchingSubscribers):
-            raise PublishRefused(f"publish to {topic!r}: {outcome[0]}")
+            refused = NotAuthorized if isinstance(outcome[0], NotAuthorized) else PublishRefused
+            raise refused(f"publish to {topic!r}: {outcome[0]}")
 
     def publish_later(self, topic: str, envelope: Envelope, *, qos: int, retain: bool, done: PublishDone) -> int | None:
         """Hand the message to paho and return at once; ``done`` is called, on paho's thread, with the outcome.
@@ -515,7 +613,8 @@ class MqttLink:
                 self._subscribed.pop(mid, None)
             raise TimeoutError(f"no SUBACK for {topic_filter!r} within {timeout_s} s")
         if outcome[0].is_failure:
-            raise PublishRefused(f"broker refused subscription to {topic_filter!r}: {outcome[0]}")
+            refused = NotAuthorized if outcome[0].value == NOT_AUTHORIZED else PublishRefused
+            raise refused(f"broker refused subscription to {topic_filter!r}: {outcome[0]}")
 
     def close(self, *, end_session: bool = False) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread.
