@@ -1,8 +1,10 @@
-"""Run Mosquitto from broker_config/ on a given or free loopback port, with its own data directory."""
+"""Run Mosquitto from broker_config/ on loopback or a local address, on a given or free port, with a data folder."""
 
 from __future__ import annotations
 
+import errno
 import getpass
+import ipaddress
 import json
 import os
 import re
@@ -27,6 +29,9 @@ CONFIGS = {"dev": DEV_CONFIG, "prod": PROD_CONFIG}
 PROD_TLS_DIR = "/etc/mosquitto/mqvox/"
 """Where the production config expects the CA, the broker's certificate and key, the CRL and the ACL file."""
 
+LOOPBACK = "127.0.0.1"
+"""Where a broker listens unless told otherwise: this machine alone can reach it."""
+
 STATE_FILE = "broker.json"
 """Written into the data directory: port and pid of the running broker, read by ``stop``."""
 
@@ -35,15 +40,55 @@ class BrokerStartError(RuntimeError):
     """Mosquitto did not start or did not accept connections in time."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
+def free_port(address: str = LOOPBACK) -> int:
+    """A TCP port on ``address`` (an IP address of this machine) that nothing listens on right now."""
+    with socket.socket(_family(address), socket.SOCK_STREAM) as probe:
+        probe.bind((address, 0))
         return probe.getsockname()[1]
 
 
-def render_config(template: str, *, port: int, data_dir: Path, tls_dir: Path | None = None) -> str:
-    """A config of this folder with this broker's port (on loopback), data directory, log file and user.
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def check_bind_address(address: str) -> str:
+    """``address`` if a listener can bind it: an IP address of one of this machine's interfaces, or a wildcard.
+
+    Raises ValueError saying why not: a host name, or an address that belongs to another machine.
+    """
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(
+            f"cannot listen on {address!r}: not an IP address; `ip -brief address` lists this machine's"
+        ) from None
+    try:
+        free_port(address)
+    except OSError as error:
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(
+                f"cannot listen on {address}: not an address of this machine; `ip -brief address` lists its addresses"
+            ) from None
+        raise ValueError(f"cannot listen on {address}: {error.strerror}") from None
+    return address
+
+
+def exposure_warning(config: str, address: str, port: int) -> str | None:
+    """The warning for a development broker that listens beyond loopback; None for loopback or TLS."""
+    if config != DEV_CONFIG or ipaddress.ip_address(address).is_loopback:
+        return None
+    where = f"{address}:{port}" + (" (every interface)" if ipaddress.ip_address(address).is_unspecified else "")
+    return (
+        f"warning: this development broker listens on {where} with no authentication and no encryption: anyone "
+        "on that network can read every message and publish to every topic, commands to devices included; use "
+        "it on a network you trust, and the production config (--config prod) anywhere else"
+    )
+
+
+def render_config(
+    template: str, *, port: int, data_dir: Path, tls_dir: Path | None = None, bind: str = LOOPBACK
+) -> str:
+    """A config of this folder with this broker's address and port, data directory, log file and user.
 
     ``tls_dir`` replaces the production config's /etc/mosquitto/mqvox/, where its TLS files and ACL are.
     """
@@ -52,7 +97,7 @@ def render_config(template: str, *, port: int, data_dir: Path, tls_dir: Path | N
             raise ValueError(f"this config reads its TLS files from {PROD_TLS_DIR}: give the folder that has them")
         template = template.replace(PROD_TLS_DIR, f"{Path(tls_dir).resolve()}/")
     replacements = {
-        r"^listener \d+(?: \S+)?$": f"listener {port} 127.0.0.1",
+        r"^listener \d+(?: \S+)?$": f"listener {port} {bind}",
         r"^persistence_location .*$": f"persistence_location {data_dir}/",
         r"^log_dest .*$": f"log_dest file {data_dir}/mosquitto.log",
     }
@@ -68,20 +113,31 @@ def render_config(template: str, *, port: int, data_dir: Path, tls_dir: Path | N
 
 @dataclass
 class Broker:
-    """One Mosquitto process from a config of this folder, on loopback. A context manager, or start() / stop()."""
+    """One Mosquitto process from a config of this folder. A context manager, or start() / stop()."""
 
     data_dir: Path
     """Its config, persistence file, log and state file live here."""
     port: int = 0
-    """TCP port on 127.0.0.1; 0 picks a free one."""
+    """TCP port on ``bind``; 0 picks a free one."""
     config: str = DEV_CONFIG
     """Which config of this folder: DEV_CONFIG or PROD_CONFIG."""
     tls_dir: Path | None = None
     """PROD_CONFIG only: the folder with ca.pem, server.pem, server.key, crl.pem and acl (provision's broker/)."""
     executable: str = "mosquitto"
     """The mosquitto binary."""
+    bind: str = LOOPBACK
+    """The IP address it listens on: loopback, or one of this machine's for clients on its network (see
+    ``check_bind_address``; with DEV_CONFIG, anyone there may then use it: ``exposure_warning``)."""
     process: subprocess.Popen | None = None
     _log_offset: int = 0
+
+    @property
+    def reachable_address(self) -> str:
+        """An address this machine reaches the broker on: ``bind``, or loopback when it binds every interface."""
+        address = ipaddress.ip_address(self.bind)
+        if address.is_unspecified:
+            return "::1" if address.version == 6 else LOOPBACK
+        return self.bind
 
     @property
     def log_path(self) -> Path:
@@ -97,10 +153,11 @@ class Broker:
         template = resources.files("broker_config").joinpath(self.config).read_text(encoding="utf-8")
         attempts = 3 if self.port == 0 else 1
         for _ in range(attempts):
-            port = self.port or free_port()
+            port = self.port or free_port(self.bind)
             config = self.data_dir / "mosquitto.conf"
             config.write_text(
-                render_config(template, port=port, data_dir=self.data_dir, tls_dir=self.tls_dir), encoding="utf-8"
+                render_config(template, port=port, data_dir=self.data_dir, tls_dir=self.tls_dir, bind=self.bind),
+                encoding="utf-8",
             )
             self._log_offset = self.log_size()
             # Output goes to a file, not a pipe: `start` leaves the broker running after it exits.
@@ -118,7 +175,7 @@ class Broker:
                 return self
             self._reap()
         output = (self.data_dir / "mosquitto.stderr").read_text(errors="replace").strip()
-        raise BrokerStartError(f"mosquitto did not start on 127.0.0.1: {output or 'no output'}; see {self.log_path}")
+        raise BrokerStartError(f"mosquitto did not start on {self.bind}: {output or 'no output'}; see {self.log_path}")
 
     def _wait_listening(self, port: int, timeout_s: float) -> bool:
         # A TCP probe alone could reach another broker on the same port while this one
@@ -129,7 +186,7 @@ class Broker:
                 return False
             if " running" in self.log_since(self._log_offset):
                 try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    with socket.create_connection((self.reachable_address, port), timeout=0.2):
                         return self.process.poll() is None
                 except OSError:
                     pass
