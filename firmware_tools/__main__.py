@@ -197,14 +197,19 @@ def rollout(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Print each device's state, model and last update step, with the channel's latest rollout."""
-    from firmware_tools.fleet import FleetWatch, format_table, status_rows
+    from firmware_tools.fleet import FleetWatch, format_table, not_an_operator, status_rows, statuses_hidden
     from firmware_tools.rollout import RolloutPlan, StagePlan
 
     with _release_tools(args) as (registry, link, _publisher):
         watch = FleetWatch(link)
         watch.settle(quiet_s=args.quiet_s)
+        # An empty fleet and one the ACL hides look alike from here; only the broker can tell them apart.
+        hidden = not watch.seen() and statuses_hidden(link)
         rollout_record = registry.latest_rollout(args.channel)
         live = registry.live_version(args.channel)
+    if hidden:
+        print(f"error: received no device status: {not_an_operator(args.tls)}", file=sys.stderr)
+        return 2
     stages = []
     if rollout_record is not None:
         plan = rollout_record.plan
@@ -539,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Read the retained status of every device following --channel from the broker and print one "
         "row per device: online "
         "or offline, the model it runs, its stage in the channel's latest rollout, and its last update step "
-        "with the reason.",
+        "with the reason. Exit status 2 when the broker cannot be reached, or when its ACL hides the statuses from "
+        "this client (a certificate that is not an operator's).",
     )
     _add_release_arguments(watcher, key=False)
     watcher.add_argument("--device", help="only devices whose id matches this shell pattern")

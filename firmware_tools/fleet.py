@@ -7,16 +7,24 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from cryptography import x509
+
+from firmware_tools.certificates import common_name
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
 from schemas.model import RolloutStage
-from schemas.mqtt import MqttLink
+from schemas.mqtt import TLS_CERT_FILE, MqttLink, NotAuthorized
 from schemas.protocol import decode
 from schemas.status import DeviceStatus
-from schemas.topics import STATUS
+from schemas.topics import PREFIX, STATUS
 
 log = logging.getLogger("mqvox.fleet")
+
+ACCESS_PROBE_TOPIC = PREFIX + "/models/access-probe"
+"""Under the model topics, which operators alone may publish to, and read by no mqvox client: ``statuses_hidden``
+publishes an empty, non-retained message there."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,35 @@ class FleetWatch:
         """The latest status of each device with its arrival time, by device id: one consistent view."""
         with self._lock:
             return dict(self._seen)
+
+
+def statuses_hidden(link: MqttLink) -> bool:
+    """Whether the broker's ACL keeps the devices' statuses from this link's client (one that is not an operator).
+
+    Mosquitto 2 grants every subscription and filters at delivery, so such a client sees an empty fleet, not a
+    refusal. The roles of broker_config/acl.py give the statuses to operators alone, and operators alone may publish
+    under the model topics: the broker's answer to an empty message on ACCESS_PROBE_TOPIC tells an operator from any
+    other client. A broker without an ACL (the development broker) accepts it.
+    """
+    probe = Envelope(payload=b"", content_type="application/octet-stream")
+    try:
+        link.publish(ACCESS_PROBE_TOPIC, probe, qos=1, retain=False)
+    except NotAuthorized:
+        return True
+    return False
+
+
+def not_an_operator(tls_folder: str | None) -> str:
+    """Why a client refused an operator's rights (``statuses_hidden``) sees no status, naming its certificate's CN."""
+    client = "this client"
+    if tls_folder is not None:
+        certificate = x509.load_pem_x509_certificate(Path(tls_folder, TLS_CERT_FILE).read_bytes())
+        client = f"{common_name(certificate)!r} (the certificate of {tls_folder})"
+    return (
+        f"the broker refused {client} an operator's rights (a publish to {ACCESS_PROBE_TOPIC}: Not authorized), "
+        "and its ACL shows the devices' statuses to operators alone: pass --tls with an operator's client folder "
+        "(firmware_tools provision --operator NAME)"
+    )
 
 
 def stage_of(device_id: str, stages: Sequence[RolloutStage]) -> str:
