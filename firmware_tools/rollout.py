@@ -29,10 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from device.local_model import shipped_model_directory
 from firmware_tools.fleet import FleetWatch, SeenStatus
 from firmware_tools.registry import FAILED_STEPS, ModelRegistry, RolloutState
 from firmware_tools.release import EVERYONE, Publisher
-from schemas.model import RolloutStage
+from schemas.model import ModelPackage, RolloutStage
 from schemas.status import DeviceState, DeviceStatus, OtaState
 from schemas.topics import check_identifier
 
@@ -42,6 +43,12 @@ FINAL_STEPS = (OtaState.APPLIED, OtaState.REJECTED, OtaState.ROLLED_BACK)
 """Update steps after which a device has nothing more to say about a version."""
 
 _STAGE = re.compile(r"^(?:(?P<name>[A-Za-z0-9_-]{1,64}):)?(?P<spec>.+)$")
+
+
+def factory_version() -> str:
+    """The version of the model that ships with the device software, what a fleet starts from and a rollback most
+    often restores: its blob is never cleared."""
+    return ModelPackage.load(shipped_model_directory()).version
 
 
 class PlanError(ValueError):
@@ -246,7 +253,8 @@ class RolloutRunner:
         # Never the blob of a version a device of the channel runs (one that refused this one, say): a device that
         # restarts or falls back would find no model to fetch.
         in_use = {seen.status.model_version for seen in self._channel_fleet().values() if seen.status.model_version}
-        cleared = self.publisher.clear_superseded({self.version, *([previous] if previous else []), *in_use})
+        keep = {self.version, factory_version(), *in_use} | ({previous} if previous else set())
+        cleared = self.publisher.clear_superseded(keep)
         self.say(
             f"completed: {reports} report(s), every one applied; {self.version} is live"
             + (f"; cleared blobs {', '.join(cleared)}" if cleared else "")
@@ -324,7 +332,8 @@ class RolloutRunner:
         else:
             self.publisher.clear_manifest()
             self.say("no earlier version to restore: the manifest is cleared, devices keep what they run")
-        self.publisher.clear_blob(self.version)
+        if self.version != factory_version():
+            self.publisher.clear_blob(self.version)
         failures, reports = self._tally(self._final_reports(self._channel_fleet(), started_at))
         return RolloutOutcome(rollout_id, RolloutState.ABORTED, stage_index + 1, reports, failures, reason, previous)
 

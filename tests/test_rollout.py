@@ -16,7 +16,14 @@ from device.simulated import SimulatedDevice
 from firmware_tools.fleet import FleetWatch, format_table, status_rows
 from firmware_tools.registry import ModelRegistry, RegistryError, RolloutState
 from firmware_tools.release import EVERYONE, Publisher
-from firmware_tools.rollout import AbortCriteria, PlanError, RolloutPlan, RolloutRunner, StagePlan
+from firmware_tools.rollout import (
+    AbortCriteria,
+    PlanError,
+    RolloutPlan,
+    RolloutRunner,
+    StagePlan,
+    factory_version,
+)
 from schemas.model import RolloutStage
 from schemas.signing import load_private_key
 from schemas.status import DeviceState, DeviceStatus
@@ -72,6 +79,7 @@ def test_stage_specs_parse_and_accumulate():
     with pytest.raises(PlanError, match="progress_s"):
         RolloutPlan(stages=plan.stages, progress_s=0)
     assert AbortCriteria(20, 3).tripped(1, 3) and not AbortCriteria(20, 3).tripped(1, 2)
+    assert factory_version() == FACTORY_VERSION  # whose blob no rollout clears
     assert not AbortCriteria(50, 2).tripped(1, 3)
 
 
