@@ -90,8 +90,18 @@ def retire(args: argparse.Namespace) -> int:
     """End a gone worker's broker session, so that its share of the utterances goes to the others."""
     from cloud_worker.service import retire_session, worker_client_id
 
-    retire_session(args.worker_id, broker_from_arguments(args))
-    print(json.dumps({"retired": args.worker_id, "client_id": worker_client_id(args.worker_id)}))
+    broker = broker_from_arguments(args)
+    client_id = worker_client_id(args.worker_id)
+    identity = broker.tls.identity() if broker.tls is not None else None
+    if identity is not None and identity not in (args.worker_id, client_id):
+        # The production broker takes the certificate's name as the client id: this would end another session.
+        raise ValueError(
+            f"the broker knows this certificate as {identity!r} and takes that name as the client id, so retire"
+            f" would end {identity!r}'s session, not {args.worker_id!r}'s: pass --tls with the gone worker's own"
+            " client folder"
+        )
+    retire_session(args.worker_id, broker)
+    print(json.dumps({"retired": args.worker_id, "client_id": identity or client_id}))
     return 0
 
 
@@ -220,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "session expires (--session-expiry), even when the worker was killed and never came back. This connects "
         "under that worker's client id with a clean start and ends its session; what was queued for it is "
         "dropped, and devices send their unanswered requests again. A worker still running is only disconnected "
-        "and connects again: stop it first.",
+        "and connects again: stop it first. On the production broker, which takes a certificate's name as the "
+        "client id, pass --tls with the gone worker's own client folder.",
     )
     retirer.add_argument("--worker-id", required=True, help="the gone worker's --worker-id (its host name by default)")
     add_broker_arguments(retirer)

@@ -42,11 +42,6 @@ def certificate_pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def common_name(certificate: x509.Certificate) -> str:
-    """The CN of a certificate's subject."""
-    return certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 

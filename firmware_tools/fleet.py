@@ -7,15 +7,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from cryptography import x509
-
-from firmware_tools.certificates import common_name
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
 from schemas.model import RolloutStage
-from schemas.mqtt import TLS_CERT_FILE, MqttLink, NotAuthorized
+from schemas.mqtt import MqttLink, NotAuthorized, TlsSettings
 from schemas.protocol import decode
 from schemas.status import DeviceStatus
 from schemas.topics import PREFIX, STATUS
@@ -99,8 +95,7 @@ def not_an_operator(tls_folder: str | None) -> str:
     """Why a client refused an operator's rights (``statuses_hidden``) sees no status, naming its certificate's CN."""
     client = "this client"
     if tls_folder is not None:
-        certificate = x509.load_pem_x509_certificate(Path(tls_folder, TLS_CERT_FILE).read_bytes())
-        client = f"{common_name(certificate)!r} (the certificate of {tls_folder})"
+        client = f"{TlsSettings.from_folder(tls_folder).identity()!r} (the certificate of {tls_folder})"
     return (
         f"the broker refused {client} an operator's rights (a publish to {ACCESS_PROBE_TOPIC}: Not authorized), "
         "and its ACL shows the devices' statuses to operators alone: pass --tls with an operator's client folder "

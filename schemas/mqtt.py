@@ -19,6 +19,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -94,6 +95,18 @@ class TlsSettings:
                 f"client folder of firmware_tools provision, with {TLS_CA_FILE}, {TLS_CERT_FILE} and {TLS_KEY_FILE}"
             )
         return cls(f"{folder}/{TLS_CA_FILE}", f"{folder}/{TLS_CERT_FILE}", f"{folder}/{TLS_KEY_FILE}")
+
+    def identity(self) -> str | None:
+        """The CN of this client's certificate: the name the production broker knows it by, as its user name and
+        its client id (use_username_as_clientid), whatever client id it asks for. None without a certificate.
+
+        Raises BrokerUnavailable when the certificate is missing or not a certificate."""
+        if self.cert_file is None:
+            return None
+        _check_pem(self.cert_file, "client certificate", x509.load_pem_x509_certificate)
+        certificate = x509.load_pem_x509_certificate(Path(self.cert_file).read_bytes())
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else None
 
     def context(self) -> ssl.SSLContext:
         """A client context: the broker's certificate and host name verified, TLS 1.2 at least.

@@ -27,7 +27,7 @@ def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ("package", "subcommands"),
     [
         ("device", ["send", "detect", "run"]),
-        ("cloud_worker", ["serve"]),
+        ("cloud_worker", ["serve", "retire", "transcribe"]),
         (
             "firmware_tools",
             [

@@ -585,3 +585,24 @@ def test_a_broker_certificate_close_to_expiry_is_renewed_by_the_next_run(keys, t
     assert renewed != first  # 20 days left is within the 30-day margin
     Fleet(tmp_path, ProvisionSettings()).provision([])
     assert digest(tmp_path / "broker")["server.pem"] == renewed  # now 825 days: kept
+
+
+def test_retire_on_the_production_broker_needs_the_gone_worker_s_own_certificate(fleet, prod_broker) -> None:
+    # The production broker takes a certificate's name as the client id: retiring worker-1 with the operator's
+    # certificate would end the operator's session, so it is refused before connecting.
+    def retire(folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cloud_worker", "retire", "--worker-id", WORKER, "--host", "localhost",
+             "--port", str(prod_broker.port), "--tls", str(folder)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    with tls_link(prod_broker, fleet.client_dir(WORKER), clean_start=False, session_expiry_s=600) as gone:
+        gone.subscribe(f"$share/mqvox-workers/{UTTERANCE.filter()}", Collector())
+    wrong = retire(fleet.client_dir(OPERATOR))
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert f"the broker knows this certificate as '{OPERATOR}'" in wrong.stderr
+    assert f"not '{WORKER}''s" in wrong.stderr
+    right = retire(fleet.client_dir(WORKER))
+    assert right.returncode == 0, right.stderr
+    assert json.loads(right.stdout) == {"retired": WORKER, "client_id": WORKER}
