@@ -207,6 +207,7 @@ def status(args: argparse.Namespace) -> int:
         hidden = not watch.seen() and statuses_hidden(link)
         rollout_record = registry.latest_rollout(args.channel)
         live = registry.live_version(args.channel)
+        revoked = registry.revoked_devices()
     if hidden:
         print(f"error: received no device status: {not_an_operator(args.tls)}", file=sys.stderr)
         return 2
@@ -219,7 +220,7 @@ def status(args: argparse.Namespace) -> int:
         statuses = {device: status for device, status in statuses.items() if status.channel == args.channel}
     if args.device:
         statuses = {device: status for device, status in statuses.items() if fnmatch.fnmatch(device, args.device)}
-    rows = status_rows(statuses, stages)
+    rows = status_rows(statuses, stages, revoked)
     if args.json:
         print(json.dumps({"channel": args.channel, "live_version": live, "devices": rows}))
         return 0

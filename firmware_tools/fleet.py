@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 from schemas.envelope import Envelope
@@ -111,8 +111,11 @@ def stage_of(device_id: str, stages: Sequence[RolloutStage]) -> str:
     return "-"
 
 
-def status_rows(statuses: dict[str, DeviceStatus], stages: Sequence[RolloutStage] = ()) -> list[dict[str, str]]:
-    """One row per device, sorted by id: what ``status`` prints."""
+def status_rows(
+    statuses: dict[str, DeviceStatus], stages: Sequence[RolloutStage] = (), revoked: Set[str] = frozenset()
+) -> list[dict[str, str]]:
+    """One row per device, sorted by id: what ``status`` prints. A revoked device's state is ``revoked``: its
+    retained status may say online for ever, since the ACL refuses its offline status and Last Will."""
     rows = []
     for device_id in sorted(statuses):
         status = statuses[device_id]
@@ -120,7 +123,7 @@ def status_rows(statuses: dict[str, DeviceStatus], stages: Sequence[RolloutStage
         rows.append(
             {
                 "device": device_id,
-                "state": str(status.state),
+                "state": "revoked" if device_id in revoked else str(status.state),
                 "model": status.model_version or "-",
                 "stage": stage_of(device_id, stages),
                 "update": f"{ota.state} {ota.version}" if ota else "-",

@@ -321,6 +321,8 @@ def test_a_rollout_leaves_out_a_revoked_device_whose_status_still_says_online(
         outcome = RolloutRunner(publisher, registry, watch, "1.2.0", plan, say=say.append).run()
         assert outcome.state == RolloutState.COMPLETED and outcome.reports == 1, say
         assert "offered to 1 online device(s)" in say[1]
+        rows = {row["device"]: row for row in status_rows(watch.snapshot(), revoked=registry.revoked_devices())}
+        assert (rows[revoked]["state"], rows[good]["state"]) == ("revoked", "online")
     finally:
         stop_fleet(devices)
 
