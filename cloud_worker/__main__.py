@@ -80,6 +80,11 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stopping.set())
     service = UtteranceService(settings).start()
     log.info("ready", extra={"detail": f"model {service.transcriber.name}, database {service.store.database}"})
+    if args.drain:
+        # A gone worker's session, resumed under its id: answer what it holds, leave, and end it.
+        service.stop()
+        log.info("stopped", extra={"detail": f"drained; {service.counts['answered']} answered; session ended"})
+        return 0
     stopping.wait()
     service.stop(end_session=not args.keep_session)
     log.info("stopped", extra={"detail": "session kept" if args.keep_session else "session ended"})
@@ -185,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-session (default: %(default)s)",
     )
     server.add_argument(
+        "--drain",
+        action="store_true",
+        help="leave the group at once, answer what this --worker-id's session holds, end it and exit: run under a "
+        "gone worker's id, it answers the utterances queued for it (see retire)",
+    )
+    server.add_argument(
         "--keep-session",
         action="store_true",
         help="on SIGINT/SIGTERM keep the broker session, for a restart that takes up its queued share (default: "
@@ -229,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Mosquitto keeps routing a share of the group's utterances to a worker's session until the "
         "session expires (--session-expiry), even when the worker was killed and never came back. This connects "
         "under that worker's client id with a clean start and ends its session; what was queued for it is "
-        "dropped, and devices send their unanswered requests again. A worker still running is only disconnected "
+        "dropped, and devices send their unanswered requests again while they still wait (cloud.timeout_s); to "
+        "answer them all instead, run serve --drain under its --worker-id. A worker still running is only "
+        "disconnected "
         "and connects again: stop it first. On the production broker, which takes a certificate's name as the "
         "client id, pass --tls with the gone worker's own client folder.",
     )

@@ -130,6 +130,10 @@ class UtteranceService:
         self._thread = threading.Thread(target=self._run, name="utterances", daemon=True)
         self._link: MqttLink | None = None
         self._stopping = threading.Event()
+        self._traffic = threading.Lock()
+        self._outstanding = 0
+        """Deliveries received and not yet handled (under ``_traffic``), for ``drain``."""
+        self._last_received = time.monotonic()
         self.counts: Counter[str] = Counter()
         """Utterances ``transcribed``, ``answered`` (from storage too), ``replayed`` from storage, ``refused``,
         ``already_published`` (a redelivery acknowledged without a second answer), ``answered_elsewhere`` (a copy
@@ -165,14 +169,16 @@ class UtteranceService:
 
         Mosquitto keeps routing a share of the group's utterances to a member's session until it ends, where they
         would wait unanswered for ``session_expiry_s``: so the worker first leaves the group (the broker then
-        gives the others everything), answers what it holds, and then ends its session. ``end_session=False``
-        keeps the session and the subscription, for a restart that picks up its share where it left it.
+        gives the others everything), answers what its session still holds (``drain``), and then ends it.
+        ``end_session=False`` keeps the session and the subscription, for a restart that picks up its share.
         """
         if end_session and self._link is not None and self._link.connected:
             try:
-                self._link.unsubscribe(shared_filter(self.settings.group, UTTERANCE))
+                self._link.unsubscribe(shared_filter(self.settings.group, UTTERANCE), keep_handling=True)
             except (PublishRefused, TimeoutError) as error:
                 log.warning("could not leave the shared subscription before stopping: %s", error)
+            else:
+                self.drain()
         self._stopping.set()  # ends a storage retry: what it holds stays unacknowledged, with the broker
         self._inbox.put(None)
         if self._thread.is_alive():
@@ -183,8 +189,32 @@ class UtteranceService:
         if self._owns_store and self.store is not None:
             self.store.close()
 
+    def drain(self) -> bool:
+        """Wait until every delivery received is handled and none has come for ``drain_quiet_s``, at most
+        ``drain_timeout_s``; whether it got there. The broker sends a session's queue a window at a time, as the
+        worker acknowledges, so quiet means the queue is empty."""
+        settings = self.settings
+        deadline = time.monotonic() + settings.drain_timeout_s
+        while time.monotonic() < deadline:
+            with self._traffic:
+                quiet_for = time.monotonic() - self._last_received
+                if self._outstanding == 0 and quiet_for >= settings.drain_quiet_s:
+                    log.info("drained", extra={"detail": f"{self.counts['answered']} answered in all"})
+                    return True
+            time.sleep(0.05)
+        with self._traffic:
+            left = self._outstanding
+        log.warning(
+            "stopping before the session was drained: what it still holds is dropped with it",
+            extra={"detail": f"{left} delivery(ies) in hand after {settings.drain_timeout_s:g} s"},
+        )
+        return False
+
     def _receive(self, delivery: Delivery) -> None:
         # paho's network thread: hand over and return, since answering waits for PUBACKs.
+        with self._traffic:
+            self._outstanding += 1
+            self._last_received = time.monotonic()
         self.metrics.received.inc()
         self.metrics.queue_depth.inc()
         self._inbox.put(_Received(delivery, time.monotonic(), time.time()))
@@ -216,6 +246,8 @@ class UtteranceService:
                 log.exception("failed to handle a batch of %d", len(batch))
             finally:
                 self.metrics.queue_depth.dec(len(batch))
+                with self._traffic:
+                    self._outstanding -= len(batch)
 
     def handle_batch(self, batch: list[_Received]) -> None:
         """Answer a batch of deliveries; see the module's doc for the order of the steps."""

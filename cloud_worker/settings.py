@@ -69,6 +69,12 @@ class WorkerSettings:
     session_expiry_s: int = 3600
     """How long (seconds) the broker keeps this worker's session, and queues its share of the utterances, while
     it is away; a worker back within this time answers them all."""
+    drain_quiet_s: float = 1.0
+    """On a clean stop the worker leaves the group and answers what the broker still sends it from its session's
+    queue; it is drained once nothing has come for this long (seconds) and all is answered."""
+    drain_timeout_s: float = 60.0
+    """The longest a stop drains; what is left then is dropped with the session, and devices send their
+    unanswered requests again."""
     storage_retry: BackoffSettings = field(default_factory=BackoffSettings)
     """Waits between tries while the database is unavailable; nothing is acknowledged meanwhile."""
     limits: UtteranceLimits = field(default_factory=UtteranceLimits)

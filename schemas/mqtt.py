@@ -592,10 +592,13 @@ class MqttLink:
             topic_filter, lambda message, generation: self._hand_over(handler, message, generation), qos, timeout_s
         )
 
-    def unsubscribe(self, topic_filter: str) -> None:
-        """Stop routing ``topic_filter`` to its handler at once, and ask the broker to stop sending it."""
+    def unsubscribe(self, topic_filter: str, *, keep_handling: bool = False) -> None:
+        """Ask the broker to stop sending ``topic_filter``, and stop routing it to its handler at once, unless
+        ``keep_handling``: a worker leaving a shared subscription still answers what the broker had already
+        given it (its session's queue), which goes on arriving after the unsubscription."""
         with self._lock:
-            self._routes.pop(_route(topic_filter), None)
+            if not keep_handling:
+                self._routes.pop(_route(topic_filter), None)
             self._subscriptions.pop(topic_filter, None)
         rc, _ = self._client.unsubscribe(topic_filter)
         if rc != paho.MQTT_ERR_SUCCESS:

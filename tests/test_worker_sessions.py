@@ -10,7 +10,9 @@ import sys
 from cloud_worker.service import worker_client_id
 from schemas.envelope import Envelope
 from schemas.mqtt import MqttLink
-from schemas.topics import UTTERANCE, shared_filter
+from schemas.protocol import decode
+from schemas.topics import REPLY, UTTERANCE, shared_filter
+from tests.conftest import make_utterance
 
 MESSAGES = 12
 
@@ -93,3 +95,36 @@ def test_a_worker_that_stops_cleanly_leaves_no_session_behind(worker_factory, br
     finally:
         live.close(end_session=True)
         MqttLink(worker_client_id(f"keeping-{device_id}"), broker_settings, clean_start=True).close(end_session=True)
+
+
+def test_draining_a_gone_workers_session_answers_what_was_queued_for_it(
+    worker_factory, broker_settings, links, device_id
+):
+    # A worker killed for good leaves its share of the load in its session; `serve --drain` under its id
+    # resumes the session, leaves the group, answers all of it, and ends it.
+    group = f"drain-{device_id}"
+    live, live_received = group_member(broker_settings, f"live-{device_id}", group)  # takes a share, answers none
+    gone_id = f"gone-{device_id}"
+    gone, _ = group_member(broker_settings, worker_client_id(gone_id), group)
+    replies: queue.Queue = queue.Queue()
+    links().subscribe(REPLY.topic(device_id=device_id), lambda topic, envelope: replies.put(decode(topic, envelope)))
+    try:
+        gone.close()  # killed: its session keeps its share
+        device = links()
+        sent = set()
+        for _ in range(8):
+            utterance = make_utterance(device_id)
+            sent.add(utterance.utterance_id)
+            device.send(utterance)
+        taken_by_live = drained(live_received)
+        assert 0 < taken_by_live < 8
+        worker_factory(group, gone_id).stop()  # resumed, drained, ended
+        answered = set()
+        try:
+            while True:
+                answered.add(replies.get(timeout=2).utterance_id)
+        except queue.Empty:
+            pass
+        assert len(answered) == 8 - taken_by_live and answered <= sent
+    finally:
+        live.close(end_session=True)
