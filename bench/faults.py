@@ -1,7 +1,7 @@
 """Fault tests with real processes: every utterance answered exactly once through five faults.
 
     .venv/bin/python bench/faults.py [--devices 50] [--utterances 10] [--db-outage-s 30] [--cut-s 20]
-                                     [--retire-after-s 5]
+                                     [--gone-recovery drain|retire|none] [--recover-after-s 5]
                                      [--faults broker_restart,worker_kill,worker_gone,database_outage,device_cut]
 
 Each fault runs on a rig of its own, so that what one fault leaves broken is not counted
@@ -18,10 +18,12 @@ device/self_test_clips/, encoded to Opus) through their outboxes, paced over ``-
   started again on the same data directory and port ``--broker-down-s`` later;
 - ``worker_kill``: ``kill -9`` of one worker once it has answered some of the load, and
   the same worker id started again ``--restart-delay-s`` later, as systemd would;
-- ``worker_gone``: ``kill -9`` of one worker, never started again; ``--retire-after-s``
-  later its session is ended with ``python -m cloud_worker retire`` (negative: never),
-  as a unit's ExecStopPost or an operator would. Until then the broker routes a share
-  of the load to the dead session, and the devices' re-sends reach the live worker;
+- ``worker_gone``: ``kill -9`` of one worker, never started again; ``--recover-after-s``
+  later its session is drained by ``cloud_worker serve --drain`` under its id, which
+  answers what the session holds and ends it (``--gone-recovery retire``: ended by
+  ``cloud_worker retire``, dropping it; ``none``: left to expire). Until then the broker
+  routes a share of the load to the dead session, and the devices' re-sends reach the
+  live worker;
 - ``database_outage``: the database refuses connections (``ALLOW_CONNECTIONS false``
   and ``pg_terminate_backend`` of its sessions) for ``--db-outage-s``;
 - ``device_cut``: ``--cut-devices`` devices reach the broker through a TCP proxy that
@@ -122,9 +124,12 @@ class FaultSettings:
     """How long Mosquitto stays down in ``broker_restart``."""
     restart_delay_s: float = 2.0
     """How long the killed worker stays dead in ``worker_kill`` before it is started again."""
-    retire_after_s: float = 5.0
-    """In ``worker_gone``, how long after the kill its session is ended with ``cloud_worker retire``; negative:
-    never, and the broker keeps routing a share of the load to the dead session."""
+    gone_recovery: str = "drain"
+    """In ``worker_gone``, what is done about the dead worker's session: ``drain`` (``cloud_worker serve --drain``
+    under its id answers what it holds and ends it), ``retire`` (``cloud_worker retire`` ends it, dropping what it
+    holds) or ``none`` (the broker keeps routing a share of the load to it until it expires)."""
+    recover_after_s: float = 5.0
+    """How long after the kill the recovery starts."""
     db_outage_s: float = 30.0
     """How long the database refuses connections in ``database_outage``."""
     cut_s: float = 20.0
@@ -245,13 +250,24 @@ def _close(connection: socket.socket) -> None:
 class WorkerProcess:
     """One ``python -m cloud_worker serve`` subprocess under a stable worker id; its JSON logs go to a file."""
 
-    def __init__(self, worker_id: str, *, port: int, database_url: str, group: str, threads: int, log: Path) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        *,
+        port: int,
+        database_url: str,
+        group: str,
+        threads: int,
+        log: Path,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.worker_id = worker_id
+        self.group = group
         self.log_path = log
         self.command = [
             sys.executable, "-m", "cloud_worker", "--log-level", "INFO", "serve",
             "--port", str(port), "--worker-id", worker_id, "--database", database_url, "--group", group,
-            "--threads", str(threads),
+            "--threads", str(threads), *extra,
         ]  # fmt: skip
         self.process: subprocess.Popen | None = None
 
@@ -269,7 +285,7 @@ class WorkerProcess:
             )
         if not wait_for(lambda: self.process.poll() is not None or _has_event(self.events(offset), "ready"), timeout_s):
             raise RuntimeError(f"worker {self.worker_id} not ready within {timeout_s} s; see {self.log_path}")
-        if self.process.poll() is not None:
+        if self.process.poll() not in (None, 0):  # 0: a --drain worker done already
             raise RuntimeError(f"worker {self.worker_id} exited ({self.process.returncode}): {self.tail()}")
 
     def kill(self) -> None:
@@ -560,6 +576,8 @@ class FaultRig:
         self.broker: Broker | None = None
         self.database: Database | None = None
         self.workers: list[WorkerProcess] = []
+        self.drainers: list[WorkerProcess] = []
+        """Workers started under a gone worker's id to drain its session (worker_gone)."""
         self.observer: Observer | None = None
         self.ids: set[str] = set()
         """The utterance ids this rig's phase sent."""
@@ -597,6 +615,7 @@ class FaultRig:
             )
             self.workers.append(worker)
             self._stack.callback(worker.stop)
+        self._stack.callback(lambda: [drainer.stop() for drainer in self.drainers])
         for worker in self.workers:
             worker.start()
         say(
@@ -657,7 +676,7 @@ class FaultRig:
             unsent, hung = close_devices(devices)
         tally = self.observer.tally(ids)
         published = Counter()
-        for worker in self.workers:
+        for worker in self.workers + self.drainers:
             published.update(_publications(worker, ids))
         tally |= {
             "elapsed_s": round(time.monotonic() - started, 1),
@@ -700,7 +719,9 @@ class FaultRig:
     def keep_logs(self, folder: Path) -> None:
         """Copy the workers' and the broker's logs into ``folder``."""
         folder.mkdir(parents=True, exist_ok=True)
-        for log in [worker.log_path for worker in self.workers] + [self.folder / "broker" / "mosquitto.log"]:
+        for log in [worker.log_path for worker in self.workers + self.drainers] + [
+            self.folder / "broker" / "mosquitto.log"
+        ]:
             if log.exists():
                 shutil.copy(log, folder / log.name)
 
@@ -773,24 +794,40 @@ def fault_worker_gone(rig: FaultRig, load: Load, devices: list, proxy: TcpProxy 
     )
     victim.kill()
     resends_before = sum(device.counts.get("cloud_resends") for device in devices)
-    retired = None
-    if rig.settings.retire_after_s >= 0:
-        # What the unit's ExecStopPost, a supervisor or an operator does for a worker that will not come back.
-        time.sleep(rig.settings.retire_after_s)
-        done = subprocess.run(
-            [sys.executable, "-m", "cloud_worker", "retire", "--worker-id", victim.worker_id,
-             "--port", str(rig.broker.port)],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        retired = done.returncode == 0
-        say(f"worker_gone: retired its session {rig.settings.retire_after_s:g} s after the kill: {done.stdout.strip()}")
+    recovery = rig.settings.gone_recovery
+    if recovery != "none":
+        # What a supervisor or an operator does for a worker that will not come back: answer what its session
+        # holds (serve --drain under its id, on any machine with the worker), or only end the session (retire).
+        time.sleep(rig.settings.recover_after_s)
+        if recovery == "drain":
+            drainer = WorkerProcess(
+                victim.worker_id,
+                port=rig.broker.port,
+                database_url=rig.database.url,
+                group=victim.group,
+                threads=rig.settings.worker_threads,
+                log=rig.folder / "worker-drain.log",
+                extra=("--drain",),
+            )
+            rig.drainers.append(drainer)
+            drainer.start()  # it answers the session's queue, ends the session and exits on its own
+        else:
+            done = subprocess.run(
+                [sys.executable, "-m", "cloud_worker", "retire", "--worker-id", victim.worker_id,
+                 "--port", str(rig.broker.port)],
+                cwd=REPO, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"cloud_worker retire failed: {done.stderr.strip()}")
+        say(f"worker_gone: its session {'drained' if recovery == 'drain' else 'retired'} from"
+            f" {rig.settings.recover_after_s:g} s after the kill")  # fmt: skip
     return {
         "killed": victim.worker_id,
         "answered_by_it_before": by_victim,
         "sent_before": len(ids),
         "answered_before": answered,
-        "retire_after_s": rig.settings.retire_after_s,
-        "retired": retired,
+        "recovery": recovery,
+        "recover_after_s": rig.settings.recover_after_s,
         "resends_before_kill": resends_before,
         "load_running_after": load.is_alive(),
     }
@@ -899,8 +936,9 @@ def main() -> int:
     parser.add_argument("--broker-down-s", type=float, default=defaults.broker_down_s)
     parser.add_argument("--restart-delay-s", type=float, default=defaults.restart_delay_s)
     parser.add_argument(
-        "--retire-after-s", type=float, default=defaults.retire_after_s, help="worker_gone: negative for never"
+        "--gone-recovery", choices=("drain", "retire", "none"), default=defaults.gone_recovery, help="worker_gone"
     )
+    parser.add_argument("--recover-after-s", type=float, default=defaults.recover_after_s, help="worker_gone")
     parser.add_argument("--db-outage-s", type=float, default=defaults.db_outage_s)
     parser.add_argument("--cut-s", type=float, default=defaults.cut_s)
     parser.add_argument("--cut-devices", type=int, default=defaults.cut_devices)
@@ -923,7 +961,8 @@ def main() -> int:
         spread_s=args.spread_s,
         broker_down_s=args.broker_down_s,
         restart_delay_s=args.restart_delay_s,
-        retire_after_s=args.retire_after_s,
+        gone_recovery=args.gone_recovery,
+        recover_after_s=args.recover_after_s,
         db_outage_s=args.db_outage_s,
         cut_s=args.cut_s,
         cut_devices=min(args.cut_devices, args.devices),

@@ -50,7 +50,7 @@ def test_every_utterance_answered_exactly_once(fault, templates, postgres_admin,
         assert evidence["answered_by_it_before"] >= 1, evidence
         assert evidence["in_progress_at_kill"] >= 1, evidence
     elif fault == "worker_gone":
-        assert evidence["answered_by_it_before"] >= 1 and evidence["retired"], evidence
+        assert evidence["answered_by_it_before"] >= 1 and evidence["recovery"] == "drain", evidence
     elif fault == "database_outage":
         assert evidence["sessions_ended"] >= 1, evidence
         assert evidence["workers_noticed"] >= 1, evidence
