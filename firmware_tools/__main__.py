@@ -15,6 +15,7 @@ from pathlib import Path
 
 from schemas.errors import ProtocolError
 from schemas.locations import Role, default_database_url, state_folder
+from schemas.mqtt import PublishRefused
 from schemas.vocabulary import load_vocabulary
 
 
@@ -732,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reader has all it wanted; say nothing more, and let the exit's flush find nowhere to fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ProtocolError, OSError, ValueError, ConnectionError) as error:
+    except (ProtocolError, OSError, ValueError, ConnectionError, PublishRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -606,3 +606,16 @@ def test_retire_on_the_production_broker_needs_the_gone_worker_s_own_certificate
     right = retire(fleet.client_dir(WORKER))
     assert right.returncode == 0, right.stderr
     assert json.loads(right.stdout) == {"retired": WORKER, "client_id": WORKER}
+
+
+def test_a_publish_the_acl_refuses_is_a_clear_error(fleet, prod_broker, keys, tmp_path) -> None:
+    # A device's certificate may not publish models: one line and exit 2, not a traceback.
+    refused = subprocess.run(
+        [sys.executable, "-m", "firmware_tools", "publish", "--model", "device/models/default",
+         "--key", str(keys["fleet.key"]), "--database", f"sqlite:///{tmp_path}/registry.sqlite3",
+         "--host", "localhost", "--port", str(prod_broker.port), "--tls", str(fleet.client_dir(DEVICE_A))],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("error: ") and "Traceback" not in refused.stderr
+    assert "Not authorized" in refused.stderr
