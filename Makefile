@@ -90,8 +90,8 @@ format: setup
 	$(PY) -m ruff format .
 
 # A development broker from broker_config/, on BROKER_PORT (0 picks a free one), data in $(RUN_DIR)/broker.
-broker: setup
-	$(PY) -m broker_config start --port $(BROKER_PORT) --data-dir $(RUN_DIR)/broker
+broker: setup  # BIND=ADDRESS listens on the LAN (unauthenticated: see README "A Pi with a microphone")
+	$(PY) -m broker_config start --port $(BROKER_PORT) --data-dir $(RUN_DIR)/broker $(if $(BIND),--bind $(BIND),)
 
 broker-stop: setup
 	$(PY) -m broker_config stop --data-dir $(RUN_DIR)/broker
