@@ -186,20 +186,10 @@ def test_an_existing_state_folder_keeps_its_mode(tmp_path: Path) -> None:
     assert (mode(root), mode(root / "worker")) == (0o750, 0o700)
 
 
-def _unusable_root(tmp_path: Path, kind: str) -> tuple[Path, str]:
-    """A state root that cannot be used, and what the error must say of it."""
-    if kind == "under a file":
-        (tmp_path / "a-file").write_text("")
-        return tmp_path / "a-file" / "mqvox", f"{tmp_path / 'a-file'} is not a folder"
-    if os.geteuid() == 0:
-        pytest.skip("root writes in a read-only folder")
-    (tmp_path / "read-only").mkdir(mode=0o500)
-    return tmp_path / "read-only", "Permission denied"
-
-
-@pytest.mark.parametrize("kind", ["under a file", "read-only"])
-def test_an_unusable_state_folder_is_one_clear_error_naming_it_and_the_setting(tmp_path: Path, kind: str) -> None:
-    root, reason = _unusable_root(tmp_path, kind)
+def test_an_unusable_state_folder_is_one_clear_error_naming_it_and_the_setting(tmp_path: Path) -> None:
+    # A root under a file: unusable for root too, as the suite runs in CI (a read-only folder would not be).
+    (tmp_path / "a-file").write_text("")
+    root, reason = tmp_path / "a-file" / "mqvox", f"{tmp_path / 'a-file'} is not a folder"
     config = tmp_path / "device.toml"
     config.write_text('[broker]\nport = 1\n[audio]\nsource = "stdin"\n')
     commands = {
