@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -81,8 +82,8 @@ def serve(args: argparse.Namespace) -> int:
     service = UtteranceService(settings).start()
     log.info("ready", extra={"detail": f"model {service.transcriber.name}, database {service.store.database}"})
     if args.drain:
-        # A gone worker's session, resumed under its id: answer what it holds, leave, and end it.
-        service.stop()
+        # A gone worker's session, resumed under its id: answer all it holds, however long, leave, and end it.
+        service.stop(drain_timeout_s=math.inf)
         log.info("stopped", extra={"detail": f"drained; {service.counts['answered']} answered; session ended"})
         return 0
     stopping.wait()
@@ -192,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument(
         "--drain",
         action="store_true",
-        help="leave the group at once, answer what this --worker-id's session holds, end it and exit: run under a "
-        "gone worker's id, it answers the utterances queued for it (see retire)",
+        help="leave the group at once, answer all this --worker-id's session holds (however long it takes), end it "
+        "and exit: run under a gone worker's id, it answers the utterances queued for it (see retire)",
     )
     server.add_argument(
         "--keep-session",

@@ -164,13 +164,14 @@ class UtteranceService:
         log.info("subscribed", extra={"topic": subscription})
         return self
 
-    def stop(self, *, end_session: bool = True) -> None:
+    def stop(self, *, end_session: bool = True, drain_timeout_s: float | None = None) -> None:
         """Stop taking utterances, answer those in hand, and disconnect, ending the broker session.
 
         Mosquitto keeps routing a share of the group's utterances to a member's session until it ends, where they
         would wait unanswered for ``session_expiry_s``: so the worker first leaves the group (the broker then
-        gives the others everything), answers what its session still holds (``drain``), and then ends it.
-        ``end_session=False`` keeps the session and the subscription, for a restart that picks up its share.
+        gives the others everything), answers what its session still holds (``drain``, at most ``drain_timeout_s``,
+        the settings' by default), and then ends it. ``end_session=False`` keeps the session and the subscription,
+        for a restart that picks up its share.
         """
         if end_session and self._link is not None and self._link.connected:
             try:
@@ -178,7 +179,7 @@ class UtteranceService:
             except (PublishRefused, TimeoutError) as error:
                 log.warning("could not leave the shared subscription before stopping: %s", error)
             else:
-                self.drain()
+                self.drain(self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)
         self._stopping.set()  # ends a storage retry: what it holds stays unacknowledged, with the broker
         self._inbox.put(None)
         if self._thread.is_alive():
@@ -189,12 +190,12 @@ class UtteranceService:
         if self._owns_store and self.store is not None:
             self.store.close()
 
-    def drain(self) -> bool:
+    def drain(self, timeout_s: float) -> bool:
         """Wait until every delivery received is handled and none has come for ``drain_quiet_s``, at most
-        ``drain_timeout_s``; whether it got there. The broker sends a session's queue a window at a time, as the
-        worker acknowledges, so quiet means the queue is empty."""
+        ``timeout_s``; whether it got there. The broker sends a session's queue a window at a time, as the worker
+        acknowledges, so quiet means the queue is empty."""
         settings = self.settings
-        deadline = time.monotonic() + settings.drain_timeout_s
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._traffic:
                 quiet_for = time.monotonic() - self._last_received
@@ -206,7 +207,7 @@ class UtteranceService:
             left = self._outstanding
         log.warning(
             "stopping before the session was drained: what it still holds is dropped with it",
-            extra={"detail": f"{left} delivery(ies) in hand after {settings.drain_timeout_s:g} s"},
+            extra={"detail": f"{left} delivery(ies) in hand after {timeout_s:g} s"},
         )
         return False
 
