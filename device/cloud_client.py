@@ -133,8 +133,8 @@ class CloudClient:
         """Publish ``utterance`` and return the cloud's reply, or None if none came within ``timeout_s`` (the device
         then gives up on it: a later reply is late).
 
-        Every ``resend_after_s`` (0: never) without a reply, a request that has left the device is sent again,
-        with the same utterance id: one that went to a worker which died, or into the session of a worker that
+        After ``resend_after_s`` (0: never) without a reply, then after twice as long, and so on, a request that
+        has left the device is sent again, with the same utterance id: one that went to a worker which died, or into the session of a worker that
         stopped, reaches a live one, and the workers answer an utterance id once. One still in the outbox (the
         broker unreachable) is not sent twice.
 
@@ -148,11 +148,14 @@ class CloudClient:
         try:
             queued = self._hand_over(utterance)
             deadline = time.monotonic() + timeout_s
-            resend_at = time.monotonic() + resend_after_s if resend_after_s > 0 else float("inf")
+            wait_s = resend_after_s if resend_after_s > 0 else float("inf")
+            resend_at = time.monotonic() + wait_s
             while not waiter.done.wait(max(0.0, min(deadline, resend_at) - time.monotonic())):
                 if time.monotonic() >= deadline:
                     break
-                resend_at = time.monotonic() + resend_after_s
+                # Each wait twice the last: workers that are only slow (a backlog) get few copies to skip.
+                wait_s *= 2
+                resend_at = time.monotonic() + wait_s
                 if queued is None or not self._outbox.holds(queued):
                     queued = self._resend(utterance, queued)
         except BaseException:

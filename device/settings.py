@@ -169,9 +169,10 @@ class CloudSettings:
     timeout_s: float = 10.0
     """How long to wait for the cloud's reply before publishing a cloud_timeout result."""
     resend_after_s: float = 3.0
-    """Send a request again (same utterance id: the workers answer it once) each time this many seconds pass
-    without an answer, until timeout_s: a request that went to a worker which died, or into the session of one
-    that stopped, then reaches a live one. 0 sends each request once."""
+    """Send a request again (same utterance id: the workers answer it once) when this many seconds pass without
+    an answer, then after twice as long, and so on until timeout_s (at 3 and 9 s with the defaults): a request
+    that went to a worker which died, or into the session of one that stopped, then reaches a live one, and
+    workers that are only behind get few copies. 0 sends each request once."""
     max_in_flight: int = 4
     """Cloud requests waiting for an answer at once; further unsure utterances wait their turn."""
     min_confidence: float = CLOUD_MIN_CONFIDENCE
