@@ -134,9 +134,9 @@ class CloudClient:
         then gives up on it: a later reply is late).
 
         After ``resend_after_s`` (0: never) without a reply, then after twice as long, and so on, a request that
-        has left the device is sent again, with the same utterance id: one that went to a worker which died, or into the session of a worker that
-        stopped, reaches a live one, and the workers answer an utterance id once. One still in the outbox (the
-        broker unreachable) is not sent twice.
+        has left the device is sent again, with the same utterance id: one that went to a worker which died, or
+        into the session of a worker that stopped, reaches a live one, and the workers answer an utterance id
+        once. One still in the outbox (the broker unreachable) is not sent twice.
 
         Raises CloudDeferred when the request is still in the outbox at the end of the wait, and
         PublishRefused when it could not be sent or kept.
