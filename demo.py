@@ -12,6 +12,7 @@ with nothing acted on. The summary ends with what the worker's database holds.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -112,12 +113,10 @@ def main() -> int:
     print("traffic seen on mqvox/v1/#:")
     for line in traffic:
         print(f"  {line}")
-    events = [json.loads(line) for line in device.stderr.splitlines() if line.startswith("{")]
-    print("\nwhat the device did (from its log):")
-    for event in events:
-        if event["event"] in ("wake", "edge result", "asking the cloud", "cloud result", "cloud timeout", "action ran"):
-            detail = {key: event[key] for key in ("intent", "score", "confidence", "time_s") if key in event}
-            print(f"  {event['event']:<17} {json.dumps(detail)}")
+    # The device's own lines (`device run` logs one per wake, decision, cloud answer and action), without what the
+    # TFLite runtime prints.
+    logged = [line for line in device.stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)]
+    print("\nwhat the device did (its log):", *(f"  {line}" for line in logged), sep="\n")
     actions = (RUN_DIR / "actions.log").read_text().splitlines() if (RUN_DIR / "actions.log").exists() else []
     print("\nlocal actions run:", *(f"  {action}" for action in actions), sep="\n")
     with Store(StorageSettings(url=DATABASE)) as store:
