@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import paho.mqtt.client as paho
 from cryptography import x509
@@ -57,6 +58,12 @@ NO_MATCHING_SUBSCRIBERS = 0x10
 
 NOT_AUTHORIZED = 0x87
 """MQTT 5 PUBACK or SUBACK reason: the broker's ACL does not let this client publish or read the topic."""
+
+
+def _refusal(reason: int, message: str) -> PublishRefused:
+    """The error for a PUBACK or SUBACK failure ``reason``: NotAuthorized for the ACL's refusal."""
+    return (NotAuthorized if reason == NOT_AUTHORIZED else PublishRefused)(message)
+
 
 SESSION_TAKEN_OVER = 0x8E
 """MQTT 5 DISCONNECT reason: another client connected with this client id, and the broker closed this one."""
@@ -103,8 +110,7 @@ class TlsSettings:
         Raises BrokerUnavailable when the certificate is missing or not a certificate."""
         if self.cert_file is None:
             return None
-        _check_pem(self.cert_file, "client certificate", x509.load_pem_x509_certificate)
-        certificate = x509.load_pem_x509_certificate(Path(self.cert_file).read_bytes())
+        certificate = _check_pem(self.cert_file, "client certificate", x509.load_pem_x509_certificate)
         names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(names[0].value) if names else None
 
@@ -135,8 +141,12 @@ class TlsSettings:
         return context
 
 
-def _check_pem(path: str, what: str, load: Callable[[bytes], object]) -> None:
-    """Raise BrokerUnavailable unless ``path`` is a readable file that ``load`` reads as ``what``."""
+_Loaded = TypeVar("_Loaded")
+
+
+def _check_pem(path: str, what: str, load: Callable[[bytes], _Loaded]) -> _Loaded:
+    """What ``load`` reads in ``path``; BrokerUnavailable unless it is a readable file that ``load`` reads as
+    ``what``."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -144,7 +154,7 @@ def _check_pem(path: str, what: str, load: Callable[[bytes], object]) -> None:
     except OSError as error:
         raise BrokerUnavailable(f"TLS: cannot read the {what} {path}: {error.strerror}") from None
     try:
-        load(data)
+        return load(data)
     except TypeError:
         # cryptography's answer to a key that needs a password.
         raise BrokerUnavailable(f"TLS: the {what} {path} is encrypted; mqvox needs it unencrypted") from None
@@ -438,8 +448,7 @@ class MqttLink:
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         outcome: Exception | None = None
         if reason_code.is_failure:
-            refused = NotAuthorized if reason_code.value == NOT_AUTHORIZED else PublishRefused
-            outcome = refused(f"broker refused the publish: {reason_code}")
+            outcome = _refusal(reason_code.value, f"broker refused the publish: {reason_code}")
         elif reason_code.value == NO_MATCHING_SUBSCRIBERS:
             outcome = NoMatchingSubscribers(f"no subscriber: {reason_code}")
         with self._ack_lock:
@@ -629,8 +638,7 @@ class MqttLink:
                 self._subscribed.pop(mid, None)
             raise TimeoutError(f"no SUBACK for {topic_filter!r} within {timeout_s} s")
         if outcome[0].is_failure:
-            refused = NotAuthorized if outcome[0].value == NOT_AUTHORIZED else PublishRefused
-            raise refused(f"broker refused subscription to {topic_filter!r}: {outcome[0]}")
+            raise _refusal(outcome[0].value, f"broker refused subscription to {topic_filter!r}: {outcome[0]}")
 
     def close(self, *, end_session: bool = False) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread.
