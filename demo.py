@@ -23,9 +23,9 @@ from pathlib import Path
 
 from broker_config.broker import Broker
 from cloud_worker.storage import StorageSettings, Store
+from common.mqtt import BrokerSettings, MqttLink
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
-from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.protocol import decode
 from schemas.topics import PREFIX
 

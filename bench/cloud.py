@@ -75,8 +75,8 @@ from cloud_worker.calibration import fit, reliability
 from cloud_worker.service import UtteranceService
 from cloud_worker.settings import BatchSettings, WorkerSettings
 from cloud_worker.storage import StorageSettings
+from common.mqtt import BrokerSettings, MqttLink
 from schemas.envelope import Envelope
-from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.protocol import decode
 from schemas.reply import CloudReply
 from schemas.topics import REPLY
@@ -347,7 +347,7 @@ def throughput(
 def real_commands(args: argparse.Namespace, transcriber: Transcriber, peer: FasterWhisperPeer) -> dict:
     """The real-command section (see bench/real_commands.py): FSDD held out by speaker, real non-commands,
     isolation, the peer."""
-    from firmware_tools.real_speech import EVALUATION_PACKAGES, TRAINING_PACKAGES
+    from firmware_tools.building.real_speech import EVALUATION_PACKAGES, TRAINING_PACKAGES
 
     vocabulary = load_vocabulary()
     log("real commands: reading every clip (cached)")

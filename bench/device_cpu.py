@@ -4,7 +4,7 @@
   in 30 ms blocks (480 samples, the device's block) over several minutes of mixed audio: light
   noise, held-out flite voices speaking sentences, and a wake phrase + command every ~30 s;
   against the target of 2 ms and against the peer;
-- peer: microWakeWord's hey_jarvis through pymicro-wakeword (``firmware_tools.peers``), fed the
+- peer: microWakeWord's hey_jarvis through pymicro-wakeword (``firmware_tools.building.peers``), fed the
   same audio as 16-bit PCM in the same 30 ms chunks (its front end cuts them into 10 ms frames);
   the 10 ms chunks that ``peer.score`` streams by default are reported beside it;
 - full pipeline: the same audio through ``ListeningPipeline`` (wake, webrtcvad capture, RNNoise
@@ -42,17 +42,17 @@ import numpy as np
 import soundfile
 
 from broker_config.broker import Broker
+from common.mqtt import MqttLink
+from common.recording import DEVICE_SAMPLE_RATE, read_recording
 from device.audio_sources import AudioSource, PlaylistSource
 from device.capture import NoSpeech
 from device.detector import WakeDetector, WakeEvent
 from device.local_model import LocalModel, load_local_model
 from device.pipeline import CommandEvent, ListeningPipeline
-from device.recording import DEVICE_SAMPLE_RATE, read_recording
 from device.runtime import DeviceRuntime
 from device.settings import CaptureSettings, DenoiseMode, settings_from_dict
-from firmware_tools.peers import load_peers
+from firmware_tools.building.peers import load_peers
 from schemas.envelope import Envelope
-from schemas.mqtt import MqttLink
 from schemas.protocol import decode
 from schemas.result import Result, Source
 from schemas.topics import RESULT

@@ -64,12 +64,12 @@ from pathlib import Path
 from sqlalchemy import create_engine, make_url, text
 
 from broker_config.broker import Broker
+from common.mqtt import BrokerSettings, MqttLink
+from common.recording import read_recording
 from device.cloud_client import CloudClient, CloudDeferred
 from device.outbox import Outbox, OutboxSender
-from device.recording import read_recording
 from device.settings import CloudSettings, OutboxSettings
 from schemas.envelope import Envelope
-from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.protocol import decode
 from schemas.reply import CloudReply
 from schemas.topics import REPLY

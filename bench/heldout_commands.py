@@ -19,8 +19,8 @@ import numpy as np
 
 from device.features import batch_features
 from device.inference import TfliteClassifier
-from firmware_tools.evaluate import command_windows
-from firmware_tools.heldout import HeldOutSettings, load_or_build
+from firmware_tools.building.evaluate import command_windows
+from firmware_tools.building.heldout import HeldOutSettings, load_or_build
 from schemas.model import ModelPackage
 from schemas.vocabulary import load_vocabulary
 

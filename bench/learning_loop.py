@@ -6,7 +6,7 @@ What runs, all real: a Mosquitto started from broker_config/, the cloud worker
 (``python -m cloud_worker serve``, faster-whisper tiny.en) in its own process with a
 fresh SQLite database, simulated devices running the real device runtime and updater
 (device/simulated.py) each with its own connection and state folder, and each round of
-``firmware_tools/learn.py`` (curate, adapt, package, gate, and the staged rollout with
+``firmware_tools/learning/learn.py`` (curate, adapt, package, gate, and the staged rollout with
 its abort criteria).
 
 **The users.** Each device is spoken to by its own user:
@@ -35,7 +35,7 @@ broker before the next.
 through the device's own pipeline with the model the devices run, the share decided
 on the device (coverage) and its precision; wrong actions during the loop (a result
 acted on whose command is not the one said, edge or cloud); the gate's regression sets
-(firmware_tools/gate.py, base against candidate: FSDD speakers who are not users,
+(firmware_tools/learning/gate.py, base against candidate: FSDD speakers who are not users,
 held-out synthetic commands and other speech, false wakes on real speech, self-test);
 and the wall time of each stage.
 
@@ -64,30 +64,30 @@ from real_voices import one_utterance
 
 from broker_config.broker import Broker
 from cloud_worker.storage import StorageSettings, Store
+from common.mqtt import BrokerSettings, MqttLink
 from device.audio_sources import AudioSource
 from device.detector import WakeEvent
 from device.local_model import load_local_model, shipped_model_directory
 from device.pipeline import ListeningPipeline
 from device.settings import CaptureSettings, DenoiseMode, settings_from_dict
 from device.simulated import SimulatedDevice
-from firmware_tools.adapt import AdaptSettings, package_adapted
-from firmware_tools.augment import make_noise, mix_at_snr
-from firmware_tools.clips import ClipBank
-from firmware_tools.command_head import build_examples, train_head
-from firmware_tools.fleet import FleetWatch
-from firmware_tools.fleet_data import CurateSettings
-from firmware_tools.fsdd import fsdd_clips
-from firmware_tools.gate import GateSettings
-from firmware_tools.heldout import HELD_OUT_SPECS, HeldOutSettings, load_or_build
-from firmware_tools.learn import LearnSettings, publish_and_roll_out, report, run_round
-from firmware_tools.phrases import WAKE_LABEL, model_labels
-from firmware_tools.recipe import load_recipe
-from firmware_tools.registry import ModelRegistry
-from firmware_tools.release import EVERYONE, Publisher
-from firmware_tools.rollout import AbortCriteria, RolloutPlan, StagePlan
-from firmware_tools.train import configure_tensorflow
+from firmware_tools.building.augment import make_noise, mix_at_snr
+from firmware_tools.building.clips import ClipBank
+from firmware_tools.building.command_head import build_examples, train_head
+from firmware_tools.building.fsdd import fsdd_clips
+from firmware_tools.building.heldout import HELD_OUT_SPECS, HeldOutSettings, load_or_build
+from firmware_tools.building.phrases import WAKE_LABEL, model_labels
+from firmware_tools.building.recipe import load_recipe
+from firmware_tools.building.train import configure_tensorflow
+from firmware_tools.learning.adapt import AdaptSettings, package_adapted
+from firmware_tools.learning.fleet_data import CurateSettings
+from firmware_tools.learning.gate import GateSettings
+from firmware_tools.learning.learn import LearnSettings, publish_and_roll_out, report, run_round
+from firmware_tools.release.fleet import FleetWatch
+from firmware_tools.release.publish import EVERYONE, Publisher
+from firmware_tools.release.registry import ModelRegistry
+from firmware_tools.release.rollout import AbortCriteria, RolloutPlan, StagePlan
 from schemas.envelope import Envelope
-from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.result import Result
 from schemas.signing import generate_key_pair, load_private_key
 from schemas.topics import RESULT, UTTERANCE
@@ -132,7 +132,7 @@ def synthetic_users(vocabulary, cache_dir: Path) -> list[User]:
     users = []
     for voice in dict.fromkeys((spec.engine, spec.voice) for spec in specs):
         mine = [index for index, spec in enumerate(specs) if (spec.engine, spec.voice) == voice]
-        # The held-out commands are every phrase by every voice, phrase by phrase (firmware_tools/heldout.py).
+        # The held-out commands are every phrase by every voice, phrase by phrase (firmware_tools/building/heldout.py).
         takes = {
             index: [heldout.commands[at] for at in range(index, len(heldout.commands), len(specs))] for index in mine
         }

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.recording import read_recording
 from device.inference import TfliteClassifier
-from device.recording import read_recording
-from firmware_tools.evaluate import always_on_cpu
-from firmware_tools.peers import load_peers
+from firmware_tools.building.evaluate import always_on_cpu
+from firmware_tools.building.peers import load_peers
 from schemas.model import ModelPackage
 
 ROOT = Path(__file__).resolve().parent.parent

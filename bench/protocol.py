@@ -27,11 +27,11 @@ from pathlib import Path
 from broker_config.broker import Broker
 from cloud_worker.service import UtteranceService
 from cloud_worker.settings import WorkerSettings
+from common.mqtt import BrokerSettings, MqttLink
+from common.opus import encode_opus
+from common.recording import read_recording
 from device.cloud_client import CloudClient
-from device.recording import read_recording
-from schemas.audio import encode_opus
 from schemas.envelope import Envelope
-from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.result import Result, Source
 from schemas.utterance import UploadReason, Utterance, new_utterance_id
 

@@ -5,7 +5,7 @@
   calibration is fitted on the other five (with the training negatives), and the held-out
   speaker's clips are judged with it.
 - Non-commands: voice lines of Debian game and education packages whose words are known
-  and are no vocabulary phrase (firmware_tools/real_speech.py). The training packages
+  and are no vocabulary phrase (firmware_tools/building/real_speech.py). The training packages
   feed the fit; the evaluation packages are only measured.
 - Isolation: the same real clips transcribed alone and in shuffled batches beside other
   simulated devices' clips; every transcript and every phrase score must be equal.
@@ -31,7 +31,7 @@ from cloud_worker.asr import Transcriber
 from cloud_worker.calibration import OTHER, Calibration, Sample, act_floor, fit, reliability
 from cloud_worker.intents import IntentDecider, IntentMatch, IntentMatcher
 from cloud_worker.transcript import PhraseScores, Transcript
-from firmware_tools.fsdd import fsdd_clips
+from firmware_tools.building.fsdd import fsdd_clips
 from schemas.vocabulary import Command, Vocabulary, vocabulary_sha256
 
 CACHE = Path(".cache/bench/cloud_scores")
@@ -84,7 +84,7 @@ def fsdd_recordings(directory: Path, vocabulary: Vocabulary, takes: int = 50) ->
 
 def debian_recordings(packages: Iterable[str], vocabulary: Vocabulary, root: str = "/") -> list[Recording]:
     """Voice lines of ``packages`` whose words are known: non-commands, and the few that say a phrase."""
-    from firmware_tools.real_speech import VocabularyCheck, find_voice_lines
+    from firmware_tools.building.real_speech import VocabularyCheck, find_voice_lines
 
     check = VocabularyCheck(vocabulary)
     chosen = []

@@ -13,21 +13,21 @@ device detect`` and the running device use.
   open-set top-1 is the best class of all. The always-on model alone (the release
   before the head) is measured on the same clips beside it.
 - Real non-commands: the voice lines of the evaluation Debian packages whose words are
-  known and are no vocabulary phrase (firmware_tools/real_speech.py); the share the
+  known and are no vocabulary phrase (firmware_tools/building/real_speech.py); the share the
   device decides as a command.
 - False wakes: every evaluation-only real recording this machine has, streamed through
   the pipeline as a device hears it: the evaluation packages' voice lines, the Asterisk
   prompts (asterisk-core-sounds-en-wav), pocketsphinx's test recordings and codec2's
   speech samples (codec2-examples), with a
   second of silence between files. microWakeWord and openWakeWord hear the same audio
-  (``firmware_tools/peers.py``, their own thresholds: 0.97 and 0.5, with our refractory
+  (``firmware_tools/building/peers.py``, their own thresholds: 0.97 and 0.5, with our refractory
   period). The always-on CPU per audio second counts the verifier's runs at the trigger
   rate this speech causes; microWakeWord's is measured on the same audio in the same run.
 - Sizes of the models, and peak RSS of ``python -m device detect`` over the committed samples in a
   child process (VmHWM, as bench/device_cpu.py measures it).
 
 The held-out synthetic voices (wake recall, commands at 10 and 5 dB) are measured by
-``make evaluate`` (firmware_tools/evaluate.py), which runs the same package.
+``make evaluate`` (firmware_tools/building/evaluate.py), which runs the same package.
 
 Progress goes to stderr; the last line of stdout is one JSON object.
 Run: .venv/bin/python bench/real_voices.py --fsdd DIR [--work-dir .cache/train/default] [--quick]
@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from device_cpu import blocks, peak_rss
 
+from common.recording import read_recording
 from device.command_head import CommandHead
 from device.detector import (
     NON_COMMAND_LABELS,
@@ -55,11 +56,15 @@ from device.detector import (
 from device.inference import TfliteClassifier
 from device.local_model import LocalModel, load_local_model
 from device.pipeline import CommandEvent, ListeningPipeline
-from device.recording import read_recording
 from device.settings import CaptureSettings, DenoiseMode
 from device.speech_embedding import SpeechEmbedding, embedding_directory
-from firmware_tools.fsdd import fsdd_clips
-from firmware_tools.real_speech import EVALUATION_PACKAGES, VocabularyCheck, evaluation_speech, find_voice_lines
+from firmware_tools.building.fsdd import fsdd_clips
+from firmware_tools.building.real_speech import (
+    EVALUATION_PACKAGES,
+    VocabularyCheck,
+    evaluation_speech,
+    find_voice_lines,
+)
 from schemas.vocabulary import load_vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +163,7 @@ def non_commands(model: LocalModel) -> dict:
 
 def false_wakes(model: LocalModel, quick: bool) -> dict:
     """Wakes on real speech that never says the wake phrase, for us and both peers, and the always-on CPU."""
-    from firmware_tools.peers import load_peers
+    from firmware_tools.building.peers import load_peers
 
     peers = load_peers()
     gap = np.zeros(RATE, np.float32)

@@ -11,7 +11,7 @@ through the real command line, ``python -m firmware_tools``:
 2. ``publish`` (which holds) 1.2.0 (the shipped weights, a new version) and ``rollout`` it:
    canary (2 named devices), 25 % of the fleet, then 100 %;
 3. ``publish`` 1.3.0, whose weights are deliberately scrambled
-   (firmware_tools/drill.py), and ``rollout`` it the same way: every device that gets it
+   (firmware_tools/release/drill.py), and ``rollout`` it the same way: every device that gets it
    fails its self-test and rolls back, the abort criteria halt the rollout, and 1.2.0
    is re-published as a rollback;
 4. ``status``: the per-device table.
@@ -35,7 +35,7 @@ from broker_config.broker import Broker
 from device.local_model import shipped_model_directory
 from device.settings import settings_from_dict
 from device.simulated import SimulatedDevice
-from firmware_tools.drill import break_package, copy_package
+from firmware_tools.release.drill import break_package, copy_package
 from schemas.model import RolloutStage
 
 STAGES = ("canary:pi-01,pi-02", "early:25%", "fleet:100%")

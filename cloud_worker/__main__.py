@@ -16,11 +16,11 @@ from cloud_worker.calibration import Calibration
 from cloud_worker.intents import IntentDecider
 from cloud_worker.settings import BatchSettings, UtteranceLimits, WorkerSettings
 from cloud_worker.storage import StorageSettings, StorageUnavailable
-from schemas.audio import MAX_UTTERANCE_S
+from common.locations import default_database_url
+from common.logfmt import LOG_LEVELS, configure_logging, log_level
+from common.mqtt import BrokerUnavailable, add_broker_arguments, broker_from_arguments
+from common.opus import MAX_UTTERANCE_S
 from schemas.errors import ProtocolError
-from schemas.locations import default_database_url
-from schemas.logfmt import LOG_LEVELS, configure_logging, log_level
-from schemas.mqtt import BrokerUnavailable, add_broker_arguments, broker_from_arguments
 from schemas.vocabulary import load_vocabulary
 
 log = logging.getLogger("cloud_worker")
@@ -113,7 +113,7 @@ def retire(args: argparse.Namespace) -> int:
 
 def transcribe(args: argparse.Namespace) -> int:
     """Transcribe files with the service's recogniser and intent matcher; one JSON line (or text line) per file."""
-    from device.recording import RecordingError, read_recording
+    from common.recording import RecordingError, read_recording
 
     vocabulary = load_vocabulary(args.vocabulary)
     decider = IntentDecider(vocabulary, Calibration.load(args.calibration))

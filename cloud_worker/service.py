@@ -41,12 +41,12 @@ from cloud_worker.metrics import WorkerMetrics
 from cloud_worker.settings import WorkerSettings
 from cloud_worker.storage import StorageUnavailable, Store, StoredAnswer, StoredUtterance
 from cloud_worker.transcript import Transcript
-from schemas.audio import decode_opus
-from schemas.backoff import Backoff
+from common.backoff import Backoff
+from common.mqtt import BrokerSettings, Delivery, MqttLink, PublishRefused
+from common.opus import decode_opus
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.mqtt import BrokerSettings, Delivery, MqttLink, PublishRefused
 from schemas.protocol import decode
 from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from cloud_worker.asr import AsrSettings
 from cloud_worker.storage import StorageSettings
-from schemas.audio import MAX_UTTERANCE_S
-from schemas.backoff import BackoffSettings
-from schemas.mqtt import BrokerSettings
+from common.backoff import BackoffSettings
+from common.mqtt import BrokerSettings
+from common.opus import MAX_UTTERANCE_S
 from schemas.topics import UTTERANCE
 
 

@@ -46,7 +46,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from cloud_worker.transcript import Transcript
-from schemas.locations import Role, default_database_url, make_private_folder, make_state_folder, state_folder
+from common.locations import Role, default_database_url, make_private_folder, make_state_folder, state_folder
 from schemas.result import Result
 from schemas.utterance import Utterance
 
@@ -64,7 +64,7 @@ class StorageSettings:
 
     url: str = field(default_factory=default_database_url)
     """SQLAlchemy database URL. The default is an embedded SQLite file, ``mqvox.sqlite3`` in the worker's state
-    folder (schemas/locations.py: ``$STATE_DIRECTORY/worker`` under systemd, else ``$MQVOX_STATE_DIR/worker``, else
+    folder (common/locations.py: ``$STATE_DIRECTORY/worker`` under systemd, else ``$MQVOX_STATE_DIR/worker``, else
     ``~/.local/state/mqvox/worker``), which the operator tools use too; a SQLite file's folder is made, mode 0700,
     when missing. ``postgresql+psycopg://user:password@host:5432/name`` for a shared server."""
     keep_audio: bool = True
@@ -134,7 +134,7 @@ class Contribution:
     duration_s: float
     """Length of the audio (seconds)."""
     audio: bytes
-    """The audio as received, Opus in OGG (schemas.audio.decode_opus reads it)."""
+    """The audio as received, Opus in OGG (common.opus.decode_opus reads it)."""
     intent: str | None
     """The cloud's intent: the label; None when it heard no command of the vocabulary."""
     slots: dict[str, Any]

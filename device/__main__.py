@@ -11,6 +11,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from common.logfmt import LOG_FORMATS, LOG_LEVELS, configure_logging, log_level
+from common.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, broker_from_arguments
+from common.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
 from device.audio_sources import AudioSourceError, FileSource, open_configured_source
 from device.capture import NoSpeech
 from device.cloud_answer import cloud_result
@@ -19,12 +22,9 @@ from device.detector import WakeEvent
 from device.local_model import ModelUnavailable, load_configured_model
 from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
-from device.recording import DEVICE_SAMPLE_RATE, RecordingError, read_recording
 from device.self_test import SelfTestUnavailable
 from device.settings import DenoiseMode, DeviceSettings, SettingsError, load_settings
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.logfmt import LOG_FORMATS, LOG_LEVELS, configure_logging, log_level
-from schemas.mqtt import BrokerUnavailable, MqttLink, add_broker_arguments, broker_from_arguments
 from schemas.result import ErrorInfo, Result, Source
 from schemas.signing import SignatureError
 from schemas.status import DeviceState

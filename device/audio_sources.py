@@ -22,7 +22,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from device.recording import DEVICE_SAMPLE_RATE, PCM_SCALE, unreadable
+from common.recording import DEVICE_SAMPLE_RATE, PCM_SCALE, unreadable
 from device.settings import AudioSettings, AudioSourceKind
 
 log = logging.getLogger(__name__)

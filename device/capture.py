@@ -20,7 +20,7 @@ from enum import StrEnum
 import numpy as np
 import webrtcvad
 
-from device.recording import PCM_SCALE
+from common.recording import PCM_SCALE
 from device.settings import CaptureSettings
 
 TRAILING_AUDIO_MS = 200

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from common.mqtt import MqttLink, PublishRefused
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
-from schemas.mqtt import MqttLink, PublishRefused
 from schemas.protocol import decode
 from schemas.reply import CloudReply
 from schemas.topics import REPLY

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from device.recording import PCM_SCALE
+from common.recording import PCM_SCALE
 
 RNNOISE_SAMPLE_RATE = 48000
 """The only rate RNNoise works at (hertz)."""

@@ -19,7 +19,7 @@ from functools import cache
 
 import numpy as np
 
-from device.recording import PCM_SCALE
+from common.recording import PCM_SCALE
 from schemas.model import Frontend
 
 WINDOWS = {"hamming": np.hamming, "hann": np.hanning, "rectangular": np.ones}

@@ -35,7 +35,7 @@ class TfliteClassifier:
     """One .tflite model (or one signature of it): a window [frames, num_features] in, scores [labels] out.
 
     ``signature`` picks one model of a file that holds several (the command head beside the always-on model,
-    firmware_tools/tflite_merge.py); None takes the first subgraph, which is the always-on model.
+    firmware_tools/building/tflite_merge.py); None takes the first subgraph, which is the always-on model.
     """
 
     def __init__(self, model: str | Path | bytes, num_threads: int = 1, signature: str | None = None) -> None:

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.mqtt import MqttLink
 from device.detector import NON_COMMAND_LABELS
 from device.features import UnsupportedFrontend, check_frontend
 from device.installed_models import InstalledModels, newer
@@ -40,7 +41,6 @@ from device.settings import DeviceSettings
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
 from schemas.model import MODEL_FILE, ModelBlob, ModelManifest, ModelPackage
-from schemas.mqtt import MqttLink
 from schemas.protocol import decode
 from schemas.signing import SignatureError, load_public_key, verify_manifest
 from schemas.status import OtaProgress, OtaState

@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.backoff import Backoff, BackoffSettings
+from common.mqtt import MqttLink, NoMatchingSubscribers, PublishRefused
 from device.settings import DropPolicy, OutboxSettings
-from schemas.backoff import Backoff, BackoffSettings
 from schemas.envelope import Envelope
-from schemas.mqtt import MqttLink, NoMatchingSubscribers, PublishRefused
 from schemas.protocol import Message, encode
 from schemas.topics import UTTERANCE
 

@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from common.mqtt import MqttLink, PublishRefused
 from device.actions import ActionRequest, ActionRunner
 from device.audio_sources import AudioSource
 from device.capture import NoSpeech
@@ -42,7 +43,6 @@ from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
 from device.settings import DeviceSettings, UploadPolicy
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.mqtt import MqttLink, PublishRefused
 from schemas.protocol import Message
 from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source

@@ -19,10 +19,10 @@ from typing import Any
 
 import soundfile
 
+from common.recording import RecordingError, read_recording
 from device.detector import WakeEvent
 from device.local_model import LocalModel
 from device.pipeline import CommandEvent, ListeningPipeline
-from device.recording import RecordingError, read_recording
 from device.settings import AudioSettings, CaptureSettings, DenoiseMode
 
 SUITE_FILE = "suite.toml"

@@ -19,10 +19,10 @@ from typing import Any
 
 import dacite
 
-from schemas.audio import MAX_UTTERANCE_S
+from common.locations import Role, StateLocationError, make_state_folder
+from common.mqtt import BrokerSettings, TlsSettings
+from common.opus import MAX_UTTERANCE_S
 from schemas.errors import ProtocolError
-from schemas.locations import Role, StateLocationError, make_state_folder
-from schemas.mqtt import BrokerSettings, TlsSettings
 from schemas.topics import check_identifier
 
 
@@ -272,7 +272,7 @@ class OtaSettings:
     """Where updated models, the update journal and the outbox are kept; None for the device's state folder,
     wherever the config file is: ``$STATE_DIRECTORY/device`` under systemd (StateDirectory=), else
     ``$MQVOX_STATE_DIR/device``, else ``$XDG_STATE_HOME/mqvox/device`` (``~/.local/state/mqvox/device``); it is
-    made with mode 0700 (schemas/locations.py). The configured model stays the factory model, used until the
+    made with mode 0700 (common/locations.py). The configured model stays the factory model, used until the
     first update and whenever nothing newer works."""
     self_test: str | None = None
     """Folder of the self-test suite (suite.toml and its clips); None for the suite shipped with mqvox."""
@@ -454,7 +454,7 @@ def load_settings(path: str | Path) -> DeviceSettings:
     """Read a device config file. Relative file paths in it are taken relative to the file's folder.
 
     A config that names no state folder (ota.state_dir) gets the device's own, wherever the file is
-    (schemas/locations.py); it is made here, so a folder that cannot be written is a SettingsError.
+    (common/locations.py); it is made here, so a folder that cannot be written is a SettingsError.
     """
     path = Path(path)
     try:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.recording import PCM_SCALE
 from device.inference import ModelLoadError, interpreter_class
-from device.recording import PCM_SCALE
 
 SAMPLE_RATE = 16000
 """The rate (hertz) the models take."""

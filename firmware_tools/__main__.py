@@ -13,9 +13,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.locations import Role, default_database_url, state_folder
+from common.mqtt import PublishRefused
 from schemas.errors import ProtocolError
-from schemas.locations import Role, default_database_url, state_folder
-from schemas.mqtt import PublishRefused
 from schemas.vocabulary import load_vocabulary
 
 
@@ -44,8 +44,8 @@ def vocab(args: argparse.Namespace) -> int:
 
 def stages(args: argparse.Namespace) -> int:
     """Run training stages of a recipe (all of them by default), printing seconds per stage as JSON."""
-    from firmware_tools.pipeline import DEFAULT_WORK_ROOT, STAGES, StageContext, run_stages
-    from firmware_tools.recipe import load_recipe
+    from firmware_tools.building.pipeline import DEFAULT_WORK_ROOT, STAGES, StageContext, run_stages
+    from firmware_tools.building.recipe import load_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     recipe = load_recipe(args.recipe)
@@ -66,11 +66,11 @@ def stages(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Evaluate a packaged model, and the peers, on the held-out sets; print the headline figures as JSON."""
-    from firmware_tools.evaluate import evaluate as run_evaluation
-    from firmware_tools.heldout import HeldOutSettings
-    from firmware_tools.peers import load_peers
-    from firmware_tools.pipeline import DEFAULT_WORK_ROOT
-    from firmware_tools.recipe import load_recipe
+    from firmware_tools.building.evaluate import evaluate as run_evaluation
+    from firmware_tools.building.heldout import HeldOutSettings
+    from firmware_tools.building.peers import load_peers
+    from firmware_tools.building.pipeline import DEFAULT_WORK_ROOT
+    from firmware_tools.building.recipe import load_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     settings = HeldOutSettings(negative_minutes=args.negative_minutes, max_phrases=args.max_phrases)
@@ -111,9 +111,9 @@ def keygen(args: argparse.Namespace) -> int:
 def _release_tools(args: argparse.Namespace) -> Iterator[tuple]:
     """The registry, the broker link and the publisher that publish, rollout and status share."""
     from cloud_worker.storage import StorageSettings
-    from firmware_tools.registry import ModelRegistry
-    from firmware_tools.release import Publisher
-    from schemas.mqtt import MqttLink, broker_from_arguments
+    from common.mqtt import MqttLink, broker_from_arguments
+    from firmware_tools.release.publish import Publisher
+    from firmware_tools.release.registry import ModelRegistry
     from schemas.signing import load_private_key
 
     private_key = load_private_key(args.key) if getattr(args, "key", None) else None
@@ -127,9 +127,9 @@ def _release_tools(args: argparse.Namespace) -> Iterator[tuple]:
 
 def publish(args: argparse.Namespace) -> int:
     """Register a model package and retain its blob; with --stage, also offer it to that one stage at once."""
-    from firmware_tools.fleet import FleetWatch
-    from firmware_tools.release import EVERYONE
-    from firmware_tools.rollout import RolloutPlan, StagePlan, check_named_devices
+    from firmware_tools.release.fleet import FleetWatch
+    from firmware_tools.release.publish import EVERYONE
+    from firmware_tools.release.rollout import RolloutPlan, StagePlan, check_named_devices
 
     if args.hold and args.stage:
         raise ValueError("--hold offers the version to no device, --stage to some: give one of them")
@@ -172,9 +172,9 @@ def publish(args: argparse.Namespace) -> int:
 
 def rollout(args: argparse.Namespace) -> int:
     """Roll a registered version out in stages; exit 1 if the abort criteria halted it."""
-    from firmware_tools.fleet import FleetWatch
-    from firmware_tools.registry import RolloutState
-    from firmware_tools.rollout import AbortCriteria, RolloutPlan, RolloutRunner, StagePlan
+    from firmware_tools.release.fleet import FleetWatch
+    from firmware_tools.release.registry import RolloutState
+    from firmware_tools.release.rollout import AbortCriteria, RolloutPlan, RolloutRunner, StagePlan
 
     plan = RolloutPlan(
         stages=tuple(StagePlan.parse(text, index) for index, text in enumerate(args.stage)),
@@ -198,8 +198,8 @@ def rollout(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Print each device's state, model and last update step, with the channel's latest rollout."""
-    from firmware_tools.fleet import FleetWatch, format_table, not_an_operator, status_rows, statuses_hidden
-    from firmware_tools.rollout import RolloutPlan, StagePlan
+    from firmware_tools.release.fleet import FleetWatch, format_table, not_an_operator, status_rows, statuses_hidden
+    from firmware_tools.release.rollout import RolloutPlan, StagePlan
 
     with _release_tools(args) as (registry, link, _publisher):
         watch = FleetWatch(link)
@@ -272,11 +272,11 @@ LEARN_STAGES = ("canary:10%", "fleet:100%")
 def learn(args: argparse.Namespace) -> int:
     """One fleet learning round (curate, adapt, package, gate, roll out), or --report of every round."""
     from cloud_worker.storage import StorageSettings, Store
-    from firmware_tools.adapt import AdaptSettings
-    from firmware_tools.fleet_data import CurateSettings
-    from firmware_tools.gate import GateSettings
-    from firmware_tools.learn import LearnSettings, publish_and_roll_out, report, run_round
-    from firmware_tools.registry import ModelRegistry
+    from firmware_tools.learning.adapt import AdaptSettings
+    from firmware_tools.learning.fleet_data import CurateSettings
+    from firmware_tools.learning.gate import GateSettings
+    from firmware_tools.learning.learn import LearnSettings, publish_and_roll_out, report, run_round
+    from firmware_tools.release.registry import ModelRegistry
 
     if args.report:
         with ModelRegistry(StorageSettings(url=args.database)) as registry:
@@ -309,8 +309,8 @@ def learn(args: argparse.Namespace) -> int:
             with ModelRegistry(StorageSettings(url=args.database)) as registry:
                 outcome = run_round(settings, store, registry, say=lambda text: print(text, flush=True))
         else:
-            from firmware_tools.fleet import FleetWatch
-            from firmware_tools.rollout import AbortCriteria, RolloutPlan, StagePlan
+            from firmware_tools.release.fleet import FleetWatch
+            from firmware_tools.release.rollout import AbortCriteria, RolloutPlan, StagePlan
 
             plan = RolloutPlan(
                 stages=tuple(StagePlan.parse(text, index) for index, text in enumerate(args.stage or LEARN_STAGES)),
@@ -328,7 +328,7 @@ def learn(args: argparse.Namespace) -> int:
 def provision(args: argparse.Namespace) -> int:
     """Create or update the fleet folder: CA, client certificates, ACL, CRL, device configs."""
     from broker_config.acl import Role
-    from firmware_tools.provision import Fleet, ProvisionSettings, parse_clients
+    from firmware_tools.onboarding.provision import Fleet, ProvisionSettings, parse_clients
 
     settings = ProvisionSettings(
         broker_names=tuple(args.broker_host) if args.broker_host else None,
@@ -348,7 +348,7 @@ def provision(args: argparse.Namespace) -> int:
     )
     if args.revoke:
         from cloud_worker.storage import StorageSettings
-        from firmware_tools.registry import ModelRegistry
+        from firmware_tools.release.registry import ModelRegistry
 
         # Its retained status may say "online" for ever: the ACL now refuses its offline status and Last Will.
         with ModelRegistry(StorageSettings(url=args.database)) as registry:
@@ -362,8 +362,8 @@ def bundle(args: argparse.Namespace) -> int:
     """Write one provisioned device's bundle."""
     import tempfile
 
-    from firmware_tools.bundle import build_wheel, write_bundle
-    from firmware_tools.provision import Fleet
+    from firmware_tools.onboarding.bundle import build_wheel, write_bundle
+    from firmware_tools.onboarding.provision import Fleet
 
     fleet = Fleet.open(args.fleet_dir)
     with tempfile.TemporaryDirectory(prefix="mqvox-wheel-") as scratch:
@@ -376,8 +376,8 @@ def bundle(args: argparse.Namespace) -> int:
 
 def flash(args: argparse.Namespace) -> int:
     """Install a bundle into a mounted root filesystem and enable its unit."""
-    from firmware_tools.bundle import OpenedBundle
-    from firmware_tools.flash import flash as flash_bundle
+    from firmware_tools.onboarding.bundle import OpenedBundle
+    from firmware_tools.onboarding.flash import flash as flash_bundle
 
     with OpenedBundle(args.bundle) as folder:
         outcome = flash_bundle(folder, args.rootfs)
@@ -394,7 +394,7 @@ def _add_database_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_release_arguments(parser: argparse.ArgumentParser, *, key: bool) -> None:
-    from schemas.mqtt import add_broker_arguments
+    from common.mqtt import add_broker_arguments
 
     parser.add_argument("--channel", default="stable", help="release channel (default: %(default)s)")
     _add_database_argument(parser)
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     vocabulary.add_argument("--vocabulary", type=Path, help="vocabulary TOML (default: schemas/vocabulary.toml)")
     vocabulary.add_argument("--json", action="store_true", help="print one JSON document")
     vocabulary.set_defaults(run=vocab)
-    from firmware_tools.pipeline import STAGES
+    from firmware_tools.building.pipeline import STAGES
 
     for name, help_text in (
         ("synth", "render every phrase with every training engine and voice, and multiply speakers"),
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     contributor.set_defaults(run=contributions)
 
-    from firmware_tools.fleet_data import CurateSettings
+    from firmware_tools.learning.fleet_data import CurateSettings
 
     learner = commands.add_parser(
         "learn",
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     learner.set_defaults(run=learn)
 
-    from firmware_tools.provision import DEFAULT_BROKER_NAMES, TLS_PORT, ProvisionSettings
+    from firmware_tools.onboarding.provision import DEFAULT_BROKER_NAMES, TLS_PORT, ProvisionSettings
 
     provisioner = commands.add_parser(
         "provision",

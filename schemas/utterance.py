@@ -11,7 +11,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from schemas.audio import encode_opus
+from common.opus import encode_opus
 from schemas.envelope import Envelope
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.result import SlotValue
@@ -80,7 +80,7 @@ class Utterance:
     reason: UploadReason
     """Why the device asks the cloud."""
     audio: bytes
-    """The audio, Opus in OGG (see schemas.audio)."""
+    """The audio, Opus in OGG (see common.opus)."""
     captured_at: float = field(default_factory=time.time)
     """Unix time (seconds) the utterance ended."""
     share_for_training: bool = False
@@ -156,7 +156,7 @@ class Utterance:
         """Check every part of the request; raises ProtocolError on anything off.
 
         The audio is only checked to be an OGG stream of allowed size here;
-        decoding it (schemas.audio) is the receiver's next step.
+        decoding it (common.opus) is the receiver's next step.
         """
         envelope.expect_content_type(UTTERANCE.content_type, UTTERANCE.name)
         meta = decode_json(

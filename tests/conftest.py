@@ -16,12 +16,12 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
 from broker_config.broker import Broker
+from common.mqtt import BrokerSettings, MqttLink
+from common.recording import read_recording
 from device.local_model import shipped_model_directory
-from device.recording import read_recording
 from device.settings import settings_from_dict
-from firmware_tools.drill import break_package, copy_package
+from firmware_tools.release.drill import break_package, copy_package
 from schemas.envelope import Envelope
-from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.signing import generate_key_pair
 from schemas.utterance import Hypothesis, UploadReason, Utterance
 
@@ -35,7 +35,7 @@ _ids = itertools.count()
 
 @pytest.fixture(autouse=True)
 def private_state_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test's own state root (schemas/locations.py), for it and its subprocesses: never the user's.
+    """Each test's own state root (common/locations.py), for it and its subprocesses: never the user's.
 
     Through XDG_STATE_HOME, so no MQVOX_ variable appears in the environment that actions see.
     """
@@ -207,8 +207,8 @@ TINY_FSDD = Path(__file__).parent / "data" / "fsdd"
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, float]]:
     """The whole tiny recipe, once for the session: (work folder, package folder, seconds per stage)."""
-    from firmware_tools.pipeline import STAGES, StageContext, run_stages
-    from firmware_tools.recipe import load_recipe
+    from firmware_tools.building.pipeline import STAGES, StageContext, run_stages
+    from firmware_tools.building.recipe import load_recipe
     from schemas.vocabulary import load_vocabulary
 
     root = tmp_path_factory.mktemp("tiny")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cloud_worker.asr import SAMPLE_RATE, WINDOW_S, AsrSettings, AsrUnavailable, Transcriber
-from device.recording import read_recording
+from common.recording import read_recording
 from schemas.vocabulary import load_vocabulary, normalize
 
 from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE

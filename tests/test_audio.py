@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from device.recording import RecordingError, read_recording
-from schemas.audio import MAX_UTTERANCE_S, decode_opus, encode_opus
+from common.opus import MAX_UTTERANCE_S, decode_opus, encode_opus
+from common.recording import RecordingError, read_recording
 from schemas.errors import ErrorCode, ProtocolError
 
 from .conftest import IN_VOCABULARY_SAMPLE

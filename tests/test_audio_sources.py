@@ -14,6 +14,7 @@ import pytest
 import soundfile
 import soxr
 
+from common.recording import read_recording
 from device.audio_sources import (
     AudioSourceError,
     FileSource,
@@ -21,7 +22,6 @@ from device.audio_sources import (
     open_source,
     pick_input_device,
 )
-from device.recording import read_recording
 
 from .conftest import IN_VOCABULARY_SAMPLE, REPO
 

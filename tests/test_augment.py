@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.signal import welch
 
-from device.recording import read_recording
-from firmware_tools.augment import (
+from common.recording import read_recording
+from firmware_tools.building.augment import (
     NOISE_KINDS,
     SAMPLE_RATE,
     Augmenter,

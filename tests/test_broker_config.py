@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from broker_config.broker import Broker, BrokerStartError, free_port, render_config
-from schemas.mqtt import BrokerSettings, BrokerUnavailable, MqttLink
+from common.mqtt import BrokerSettings, BrokerUnavailable, MqttLink
 from schemas.protocol import decode
 from schemas.status import DeviceState, DeviceStatus
 from schemas.topics import MAX_PAYLOAD_BYTES

@@ -13,11 +13,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from common.mqtt import PublishRefused
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.model import ModelBlob, ModelManifest
-from schemas.mqtt import PublishRefused
 from schemas.protocol import MESSAGE_TYPES, decode
 from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source
@@ -284,7 +284,7 @@ def test_cleared_retained_blob_decodes_as_none_and_is_gone(links, device_id: str
 
 DEVICE_THAT_DIES = """
 import sys, time
-from schemas.mqtt import BrokerSettings, MqttLink
+from common.mqtt import BrokerSettings, MqttLink
 from device.presence import Presence
 from schemas.status import DeviceState
 presence = Presence(sys.argv[1], model_version=None)

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from common.recording import read_recording
 from device.capture import NO_SPEECH, CapturedUtterance, EndReason, UtteranceCapture
 from device.denoise import StreamDenoiser, denoise
-from device.recording import read_recording
 from device.settings import CaptureSettings
 
 from .conftest import COMMAND_START_S, IN_VOCABULARY_SAMPLE

@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cloud_worker.service import UtteranceService
 from cloud_worker.settings import BatchSettings
 from cloud_worker.storage import StorageSettings, Store, StoredUtterance
-from schemas.audio import MAX_UTTERANCE_S
-from schemas.backoff import BackoffSettings
+from common.backoff import BackoffSettings
+from common.opus import MAX_UTTERANCE_S
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode

@@ -1,11 +1,11 @@
-"""How the command head is calibrated and how its training windows are cut (firmware_tools/command_head.py)."""
+"""How the command head is calibrated and how its training windows are cut (firmware_tools/building/command_head.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from firmware_tools.command_head import (
+from firmware_tools.building.command_head import (
     SAMPLE_RATE,
     WINDOW_SAMPLES,
     fit_temperature,

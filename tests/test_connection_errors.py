@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from broker_config.broker import PROD_CONFIG, Broker, exposure_warning, free_port
+from common.mqtt import BrokerSettings, BrokerUnavailable, MqttLink, TlsSettings
 from device.presence import Presence
-from firmware_tools.provision import Fleet
+from firmware_tools.onboarding.provision import Fleet
 from schemas.envelope import Envelope
-from schemas.mqtt import BrokerSettings, BrokerUnavailable, MqttLink, TlsSettings
 from schemas.status import DeviceState
 
 from .conftest import IN_VOCABULARY_SAMPLE, wait_until
@@ -92,7 +92,7 @@ def test_a_device_started_before_its_broker_says_why_at_once_then_connects_when_
 ) -> None:
     port = free_port()
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="schemas.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="common.mqtt"):
         link = MqttLink("early-device", BrokerSettings(port=port, connect_timeout_s=10.0), require_connection=False)
     try:
         assert time.monotonic() - started < 2.0

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile
 
+from common.recording import read_recording
 from device.local_model import ModelUnavailable, load_local_model, shipped_model_directory
-from device.recording import read_recording
 
 from .conftest import COMMAND_START_S, IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE
 

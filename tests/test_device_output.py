@@ -14,7 +14,7 @@ import sys
 from itertools import count
 from pathlib import Path
 
-from schemas.logfmt import SHORT_ID_LENGTH, TextLineFormatter
+from common.logfmt import SHORT_ID_LENGTH, TextLineFormatter
 from schemas.protocol import decode
 from schemas.topics import RESULT
 

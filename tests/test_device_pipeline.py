@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from common.recording import read_recording
 from device.capture import NoSpeech
 from device.detector import WakeEvent
 from device.pipeline import CommandEvent, ListeningPipeline
-from device.recording import read_recording
 from device.settings import CaptureSettings, DenoiseMode
 
 from .conftest import COMMAND_START_S, IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE

@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 
 from broker_config.broker import Broker, free_port
+from common.mqtt import BrokerSettings, MqttLink
+from common.opus import decode_opus
+from common.recording import read_recording
 from device.audio_sources import AudioSource, PlaylistSource
 from device.outbox import Outbox
-from device.recording import read_recording
 from device.runtime import DeviceRuntime
 from device.settings import CloudSettings, OutboxSettings, SettingsError, settings_from_dict
 from device.simulated import SilenceSource
-from schemas.audio import decode_opus
 from schemas.envelope import Envelope
 from schemas.errors import ErrorCode
-from schemas.mqtt import BrokerSettings, MqttLink
 from schemas.protocol import decode
 from schemas.reply import CloudReply
 from schemas.result import Result, Source

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from common import mqtt
 from device import settings as settings_module
 from device.actions import ActionRequest, ActionRunner
 from device.settings import (
@@ -26,7 +27,6 @@ from device.settings import (
     load_settings,
     settings_from_dict,
 )
-from schemas import mqtt
 
 from . import action_hooks
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.recording import read_recording
 from device.features import (
     StreamingFrontend,
     UnsupportedFrontend,
@@ -20,7 +21,6 @@ from device.features import (
     power_spectrum,
     window_features,
 )
-from device.recording import read_recording
 from schemas.model import Frontend
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -27,7 +27,7 @@ import pytest
 from broker_config.acl import Role
 from device.local_model import shipped_model_directory
 from device.settings import load_settings
-from firmware_tools.bundle import (
+from firmware_tools.onboarding.bundle import (
     BUNDLE_FILE,
     CONFIG_DIR,
     INSTALL_PREFIX,
@@ -42,7 +42,7 @@ from firmware_tools.bundle import (
     deploy_file,
     write_bundle,
 )
-from firmware_tools.provision import Fleet, ProvisionSettings, parse_clients
+from firmware_tools.onboarding.provision import Fleet, ProvisionSettings, parse_clients
 from schemas.model import MODEL_FILE
 
 from .conftest import REPO
@@ -418,10 +418,10 @@ def test_install_script_makes_the_venv_once(shipped: Shipped, tmp_path: Path) ->
     )
     assert shown.returncode == 0, shown.stderr
     assert f"Version: {VERSION}" in shown.stdout and f"Location: {venv}" in shown.stdout
-    assert "firmware_tools/deploy/install.sh" in shown.stdout  # the wheel carries its package data
+    assert "firmware_tools/onboarding/deploy/install.sh" in shown.stdout  # the wheel carries its package data
     (site_packages,) = venv.glob("lib/python*/site-packages")
     assert (site_packages / f"mqvox-{VERSION}.dist-info").is_dir()
-    assert (site_packages / "firmware_tools/flash.py").is_file()
+    assert (site_packages / "firmware_tools/onboarding/flash.py").is_file()
 
     stamp_time = (venv / ".mqvox-wheel").stat().st_mtime_ns
     second, second_s = run_install(script, prefix, path)

@@ -25,11 +25,11 @@ import pytest
 
 from broker_config.acl import ROLE_RULES, Client, Role, render_acl
 from broker_config.broker import PROD_CONFIG, Broker
+from common.mqtt import BrokerSettings, BrokerUnavailable, MqttLink, PublishRefused, TlsSettings
 from device.settings import load_settings
-from firmware_tools.certificates import CertificateAuthority, certificate_pem, key_pem, new_key
-from firmware_tools.provision import Fleet, ProvisionError, ProvisionSettings, parse_clients
+from firmware_tools.onboarding.certificates import CertificateAuthority, certificate_pem, key_pem, new_key
+from firmware_tools.onboarding.provision import Fleet, ProvisionError, ProvisionSettings, parse_clients
 from schemas.envelope import Envelope
-from schemas.mqtt import BrokerSettings, BrokerUnavailable, MqttLink, PublishRefused, TlsSettings
 from schemas.protocol import decode
 from schemas.result import Result
 from schemas.topics import ALL_TOPICS, ERROR, MANIFEST, MODEL_BLOB, REPLY, RESULT, STATUS, UTTERANCE
@@ -283,7 +283,7 @@ def test_only_the_device_publishes_its_results_and_only_it_reads_its_replies(fle
 
 WILL_CLIENT = """
 import sys, time
-from schemas.mqtt import BrokerSettings, MqttLink, TlsSettings
+from common.mqtt import BrokerSettings, MqttLink, TlsSettings
 from schemas.status import DeviceState, DeviceStatus
 folder, port, owner = sys.argv[1:]
 will = DeviceStatus(device_id=owner, state=DeviceState.OFFLINE, software_version="9.9.9", model_version=None)

@@ -31,12 +31,12 @@ import soundfile
 from broker_config.broker import DEV_CONFIG
 from cloud_worker.service import UtteranceService
 from cloud_worker.settings import BatchSettings
-from device.recording import read_recording
-from schemas.audio import encode_opus
+from common.mqtt import MqttLink
+from common.opus import encode_opus
+from common.recording import read_recording
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode
-from schemas.mqtt import MqttLink
 from schemas.protocol import decode
 from schemas.reply import CloudReply
 from schemas.topics import ERROR, MAX_PAYLOAD_BYTES, META_PROPERTY, REPLY, RESULT, UTTERANCE

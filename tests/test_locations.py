@@ -1,4 +1,4 @@
-"""Where the programs keep their state (schemas/locations.py): one root, a folder per role, never the working folder.
+"""Where the programs keep their state (common/locations.py): one root, a folder per role, never the working folder.
 
 Every check runs the programs as processes, with the environment variables a user, systemd
 or a container sets.
@@ -25,12 +25,12 @@ from .conftest import REPO, Inbox, make_utterance
 LOCATION_VARIABLES = ("STATE_DIRECTORY", "MQVOX_STATE_DIR", "XDG_STATE_HOME", "HOME")
 
 SHOW_LOCATIONS = (
-    "from schemas.locations import Role, default_database_url, state_folder;"
+    "from common.locations import Role, default_database_url, state_folder;"
     "print(state_folder(Role.DEVICE)); print(default_database_url())"
 )
 
 
-MAKE_WORKER_FOLDER = "from schemas.locations import Role, make_state_folder; print(make_state_folder(Role.WORKER, 'x'))"
+MAKE_WORKER_FOLDER = "from common.locations import Role, make_state_folder; print(make_state_folder(Role.WORKER, 'x'))"
 
 
 def with_locations(locations: dict[str, str]) -> dict[str, str]:

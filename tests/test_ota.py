@@ -19,9 +19,9 @@ from cloud_worker.storage import StorageSettings
 from device.installed_models import InstalledModels
 from device.local_model import load_local_model, shipped_model_directory
 from device.simulated import SimulatedDevice
-from firmware_tools.drill import copy_package
-from firmware_tools.registry import ModelRegistry
-from firmware_tools.release import EVERYONE, Publisher
+from firmware_tools.release.drill import copy_package
+from firmware_tools.release.publish import EVERYONE, Publisher
+from firmware_tools.release.registry import ModelRegistry
 from schemas.envelope import Envelope
 from schemas.model import ModelBlob, ModelPackage, RolloutStage, fleet_bucket
 from schemas.protocol import decode

@@ -20,8 +20,8 @@ from cloud_worker.storage import StorageSettings
 from device.installed_models import InstalledModels
 from device.local_model import load_local_model, shipped_model_directory
 from device.ota import FAILPOINT_VARIABLE, FAILPOINTS
-from firmware_tools.registry import ModelRegistry
-from firmware_tools.release import EVERYONE, Publisher
+from firmware_tools.release.publish import EVERYONE, Publisher
+from firmware_tools.release.registry import ModelRegistry
 from schemas.protocol import decode
 from schemas.signing import load_private_key
 from schemas.status import DeviceState

@@ -12,11 +12,11 @@ from broker_config.broker import Broker, free_port
 from cloud_worker.service import UtteranceService
 from cloud_worker.settings import WorkerSettings
 from cloud_worker.storage import StorageSettings
+from common.mqtt import BrokerSettings, Delivery, MqttLink
 from device.audio_sources import PlaylistSource
 from device.outbox import Outbox, OutboxSender
 from device.runtime import DeviceRuntime
 from device.settings import DropPolicy, OutboxSettings, settings_from_dict
-from schemas.mqtt import BrokerSettings, Delivery, MqttLink
 from schemas.protocol import decode
 from schemas.result import Result, Source
 from schemas.status import DeviceState

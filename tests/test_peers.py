@@ -7,8 +7,15 @@ import sys
 import numpy as np
 import pytest
 
-from device.recording import read_recording
-from firmware_tools.peers import SAMPLE_RATE, MicroWakeWordPeer, OpenWakeWordPeer, PeerScores, WakePeer, load_peers
+from common.recording import read_recording
+from firmware_tools.building.peers import (
+    SAMPLE_RATE,
+    MicroWakeWordPeer,
+    OpenWakeWordPeer,
+    PeerScores,
+    WakePeer,
+    load_peers,
+)
 
 from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE
 

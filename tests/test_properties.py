@@ -25,8 +25,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from device.recording import read_recording
-from schemas.audio import MAX_UTTERANCE_S, OPUS_SAMPLE_RATES, decode_opus, encode_opus
+from common.opus import MAX_UTTERANCE_S, OPUS_SAMPLE_RATES, decode_opus, encode_opus
+from common.recording import read_recording
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError

@@ -1,4 +1,4 @@
-"""firmware_tools.real_speech on a small tree laid out like the Debian packages, with real espeak-ng speech.
+"""firmware_tools.building.real_speech on a small tree laid out like the Debian packages, with real espeak-ng speech.
 
 Nothing here needs the Debian packages themselves: the tree under tmp_path mimics
 their layouts (plain files, a sound catalogue, zip archives) with a few rendered words.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from firmware_tools.real_speech import (
+from firmware_tools.building.real_speech import (
     DEBIAN_SPEECH_PACKAGES,
     EVALUATION_PACKAGES,
     TRAINING_PACKAGES,
@@ -221,7 +221,7 @@ def test_default_split_keeps_evaluation_apart() -> None:
 
 
 def test_command_line_lists_counts_and_missing_packages(tree: Path) -> None:
-    command = [sys.executable, "-m", "firmware_tools.real_speech", "list", "--root", str(tree)]
+    command = [sys.executable, "-m", "firmware_tools.building.real_speech", "list", "--root", str(tree)]
     done = subprocess.run([*command, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
     report = {summary["package"]: summary for summary in json.loads(done.stdout)["packages"]}
     assert report["klettres-data"]["files"] == 3

@@ -13,10 +13,10 @@ import pytest
 from cloud_worker.storage import StorageSettings
 from device.local_model import shipped_model_directory
 from device.simulated import SimulatedDevice
-from firmware_tools.fleet import FleetWatch, format_table, status_rows
-from firmware_tools.registry import ModelRegistry, RegistryError, RolloutState
-from firmware_tools.release import EVERYONE, Publisher
-from firmware_tools.rollout import (
+from firmware_tools.release.fleet import FleetWatch, format_table, status_rows
+from firmware_tools.release.publish import EVERYONE, Publisher
+from firmware_tools.release.registry import ModelRegistry, RegistryError, RolloutState
+from firmware_tools.release.rollout import (
     AbortCriteria,
     PlanError,
     RolloutPlan,
@@ -448,7 +448,7 @@ def test_the_registry_keeps_versions_channels_and_rollouts_in_either_database(da
         latest = registry.latest_rollout("stable")
         assert (latest.state, latest.stage_index, latest.reason) == (RolloutState.ABORTED, 1, "too many failures")
         assert registry.reports(rollout.rollout_id)["pi-01"].state == "rolled_back"
-        # Fleet learning rounds (firmware_tools/learn.py) live beside them.
+        # Fleet learning rounds (firmware_tools/learning/learn.py) live beside them.
         first = registry.record_round("stable", "1.2.0", "1.2.1", True, "packaged", {"data": {"n": 3}})
         registry.record_round("stable", "1.2.1", "1.2.2", False, "rejected", {"data": {"n": 5}})
         registry.set_round_outcome(first, "completed", {"data": {"n": 3}, "seconds": {"rollout": 2.0}})

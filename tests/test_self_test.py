@@ -21,7 +21,7 @@ from device.self_test import (
     shipped_suite_directory,
 )
 from device.settings import CaptureSettings, DenoiseMode
-from firmware_tools.drill import break_package, copy_package
+from firmware_tools.release.drill import break_package, copy_package
 from schemas.model import ModelPackage
 
 from .conftest import IN_VOCABULARY_SAMPLE

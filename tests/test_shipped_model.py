@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.recording import read_recording
 from device.detector import WakeDetector, count_wakes, decide_command, score_end_sample, utterance_window, wake_scores
 from device.inference import TfliteClassifier
-from device.recording import read_recording
-from firmware_tools.phrases import model_labels
+from firmware_tools.building.phrases import model_labels
 from schemas.model import ModelPackage
 from schemas.vocabulary import load_vocabulary, vocabulary_sha256
 

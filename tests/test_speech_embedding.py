@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.recording import read_recording
 from device.inference import ModelLoadError
-from device.recording import read_recording
 from device.speech_embedding import (
     EMBEDDING_SIZE,
     MEL_BINS,

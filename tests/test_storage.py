@@ -28,7 +28,7 @@ from cloud_worker.storage import (
     UtteranceRow,
 )
 from cloud_worker.transcript import Segment, Transcript
-from device.recording import read_recording
+from common.recording import read_recording
 from schemas.errors import ErrorCode
 from schemas.result import ErrorInfo, Result, Source
 from schemas.utterance import Hypothesis, UploadReason, Utterance

@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.recording import read_recording
 from device.detector import WakeDetector, wake_scores
 from device.inference import TfliteClassifier
 from device.local_model import load_local_model
-from device.recording import read_recording
-from firmware_tools.clips import ClipBank
-from firmware_tools.command_head import WINDOW_EMBEDDINGS
-from firmware_tools.phrases import model_labels
-from firmware_tools.pipeline import STAGES
-from firmware_tools.recipe import RecipeError, load_recipe
-from firmware_tools.synth import plan_renders
-from firmware_tools.tflite_merge import HEAD_SIGNATURE
-from firmware_tools.voices import HeldOutVoice, VoiceSpec, render
+from firmware_tools.building.clips import ClipBank
+from firmware_tools.building.command_head import WINDOW_EMBEDDINGS
+from firmware_tools.building.phrases import model_labels
+from firmware_tools.building.pipeline import STAGES
+from firmware_tools.building.recipe import RecipeError, load_recipe
+from firmware_tools.building.synth import plan_renders
+from firmware_tools.building.tflite_merge import HEAD_SIGNATURE
+from firmware_tools.building.voices import HeldOutVoice, VoiceSpec, render
 from schemas.model import ModelPackage
 from schemas.vocabulary import load_vocabulary
 
@@ -148,9 +148,9 @@ def test_the_streaming_detector_scores_as_the_offline_path_does(tiny_run) -> Non
 
 
 def test_evaluate_reports_every_required_figure_and_draws_the_plots(tiny_run, tmp_path: Path) -> None:
-    from firmware_tools.evaluate import evaluate
-    from firmware_tools.heldout import HELD_OUT_SPECS, HeldOutSettings
-    from firmware_tools.peers import load_peers
+    from firmware_tools.building.evaluate import evaluate
+    from firmware_tools.building.heldout import HELD_OUT_SPECS, HeldOutSettings
+    from firmware_tools.building.peers import load_peers
 
     work, out, _ = tiny_run
     settings = HeldOutSettings(voices=HELD_OUT_SPECS[::3], negative_minutes=0.5, max_phrases=3)
@@ -201,7 +201,7 @@ def test_a_recipe_with_an_unknown_setting_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("start", [-30, -10, -1, 0, 5, 15, 19, 20, 40])
 def test_a_clip_placed_partly_outside_a_window_keeps_what_fits(start: int) -> None:
-    from firmware_tools.dataset import place
+    from firmware_tools.building.dataset import place
 
     canvas = np.zeros(20, np.float32)
     clip = np.arange(1, 11, dtype=np.float32)
@@ -214,7 +214,7 @@ def test_a_clip_placed_partly_outside_a_window_keeps_what_fits(start: int) -> No
 
 
 def test_a_head_can_be_packaged_with_another_always_on_network(tiny_run, tmp_path: Path) -> None:
-    from firmware_tools.package import run_package
+    from firmware_tools.building.package import run_package
 
     work, _, _ = tiny_run
     other = tmp_path / "always_on.tflite"

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 from cloud_worker.service import worker_client_id
+from common.mqtt import MqttLink
 from schemas.envelope import Envelope
-from schemas.mqtt import MqttLink
 from schemas.protocol import decode
 from schemas.topics import REPLY, UTTERANCE, shared_filter
 from tests.conftest import make_utterance

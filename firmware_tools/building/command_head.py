@@ -11,7 +11,7 @@ What it learns from, so that "real or synthetic" is never the answer it learns:
 - synthetic commands, the wake phrase and other speech: the clip bank of the synth
   stage (training voices only);
 - real other speech: voice lines of the training Debian packages
-  (``firmware_tools/real_speech.py``), never those kept for evaluation;
+  (``firmware_tools/building/real_speech.py``), never those kept for evaluation;
 - silence and noise.
 
 Every example goes through the same augmenter (room, noise, band limit, gain) as
@@ -41,12 +41,12 @@ from tqdm import tqdm
 
 from device.command_head import softmax
 from device.speech_embedding import EMBEDDING_SIZE, SpeechEmbedding, samples_for
-from firmware_tools.augment import Augmenter, make_noise
-from firmware_tools.clips import ClipBank
-from firmware_tools.fsdd import fsdd_clips
-from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL, model_labels
-from firmware_tools.real_speech import TRAINING_PACKAGES, find_voice_lines
-from firmware_tools.recipe import HeadSettings, Recipe
+from firmware_tools.building.augment import Augmenter, make_noise
+from firmware_tools.building.clips import ClipBank
+from firmware_tools.building.fsdd import fsdd_clips
+from firmware_tools.building.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL, model_labels
+from firmware_tools.building.real_speech import TRAINING_PACKAGES, find_voice_lines
+from firmware_tools.building.recipe import HeadSettings, Recipe
 from schemas.vocabulary import Vocabulary
 
 log = logging.getLogger("mqvox.command_head")
@@ -428,7 +428,7 @@ def _nested_decisions(held: HeldOut, temperature: float, commands: np.ndarray, t
 
 def run_head(recipe: Recipe, vocabulary: Vocabulary, work_dir: Path, fsdd_dir: Path) -> Path:
     """Build, fold, calibrate and train the head; writes ``<work>/head/head.tflite`` and ``head.json``."""
-    from firmware_tools.train import configure_tensorflow
+    from firmware_tools.building.train import configure_tensorflow
 
     settings = recipe.head
     configure_tensorflow(recipe.train.threads, recipe.seed)

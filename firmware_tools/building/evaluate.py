@@ -22,10 +22,10 @@ from device.detector import count_wakes, decide_command, score_end_sample, utter
 from device.features import StreamingFrontend, window_samples
 from device.inference import TfliteClassifier
 from device.local_model import LocalModel, load_local_model
-from firmware_tools.heldout import HeldOutSet, HeldOutSettings, in_noise, load_or_build
-from firmware_tools.model_card import write_model_card
-from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
-from firmware_tools.recipe import Recipe
+from firmware_tools.building.heldout import HeldOutSet, HeldOutSettings, in_noise, load_or_build
+from firmware_tools.building.model_card import write_model_card
+from firmware_tools.building.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
+from firmware_tools.building.recipe import Recipe
 from schemas.model import ModelPackage
 from schemas.vocabulary import Vocabulary
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.recording import read_recording
+from common.recording import read_recording
 
 LICENCE = "CC BY-SA 4.0"
 """FSDD's licence; a model trained on it is shared alike."""

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from firmware_tools.augment import NOISE_KINDS, make_noise, mix_at_snr
-from firmware_tools.phrases import CONFUSABLES, WAKE_LABEL, positive_phrases
-from firmware_tools.synth import trim
-from firmware_tools.voices import SAMPLE_RATE, VoiceSpec, render, render_festival
+from firmware_tools.building.augment import NOISE_KINDS, make_noise, mix_at_snr
+from firmware_tools.building.phrases import CONFUSABLES, WAKE_LABEL, positive_phrases
+from firmware_tools.building.synth import trim
+from firmware_tools.building.voices import SAMPLE_RATE, VoiceSpec, render, render_festival
 from schemas.vocabulary import Vocabulary, normalize
 
 log = logging.getLogger("mqvox.heldout")

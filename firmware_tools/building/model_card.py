@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from firmware_tools.augment import Augmenter
-from firmware_tools.recipe import RECIPES_DIR, Recipe
-from firmware_tools.voices import HELD_OUT_VOICES
+from firmware_tools.building.augment import Augmenter
+from firmware_tools.building.recipe import RECIPES_DIR, Recipe
+from firmware_tools.building.voices import HELD_OUT_VOICES
 from schemas.model import ModelPackage
 
 
@@ -134,7 +134,7 @@ def render_model_card(model_dir: Path, recipe: Recipe) -> str:
 
 
 def _fleet_lines(rounds: list[dict[str, Any]]) -> list[str]:
-    """What each fleet learning round (firmware_tools/learn.py) put into this model: counts, never audio."""
+    """What each fleet learning round (firmware_tools/learning/learn.py) put into this model: counts, never audio."""
     if not rounds:
         return []
     lines = [
@@ -247,8 +247,8 @@ def _trial_lines() -> list[str]:
     lines = [
         "",
         "## What was tried",
-        "Small trials (16 000 windows, 6 epochs, recipes in `firmware_tools/recipes/trials/`), each measured with "
-        "`bench/heldout_commands.py` on the held-out command clips: open set is the best of all classes, closed "
+        "Small trials (16 000 windows, 6 epochs, recipes in `firmware_tools/building/recipes/trials/`), each measured "
+        "with `bench/heldout_commands.py` on the held-out command clips: open set is the best of all classes, closed "
         "set the best among commands only.",
         "",
         "| trial | open, clean | closed, clean | open, 10 dB | closed, 10 dB |",

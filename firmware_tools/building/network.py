@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from firmware_tools.recipe import ModelSettings
+from firmware_tools.building.recipe import ModelSettings
 from schemas.model import Frontend
 
 

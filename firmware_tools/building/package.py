@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from device.inference import TfliteClassifier
-from firmware_tools.clips import ClipBank
-from firmware_tools.model_card import write_model_card
-from firmware_tools.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
-from firmware_tools.recipe import Recipe
-from firmware_tools.synth import describe_voices, plan_renders
-from firmware_tools.tflite_merge import HEAD_SIGNATURE, merge_models
-from firmware_tools.train import load_split
-from firmware_tools.voices import espeak_variants
+from firmware_tools.building.clips import ClipBank
+from firmware_tools.building.model_card import write_model_card
+from firmware_tools.building.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL
+from firmware_tools.building.recipe import Recipe
+from firmware_tools.building.synth import describe_voices, plan_renders
+from firmware_tools.building.tflite_merge import HEAD_SIGNATURE, merge_models
+from firmware_tools.building.train import load_split
+from firmware_tools.building.voices import espeak_variants
 from schemas.model import MODEL_FILE, Detection, ModelPackage
 from schemas.vocabulary import load_vocabulary, vocabulary_sha256
 

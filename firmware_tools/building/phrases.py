@@ -2,7 +2,7 @@
 
 The positives come from the vocabulary file only. The negatives are written here:
 phrases that sound like the wake phrase or a command, everyday words, and
-sentences. Evaluation reads other text (see :mod:`firmware_tools.heldout`).
+sentences. Evaluation reads other text (see :mod:`firmware_tools.building.heldout`).
 """
 
 from __future__ import annotations

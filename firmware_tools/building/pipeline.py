@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware_tools.recipe import Recipe
+from firmware_tools.building.recipe import Recipe
 from schemas.vocabulary import Vocabulary
 
 log = logging.getLogger("mqvox.pipeline")
@@ -36,44 +36,44 @@ class StageContext:
 
 
 def _synth(context: StageContext) -> None:
-    from firmware_tools.synth import run_synth
+    from firmware_tools.building.synth import run_synth
 
     run_synth(context.recipe, context.vocabulary, context.work_dir)
 
 
 def _augment(context: StageContext) -> None:
-    from firmware_tools.dataset import run_augment
+    from firmware_tools.building.dataset import run_augment
 
     run_augment(context.recipe, context.vocabulary, context.work_dir)
 
 
 def _features(context: StageContext) -> None:
-    from firmware_tools.dataset import run_features
+    from firmware_tools.building.dataset import run_features
 
     run_features(context.recipe, context.work_dir)
 
 
 def _train(context: StageContext) -> None:
-    from firmware_tools.train import run_train
+    from firmware_tools.building.train import run_train
 
     run_train(context.recipe, context.work_dir)
 
 
 def _quantize(context: StageContext) -> None:
-    from firmware_tools.quantize import run_quantize
+    from firmware_tools.building.quantize import run_quantize
 
     run_quantize(context.recipe, context.work_dir)
 
 
 def _head(context: StageContext) -> None:
-    from firmware_tools.command_head import run_head
+    from firmware_tools.building.command_head import run_head
 
     assert context.fsdd_dir is not None, "the CLI asks for --fsdd before the head stage"
     run_head(context.recipe, context.vocabulary, context.work_dir, context.fsdd_dir)
 
 
 def _package(context: StageContext) -> None:
-    from firmware_tools.package import run_package
+    from firmware_tools.building.package import run_package
 
     run_package(context.recipe, context.work_dir, context.out_dir, always_on=context.always_on)
 

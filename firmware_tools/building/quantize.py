@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware_tools.recipe import Recipe
-from firmware_tools.train import configure_tensorflow, load_split
+from firmware_tools.building.recipe import Recipe
+from firmware_tools.building.train import configure_tensorflow, load_split
 
 log = logging.getLogger("mqvox.quantize")
 

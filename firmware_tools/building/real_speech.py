@@ -66,7 +66,7 @@ for false wakes, so evaluation gets nearly as much speech as training. hedgewars
 Nothing is shared between the two (checked by content: no file of one split is
 byte-identical to a file of the other).
 
-``python -m firmware_tools.real_speech list [--root /] [--json]`` prints what is
+``python -m firmware_tools.building.real_speech list [--root /] [--json]`` prints what is
 installed: per package, files, minutes, lines with and without known words, and how
 many say a vocabulary phrase.
 """
@@ -772,9 +772,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m firmware_tools.real_speech``."""
+    """``python -m firmware_tools.building.real_speech``."""
     parser = argparse.ArgumentParser(
-        prog="python -m firmware_tools.real_speech",
+        prog="python -m firmware_tools.building.real_speech",
         description="Real English speech in Debian game and education packages.",
     )
     commands = parser.add_subparsers(dest="command", required=True)

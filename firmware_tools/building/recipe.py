@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware_tools.augment import AugmentSettings, SpecAugmentSettings
+from firmware_tools.building.augment import AugmentSettings, SpecAugmentSettings
 from schemas.model import Frontend
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -147,14 +147,14 @@ class DetectionTuning:
 
 @dataclass(frozen=True)
 class HeadSettings:
-    """The command head on the speech embedding (firmware_tools/command_head.py)."""
+    """The command head on the speech embedding (firmware_tools/building/command_head.py)."""
 
     fsdd_copies: int = 3
     """Augmented windows per FSDD clip."""
     synthetic_per_label: int = 250
     """Synthetic clips per label, drawn from the bank's training split (four times as many of other speech)."""
     real_other_windows: int = 4000
-    """Windows cut from the training packages' voice lines (firmware_tools/real_speech.py), labelled as other
+    """Windows cut from the training packages' voice lines (firmware_tools/building/real_speech.py), labelled as other
     speech; 0 leaves real other speech out (the tiny recipe, which must run without those packages)."""
     silence_windows: int = 1500
     """Windows of noise or silence only."""

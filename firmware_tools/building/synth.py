@@ -1,7 +1,7 @@
 """Stage 1, synth: every phrase, positive and negative, rendered by every training engine and voice.
 
-Writes a :mod:`clip bank <firmware_tools.clips>` to ``<work>/synth``. The held-out voices
-are never used here (:func:`firmware_tools.voices.render` refuses them).
+Writes a :mod:`clip bank <firmware_tools.building.clips>` to ``<work>/synth``. The held-out voices
+are never used here (:func:`firmware_tools.building.voices.render` refuses them).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from firmware_tools.clips import ClipRecord, write_bank
-from firmware_tools.phrases import WAKE_LABEL, Phrase, negative_phrases, positive_phrases
-from firmware_tools.recipe import Recipe
-from firmware_tools.speakers import transform_speaker
-from firmware_tools.voices import (
+from firmware_tools.building.clips import ClipRecord, write_bank
+from firmware_tools.building.phrases import WAKE_LABEL, Phrase, negative_phrases, positive_phrases
+from firmware_tools.building.recipe import Recipe
+from firmware_tools.building.speakers import transform_speaker
+from firmware_tools.building.voices import (
     ESPEAK_ACCENTS,
     FESTIVAL_TRAINING_VOICES,
     FLITE_TRAINING_VOICES,

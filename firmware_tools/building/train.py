@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware_tools.network import build_network
-from firmware_tools.recipe import Recipe
+from firmware_tools.building.network import build_network
+from firmware_tools.building.recipe import Recipe
 
 log = logging.getLogger("mqvox.train")
 

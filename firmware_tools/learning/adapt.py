@@ -17,7 +17,7 @@ What is trained, and why (the model of issue 19, device/models/default):
 The fleet's examples are embedded as heard and, as copies, through the head's own
 augmenter (room, noise, band limit), and weigh ``fleet_weight`` times a training
 window each. Temperature and thresholds are the base model's: the gate
-(firmware_tools/gate.py) checks that they still hold.
+(firmware_tools/learning/gate.py) checks that they still hold.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from device.speech_embedding import SpeechEmbedding
-from firmware_tools.augment import Augmenter
-from firmware_tools.command_head import Examples, averaged, build_member, class_weights, quantize_head
-from firmware_tools.fleet_data import FleetExample
-from firmware_tools.model_card import write_model_card
-from firmware_tools.recipe import HeadSettings, Recipe
-from firmware_tools.tflite_merge import always_on_part, merge_models
+from firmware_tools.building.augment import Augmenter
+from firmware_tools.building.command_head import Examples, averaged, build_member, class_weights, quantize_head
+from firmware_tools.building.model_card import write_model_card
+from firmware_tools.building.recipe import HeadSettings, Recipe
+from firmware_tools.building.tflite_merge import always_on_part, merge_models
+from firmware_tools.learning.fleet_data import FleetExample
 from schemas.model import MODEL_FILE, ModelPackage
 
 log = logging.getLogger("mqvox.adapt")

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cloud_worker.storage import Contribution
+from common.opus import decode_opus
 from device.capture import CapturedUtterance, UtteranceCapture
 from device.detector import centred_window
 from device.settings import CLOUD_MIN_CONFIDENCE, CaptureSettings
-from firmware_tools.command_head import WINDOW_SAMPLES
-from firmware_tools.phrases import UNKNOWN_LABEL
-from schemas.audio import decode_opus
+from firmware_tools.building.command_head import WINDOW_SAMPLES
+from firmware_tools.building.phrases import UNKNOWN_LABEL
 from schemas.errors import ProtocolError
 from schemas.vocabulary import Vocabulary
 

@@ -33,18 +33,18 @@ from pathlib import Path
 
 import numpy as np
 
+from common.recording import read_recording
 from device.command_head import softmax
 from device.detector import WakeEvent, decide_scores
 from device.local_model import LocalModel
 from device.pipeline import ListeningPipeline
-from device.recording import read_recording
 from device.self_test import SelfTestSuite, run_self_test
 from device.settings import CaptureSettings, DenoiseMode
 from device.speech_embedding import SpeechEmbedding
-from firmware_tools.command_head import place
-from firmware_tools.heldout import HeldOutSettings, in_noise, load_or_build
-from firmware_tools.phrases import UNKNOWN_LABEL
-from firmware_tools.real_speech import evaluation_speech
+from firmware_tools.building.command_head import place
+from firmware_tools.building.heldout import HeldOutSettings, in_noise, load_or_build
+from firmware_tools.building.phrases import UNKNOWN_LABEL
+from firmware_tools.building.real_speech import evaluation_speech
 from schemas.vocabulary import Vocabulary
 
 log = logging.getLogger("mqvox.gate")
@@ -72,7 +72,8 @@ class GateSettings:
     """Noisy copies of each held-out synthetic clip: with one, a single clip of the 77 out-of-vocabulary ones
     moves a figure by 1.3 points, more than the tolerance."""
     heldout: HeldOutSettings = field(default_factory=lambda: HeldOutSettings(negative_minutes=1.0))
-    """The held-out synthetic sets (firmware_tools/heldout.py); only commands and out-of-vocabulary are used."""
+    """The held-out synthetic sets (firmware_tools/building/heldout.py); only commands and out-of-vocabulary are
+    used."""
     heldout_cache: Path = Path(".cache/heldout")
     """Where the held-out sets are rendered once (``evaluate --cache``)."""
     false_wake_every: int = 1

@@ -3,14 +3,14 @@
 What the cloud answered today, the device decides tomorrow. A round
 
 1. **curates** the consenting devices' utterances the worker kept, with the cloud's
-   labels (firmware_tools/fleet_data.py), after deleting what outlived its retention;
-2. **adapts** the head of the model the channel runs (firmware_tools/adapt.py);
+   labels (firmware_tools/learning/fleet_data.py), after deleting what outlived its retention;
+2. **adapts** the head of the model the channel runs (firmware_tools/learning/adapt.py);
 3. **packages** it as the next version, with a model card that says what fleet data
    went in (counts per device and label, never audio);
-4. **gates** it against the running model (firmware_tools/gate.py): it stops there,
+4. **gates** it against the running model (firmware_tools/learning/gate.py): it stops there,
    with the reasons, unless every check passes, and nothing is published;
 5. with ``auto_rollout``, **publishes it held and rolls it out** through the staged
-   rollout and its abort criteria (firmware_tools/rollout.py). An aborted rollout
+   rollout and its abort criteria (firmware_tools/release/rollout.py). An aborted rollout
    restores the previous version, as any rollout does.
 
 Every round is recorded in the registry (``learning_rounds``), and :func:`report`
@@ -33,7 +33,10 @@ import numpy as np
 from cloud_worker.storage import Store
 from device.local_model import load_local_model, shipped_model_directory
 from device.speech_embedding import SpeechEmbedding
-from firmware_tools.adapt import (
+from firmware_tools.building.command_head import build_examples, clean_fsdd
+from firmware_tools.building.phrases import model_labels
+from firmware_tools.building.recipe import load_recipe
+from firmware_tools.learning.adapt import (
     FLOAT_HEAD_FILE,
     AdaptSettings,
     describe,
@@ -44,15 +47,12 @@ from firmware_tools.adapt import (
     package_adapted,
     rehearsal,
 )
-from firmware_tools.command_head import build_examples, clean_fsdd
-from firmware_tools.fleet import FleetWatch
-from firmware_tools.fleet_data import CurateSettings, curate
-from firmware_tools.gate import Gate, GateReport, GateSettings, JudgedSet
-from firmware_tools.phrases import model_labels
-from firmware_tools.recipe import load_recipe
-from firmware_tools.registry import ModelRegistry, RegistryError
-from firmware_tools.release import Publisher
-from firmware_tools.rollout import RolloutPlan, RolloutRunner
+from firmware_tools.learning.fleet_data import CurateSettings, curate
+from firmware_tools.learning.gate import Gate, GateReport, GateSettings, JudgedSet
+from firmware_tools.release.fleet import FleetWatch
+from firmware_tools.release.publish import Publisher
+from firmware_tools.release.registry import ModelRegistry, RegistryError
+from firmware_tools.release.rollout import RolloutPlan, RolloutRunner
 from schemas.model import ModelPackage, parse_version
 from schemas.vocabulary import load_vocabulary
 
@@ -150,7 +150,7 @@ def run_round(
     """One round. ``roll_out(package_dir, version)`` publishes held and rolls out, returning the rollout's
     state (``completed``, ``partial`` or ``aborted``); it is called only for a candidate that passed, and only with
     ``settings.auto_rollout``."""
-    from firmware_tools.train import configure_tensorflow
+    from firmware_tools.building.train import configure_tensorflow
 
     if settings.fsdd_dir is None:
         raise LearnError("the FSDD recordings are a regression set and part of the rehearsal: give --fsdd DIR")

@@ -1,13 +1,13 @@
 """A device bundle: one device's wheels, model, config, certificates, systemd unit and install script.
 
 ``python -m firmware_tools bundle`` writes it as a folder or a .tar.gz; ``flash`` installs it
-into a root filesystem (firmware_tools/flash.py). Layout:
+into a root filesystem (firmware_tools/onboarding/flash.py). Layout:
 
 - ``bundle.json``: device id, software version, wheel and model files, when it was built.
 - ``wheels/``: the mqvox wheel, and any dependency wheels given with ``--wheels``.
 - ``model/``: the factory model package (model.tflite, manifest.json, ...).
 - ``etc/``: the device's /etc/mqvox: device.toml, ca.pem, cert.pem, key.pem, signing.pub.
-- ``mqvox-device.service`` and ``install.sh``: from firmware_tools/deploy/.
+- ``mqvox-device.service`` and ``install.sh``: from firmware_tools/onboarding/deploy/.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from importlib import resources
 from pathlib import Path
 
 from broker_config.acl import Role
-from firmware_tools.provision import DEVICE_CONFIG_FILE, SIGNING_KEY_FILE, Fleet, device_config_text
+from common.mqtt import TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE
+from firmware_tools.onboarding.provision import DEVICE_CONFIG_FILE, SIGNING_KEY_FILE, Fleet, device_config_text
 from schemas.model import MODEL_FILE, ModelPackage
-from schemas.mqtt import TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE
 from schemas.signing import write_private_file
 
 BUNDLE_FILE = "bundle.json"
@@ -43,7 +43,7 @@ STATE_DIR = "/var/lib/mqvox/state"
 SERVICE_USER = "mqvox"
 """The unit's User and Group; the only reader of the private key."""
 
-SOURCE_TREE = Path(__file__).resolve().parent.parent
+SOURCE_TREE = Path(__file__).resolve().parents[2]
 """The mqvox checkout this module runs from, when it does: the wheel is built from it."""
 
 
@@ -73,8 +73,8 @@ class BundleInfo:
 
 
 def deploy_file(name: str) -> bytes:
-    """A file of firmware_tools/deploy/ (the systemd unit, install.sh)."""
-    return resources.files("firmware_tools").joinpath("deploy", name).read_bytes()
+    """A file of firmware_tools/onboarding/deploy/ (the systemd unit, install.sh)."""
+    return resources.files("firmware_tools.onboarding").joinpath("deploy", name).read_bytes()
 
 
 BUILD_LEFTOVERS = (".git", ".venv", ".run", ".cache", ".hypothesis", "build", "*.egg-info", "__pycache__", ".*_cache")

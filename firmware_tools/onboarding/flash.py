@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware_tools.bundle import (
+from common.mqtt import TLS_KEY_FILE
+from firmware_tools.onboarding.bundle import (
     CONFIG_DIR,
     INSTALL_PREFIX,
     INSTALL_SCRIPT,
@@ -23,7 +24,6 @@ from firmware_tools.bundle import (
     BundleError,
     BundleInfo,
 )
-from schemas.mqtt import TLS_KEY_FILE
 
 UNIT_DIR = "/etc/systemd/system"
 WANTS_DIR = f"{UNIT_DIR}/multi-user.target.wants"

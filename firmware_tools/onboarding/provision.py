@@ -28,14 +28,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker_config.acl import Client, Role, render_acl
 from broker_config.broker import PROD_CONFIG
-from firmware_tools.certificates import (
+from common.mqtt import TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE
+from firmware_tools.onboarding.certificates import (
     CertificateAuthority,
     certificate_pem,
     key_pem,
     new_key,
 )
 from schemas.errors import ProtocolError
-from schemas.mqtt import TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE
 from schemas.signing import load_public_key, write_private_file
 from schemas.topics import check_identifier
 

@@ -8,10 +8,10 @@ import time
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
+from common.mqtt import MqttLink, NotAuthorized, TlsSettings
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
 from schemas.model import RolloutStage
-from schemas.mqtt import MqttLink, NotAuthorized, TlsSettings
 from schemas.protocol import decode
 from schemas.status import DeviceStatus
 from schemas.topics import PREFIX, STATUS

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware_tools.registry import ModelRegistry, ModelVersion
+from common.mqtt import MqttLink
+from firmware_tools.release.registry import ModelRegistry, ModelVersion
 from schemas.envelope import Envelope
 from schemas.model import ModelBlob, ModelManifest, ModelPackage, RolloutStage
-from schemas.mqtt import MqttLink
 from schemas.signing import key_id, sign_manifest
 from schemas.topics import MANIFEST, MODEL_BLOB, check_identifier
 

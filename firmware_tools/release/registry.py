@@ -116,7 +116,8 @@ class RevokedDeviceRow(RegistryTables):
 
 
 class LearningRoundRow(RegistryTables):
-    """One round of fleet learning (firmware_tools/learn.py): what went in, how the candidate did, what it cost."""
+    """One round of fleet learning (firmware_tools/learning/learn.py): what went in, how the candidate did, what it
+    cost."""
 
     __tablename__ = "learning_rounds"
 

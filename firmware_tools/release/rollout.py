@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from device.local_model import shipped_model_directory
-from firmware_tools.fleet import FleetWatch, SeenStatus
-from firmware_tools.registry import FAILED_STEPS, ModelRegistry, RolloutState
-from firmware_tools.release import EVERYONE, Publisher
+from firmware_tools.release.fleet import FleetWatch, SeenStatus
+from firmware_tools.release.publish import EVERYONE, Publisher
+from firmware_tools.release.registry import FAILED_STEPS, ModelRegistry, RolloutState
 from schemas.model import ModelPackage, RolloutStage
 from schemas.status import DeviceState, DeviceStatus, OtaState
 from schemas.topics import check_identifier

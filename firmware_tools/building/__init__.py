@@ -1,0 +1,1 @@
+"""Model building: render, augment, features, train, quantize, the command head, package, evaluate against peers."""

@@ -1,0 +1,1 @@
+"""Fleet onboarding: the certificate authority, provisioning, device bundles, flashing a root filesystem."""
