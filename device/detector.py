@@ -79,11 +79,6 @@ class WakeDetector:
         self.runs = 0
         self.last_score = 0.0
 
-    @property
-    def samples_pending(self) -> int:
-        """Audio pushed but not yet analysed (less than one stride)."""
-        return self._pending_samples
-
     def push(self, audio: np.ndarray) -> list[WakeEvent]:
         """Add audio; return the wakes it completes."""
         self._pending.append(audio)

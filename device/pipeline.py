@@ -258,8 +258,3 @@ class ListeningPipeline:
         if stage is not None and (event := stage.finish(whole_if_silent=self.skip_wake)) is not None:
             events.append(event)
         return events
-
-    @property
-    def stream_time_s(self) -> float:
-        """Seconds of audio pushed so far."""
-        return self._samples / self.sample_rate
