@@ -55,6 +55,30 @@ def test_entry_points_have_help(package: str, subcommands: list[str]) -> None:
     assert python_m(package).returncode == 2  # a subcommand is required
 
 
+HEAVY_PACKAGES = {"numpy", "scipy", "tensorflow", "sqlalchemy", "paho"}
+"""What listing firmware_tools' subcommands once loaded (scipy alone took about a second): help needs none of it."""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [(), ("vocab",), ("train-all",), ("evaluate",), ("keygen",), ("contributions",), ("bundle",), ("flash",)],
+)
+def test_firmware_tools_help_imports_nothing_heavy(command: tuple[str, ...]) -> None:
+    shown = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "firmware_tools", *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    # -X importtime writes "import time: self | cumulative | module" to stderr for each module imported.
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0] for line in shown.stderr.splitlines() if line.startswith("import ")
+    }
+    assert "firmware_tools" in imported
+    assert imported.isdisjoint(HEAVY_PACKAGES), sorted(imported & HEAVY_PACKAGES)
+
+
 def test_firmware_tools_vocab_lists_labels_and_phrases() -> None:
     listed = python_m("firmware_tools", "vocab", "--json")
     assert listed.returncode == 0

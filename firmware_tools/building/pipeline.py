@@ -7,9 +7,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from firmware_tools.building.recipe import Recipe
-from schemas.vocabulary import Vocabulary
+if TYPE_CHECKING:  # the CLI lists the stages without loading what runs them
+    from firmware_tools.building.recipe import Recipe
+    from schemas.vocabulary import Vocabulary
 
 log = logging.getLogger("mqvox.pipeline")
 
