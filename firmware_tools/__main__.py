@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported once the arguments are parsed: --help has exited by then, without loading the MQTT client.
-    from common.mqtt import PublishRefused
+    from common.mqtt import BrokerRefused
 
     try:
         code = args.run(args)
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reader has all it wanted; say nothing more, and let the exit's flush find nowhere to fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ProtocolError, OSError, ValueError, ConnectionError, PublishRefused) as error:
+    except (ProtocolError, OSError, ValueError, ConnectionError, BrokerRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
