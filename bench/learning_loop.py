@@ -71,9 +71,9 @@ from device.local_model import load_local_model, shipped_model_directory
 from device.pipeline import ListeningPipeline
 from device.settings import CaptureSettings, DenoiseMode, settings_from_dict
 from device.simulated import SimulatedDevice
-from firmware_tools.building.augment import make_noise, mix_at_snr
 from firmware_tools.building.clips import ClipBank
 from firmware_tools.building.command_head import build_examples, train_head
+from firmware_tools.building.corruptions import make_noise, mix_at_snr
 from firmware_tools.building.fsdd import fsdd_clips
 from firmware_tools.building.heldout import HELD_OUT_SPECS, HeldOutSettings, load_or_build
 from firmware_tools.building.phrases import WAKE_LABEL, model_labels

@@ -10,7 +10,7 @@ import pytest
 from scipy.signal import welch
 
 from common.recording import read_recording
-from firmware_tools.building.augment import (
+from firmware_tools.building.corruptions import (
     NOISE_KINDS,
     SAMPLE_RATE,
     Augmenter,

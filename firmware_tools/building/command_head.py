@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from device.command_head import softmax
 from device.speech_embedding import EMBEDDING_SIZE, SpeechEmbedding, samples_for
-from firmware_tools.building.augment import Augmenter, make_noise
 from firmware_tools.building.clips import ClipBank
+from firmware_tools.building.corruptions import Augmenter, make_noise
 from firmware_tools.building.fsdd import fsdd_clips
 from firmware_tools.building.phrases import SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL, model_labels
 from firmware_tools.building.real_speech import TRAINING_PACKAGES, find_voice_lines

@@ -9,7 +9,7 @@ from clips of one split, to teach one lesson:
   or a command cut short, and speech that follows the wake phrase;
 - ``_silence_``: nothing but noise.
 
-Then :class:`~firmware_tools.building.augment.Augmenter` corrupts it. Windows are written as int16
+Then :class:`~firmware_tools.building.corruptions.Augmenter` corrupts it. Windows are written as int16
 (``<work>/augment``), and their features as float16 (``<work>/features``), with SpecAugment
 on a share of the training windows.
 """
@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from device.features import batch_features, window_samples
-from firmware_tools.building.augment import Augmenter, spec_augment
 from firmware_tools.building.clips import ClipBank
+from firmware_tools.building.corruptions import Augmenter, spec_augment
 from firmware_tools.building.phrases import CONTEXT_WORDS, SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL, model_labels
 from firmware_tools.building.recipe import Recipe
 from schemas.vocabulary import Vocabulary

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from firmware_tools.building.augment import NOISE_KINDS, make_noise, mix_at_snr
+from firmware_tools.building.corruptions import NOISE_KINDS, make_noise, mix_at_snr
 from firmware_tools.building.phrases import CONFUSABLES, WAKE_LABEL, positive_phrases
 from firmware_tools.building.synth import trim
 from firmware_tools.building.voices import SAMPLE_RATE, VoiceSpec, render, render_festival

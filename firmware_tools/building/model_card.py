@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from firmware_tools.building.augment import Augmenter
+from firmware_tools.building.corruptions import Augmenter
 from firmware_tools.building.recipe import RECIPES_DIR, Recipe
 from firmware_tools.building.voices import HELD_OUT_VOICES
 from schemas.model import ModelPackage

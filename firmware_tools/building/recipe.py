@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware_tools.building.augment import AugmentSettings, SpecAugmentSettings
+from firmware_tools.building.corruptions import AugmentSettings, SpecAugmentSettings
 from schemas.model import Frontend
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from device.speech_embedding import SpeechEmbedding
-from firmware_tools.building.augment import Augmenter
 from firmware_tools.building.command_head import Examples, averaged, build_member, class_weights, quantize_head
+from firmware_tools.building.corruptions import Augmenter
 from firmware_tools.building.model_card import write_model_card
 from firmware_tools.building.recipe import HeadSettings, Recipe
 from firmware_tools.building.tflite_merge import always_on_part, merge_models

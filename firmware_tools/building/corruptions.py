@@ -1,4 +1,7 @@
-"""Augmentation of keyword-spotting training clips: noise, reverb, speed, pitch, band limit, gain, SpecAugment.
+"""Corruptions of training audio: noise, reverb, speed, pitch, band limit, gain, and SpecAugment of features.
+
+The augment stage (``augment.py``) applies them to its windows through ``Augmenter``, as a recipe's
+``AugmentSettings`` says; the features stage applies ``spec_augment``.
 
 Audio is 16 kHz mono float in [-1, 1]. Every random choice comes from the ``numpy.random.Generator``
 passed in, so a seed reproduces a run. Everything is vectorised numpy/scipy; a 1.5 s clip takes a
