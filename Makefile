@@ -25,11 +25,13 @@ system-packages:
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi
 
-# Reinstalled when the dependency list changes.
-$(VENV)/.installed: pyproject.toml
+# Reinstalled when the dependency list changes. The device's pyrnnoise comes without its dependencies (the file says why).
+NO_DEPS_REQUIREMENTS := firmware_tools/onboarding/deploy/requirements-no-deps.txt
+$(VENV)/.installed: pyproject.toml $(NO_DEPS_REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all]'
+	$(PY) -m pip install -q --no-deps -r $(NO_DEPS_REQUIREMENTS)
 	touch $@
 
 demo: setup

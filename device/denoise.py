@@ -4,6 +4,8 @@ RNNoise works at 48 kHz in 10 ms frames; the device works at 16 kHz, so audio is
 resampled up and back down with soxr. The C library is called through ctypes
 directly: importing the ``pyrnnoise`` package would pull in its file-conversion
 helpers (audiolab and PyAV, about 0.3 s and tens of MB), which a device never uses.
+So the device installs pyrnnoise without its dependencies (pip ``--no-deps``, from
+firmware_tools/onboarding/deploy/requirements-no-deps.txt): the library needs libc alone.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ class DenoiserUnavailable(RuntimeError):
 def _library() -> ctypes.CDLL:
     spec = importlib.util.find_spec("pyrnnoise")  # locates the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
-        raise DenoiserUnavailable("RNNoise needs the pyrnnoise package (pip install pyrnnoise)")
+        raise DenoiserUnavailable(
+            "RNNoise needs the pyrnnoise wheel's library: pip install --no-deps -r "
+            "firmware_tools/onboarding/deploy/requirements-no-deps.txt"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "librnnoise.so"
     try:
         library = ctypes.CDLL(str(path))
@@ -99,7 +104,7 @@ class StreamDenoiser:
         return self._down.resample_chunk(output, last=last)
 
     def close(self) -> None:
-        if self._state is not None:
+        if getattr(self, "_state", None) is not None:  # None too when __init__ could not load RNNoise
             self._library.rnnoise_destroy(self._state)
             self._state = None
 

@@ -387,11 +387,34 @@ def run_install(script: Path, prefix: Path, path: str) -> tuple[subprocess.Compl
     return done, time.monotonic() - started
 
 
+def stand_in_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
+    """A wheel with the name, version and dependencies of a real one, and an empty package."""
+    dist_info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": "",
+        f"{dist_info}/METADATA": "".join(
+            [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)]
+        ),
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+        archive.writestr(f"{dist_info}/RECORD", "".join(f"{path},,\n" for path in [*files, f"{dist_info}/RECORD"]))
+    return wheel
+
+
 def test_install_script_makes_the_venv_once(shipped: Shipped, tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     flashed(shipped, root)
     prefix = inside(root, INSTALL_PREFIX)
     script = prefix / INSTALL_SCRIPT
+    # An offline device's wheels folder holds the dependencies too: here only what install.sh installs without the
+    # dependencies it declares (pyrnnoise), with none of those.
+    (no_deps,) = [line for line in deploy_file("requirements-no-deps.txt").decode().splitlines() if "==" in line]
+    no_deps_name, no_deps_version = no_deps.split("==")
+    stand_in_wheel(prefix / "wheels", no_deps_name, no_deps_version, ["audiolab>=0.5.2", "matplotlib"])
     # install.sh runs the system's python3: here, the interpreter this test's venv was made from,
     # so the venv it makes runs the Python the wheel was built with.
     system_bin = tmp_path / "system-bin"
@@ -422,6 +445,8 @@ def test_install_script_makes_the_venv_once(shipped: Shipped, tmp_path: Path) ->
     (site_packages,) = venv.glob("lib/python*/site-packages")
     assert (site_packages / f"mqvox-{VERSION}.dist-info").is_dir()
     assert (site_packages / "firmware_tools/onboarding/flash.py").is_file()
+    assert (site_packages / f"{no_deps_name}-{no_deps_version}.dist-info").is_dir()
+    assert not list(site_packages.glob("audiolab*")) and not list(site_packages.glob("matplotlib*"))
 
     stamp_time = (venv / ".mqvox-wheel").stat().st_mtime_ns
     second, second_s = run_install(script, prefix, path)

@@ -41,5 +41,10 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install --disable-pip-version-check --force-reinstall --no-deps ${MQVOX_PIP_ARGS:-} "$wheel"
 # shellcheck disable=SC2086
 "$venv/bin/pip" install --disable-pip-version-check --find-links "$wheels" ${MQVOX_PIP_ARGS:-} "$wheel[device]"
+# Then pyrnnoise without the file converter and plots it declares: the device loads only its librnnoise. The list
+# is the wheel's own (firmware_tools/onboarding/deploy/requirements-no-deps.txt), so it matches the wheel's code.
+no_deps="$(echo "$venv"/lib/python3*/site-packages/firmware_tools/onboarding/deploy/requirements-no-deps.txt)"
+# shellcheck disable=SC2086
+"$venv/bin/pip" install --disable-pip-version-check --no-deps --find-links "$wheels" ${MQVOX_PIP_ARGS:-} -r "$no_deps"
 echo "$digest" > "$stamp"
 echo "install.sh: done"
