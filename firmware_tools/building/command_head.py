@@ -1,8 +1,8 @@
 """The command head: a small int8 classifier on the pretrained speech embedding, trained on real and synthetic speech.
 
-It runs only after a wake, on a window of :data:`WINDOW_EMBEDDINGS` embeddings
-(two seconds of audio) around the utterance, and scores the same classes as the
-always-on model. It is also the wake verifier: the same window ending at a
+The head stage (``run_head``) trains it. It runs only after a wake, on a window of
+:data:`WINDOW_EMBEDDINGS` embeddings (two seconds of audio) around the utterance, and
+scores the same classes as the always-on model. It is also the wake verifier: the same window ending at a
 first-stage trigger must score the wake class (``device/detector.py``).
 
 What it learns from, so that "real or synthetic" is never the answer it learns:

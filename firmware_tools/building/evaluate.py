@@ -1,4 +1,4 @@
-"""Stages 7 and 8, evaluate and compare: the packaged model, and the peer wake word models, on held-out audio.
+"""Evaluation, after the pipeline's stages: the packaged model and the peer wake word models, on held-out audio.
 
 Everything is measured on the same audio: held-out voices (never trained on), mixed
 with noise the model never heard at 10 dB and 5 dB SNR, and a long negative stream

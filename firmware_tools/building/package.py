@@ -1,4 +1,4 @@
-"""Stage 6, package: thresholds tuned on validation, then the model directory a device loads.
+"""The package stage, the last: thresholds tuned on validation, then the model directory a device loads.
 
 Writes ``model.tflite``, ``manifest.json`` (schema ``model_package``), ``MODEL_CARD.md``
 and ``training.json`` into the output directory (``device/models/default`` for the

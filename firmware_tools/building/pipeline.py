@@ -44,13 +44,13 @@ def _synth(context: StageContext) -> None:
 
 
 def _augment(context: StageContext) -> None:
-    from firmware_tools.building.dataset import run_augment
+    from firmware_tools.building.augment import run_augment
 
     run_augment(context.recipe, context.vocabulary, context.work_dir)
 
 
 def _features(context: StageContext) -> None:
-    from firmware_tools.building.dataset import run_features
+    from firmware_tools.building.features import run_features
 
     run_features(context.recipe, context.work_dir)
 

@@ -1,4 +1,4 @@
-"""Stage 5, quantize: full-integer int8 TFLite (int8 input and output) from the trained Keras model.
+"""The quantize stage: full-integer int8 TFLite (int8 input and output) from the trained Keras model.
 
 The representative dataset is a seeded sample of training windows of every class,
 so the activation ranges cover speech, noise and silence alike.

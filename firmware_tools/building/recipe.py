@@ -205,13 +205,13 @@ class Recipe:
     frontend: Frontend
     """Feature front end, written into the model's manifest."""
     synth: SynthSettings = field(default_factory=SynthSettings)
-    """Stage 1."""
+    """The synth stage."""
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
-    """Stages 2 and 3."""
+    """The augment and features stages (the recipe's ``[dataset]`` table)."""
     model: ModelSettings = field(default_factory=ModelSettings)
     """Network."""
     train: TrainSettings = field(default_factory=TrainSettings)
-    """Stage 4."""
+    """The train stage."""
     detection: DetectionTuning = field(default_factory=DetectionTuning)
     """Thresholds written into the manifest."""
     head: HeadSettings = field(default_factory=HeadSettings)

@@ -1,4 +1,4 @@
-"""Stage 1, synth: every phrase, positive and negative, rendered by every training engine and voice.
+"""The synth stage, the first: every phrase, positive and negative, rendered by every training engine and voice.
 
 Writes a :mod:`clip bank <firmware_tools.building.clips>` to ``<work>/synth``. The held-out voices
 are never used here (:func:`firmware_tools.building.voices.render` refuses them).

@@ -1,4 +1,4 @@
-"""Stage 4, train: fit the network on the feature windows; keep the epoch with the best validation accuracy.
+"""The train stage: fit the network on the feature windows; keep the epoch with the best validation accuracy.
 
 Writes ``<work>/train/model.keras`` and ``history.json``.
 """

@@ -1,4 +1,4 @@
-"""Stages 2 and 3, augment and features: rendered clips become labelled, corrupted model-sized windows.
+"""The augment stage: rendered clips become labelled, corrupted model-sized windows.
 
 A window is what the model sees at once (``frontend.frames`` frames). Each is composed
 from clips of one split, to teach one lesson:
@@ -10,8 +10,7 @@ from clips of one split, to teach one lesson:
 - ``_silence_``: nothing but noise.
 
 Then :class:`~firmware_tools.building.corruptions.Augmenter` corrupts it. Windows are written as int16
-(``<work>/augment``), and their features as float16 (``<work>/features``), with SpecAugment
-on a share of the training windows.
+(``<work>/augment``); the features stage (``features.py``) reads them.
 """
 
 from __future__ import annotations
@@ -27,21 +26,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from device.features import batch_features, window_samples
+from device.features import window_samples
 from firmware_tools.building.clips import ClipBank
-from firmware_tools.building.corruptions import Augmenter, spec_augment
+from firmware_tools.building.corruptions import Augmenter
 from firmware_tools.building.phrases import CONTEXT_WORDS, SILENCE_LABEL, UNKNOWN_LABEL, WAKE_LABEL, model_labels
 from firmware_tools.building.recipe import Recipe
 from schemas.vocabulary import Vocabulary
 
-log = logging.getLogger("mqvox.dataset")
+log = logging.getLogger("mqvox.augment")
 
 SAMPLE_RATE = 16000
 """Rate (hertz) of every window."""
 CHUNK = 500
-"""Windows built per task; each chunk has its own seed, so results do not depend on scheduling."""
+"""Windows per task, here and in the features stage; each chunk has its own seed, so results do not depend on
+scheduling."""
 SPLITS = ("train", "validation")
-"""The two sets of windows."""
+"""The two sets of windows (``<split>_audio.npy`` and ``<split>_labels.npy``)."""
 
 
 @dataclass(frozen=True)
@@ -257,48 +257,4 @@ def run_augment(recipe: Recipe, vocabulary: Vocabulary, work_dir: Path) -> Path:
         recipe.dataset.validation_examples,
         out,
     )
-    return out
-
-
-def _features_chunk(arguments: tuple[Recipe, str, int, int, bool]) -> np.ndarray:
-    recipe, audio_path, start, stop, masked = arguments
-    audio = np.load(audio_path, mmap_mode="r")[start:stop]
-    features = np.stack([batch_features(recipe.frontend, row.astype(np.float32) / 32767.0) for row in audio])
-    if masked:
-        rng = np.random.default_rng([recipe.seed, 7, start])
-        settings = recipe.dataset
-        for row in range(len(features)):
-            if rng.random() < settings.spec_augment_probability:
-                features[row] = spec_augment(features[row], rng, settings.spec_augment)
-    return features.astype(np.float16)
-
-
-def run_features(recipe: Recipe, work_dir: Path) -> Path:
-    """Features of every window; SpecAugment on a share of the training ones. Returns ``<work>/features``."""
-    source = work_dir / "augment"
-    out = work_dir / "features"
-    out.mkdir(parents=True, exist_ok=True)
-    frontend = recipe.frontend
-    for split in SPLITS:
-        audio_path = source / f"{split}_audio.npy"
-        total = np.load(audio_path, mmap_mode="r").shape[0]
-        features = np.lib.format.open_memmap(
-            out / f"{split}_features.npy",
-            mode="w+",
-            dtype=np.float16,
-            shape=(total, frontend.frames, frontend.num_features),
-        )
-        tasks = [
-            (recipe, str(audio_path), start, min(total, start + CHUNK), split == "train")
-            for start in range(0, total, CHUNK)
-        ]
-        with ProcessPoolExecutor(max_workers=max(1, recipe.dataset.workers)) as pool:
-            for task, chunk in zip(
-                tasks, tqdm(pool.map(_features_chunk, tasks), total=len(tasks), desc=f"features {split}"), strict=True
-            ):
-                features[task[2] : task[3]] = chunk
-        features.flush()
-        del features
-        np.save(out / f"{split}_labels.npy", np.load(source / f"{split}_labels.npy"))
-    (out / "labels.json").write_text((source / "labels.json").read_text())
     return out
