@@ -18,7 +18,7 @@ from firmware_tools.building.clips import ClipBank
 from firmware_tools.building.command_head import WINDOW_EMBEDDINGS
 from firmware_tools.building.phrases import model_labels
 from firmware_tools.building.pipeline import STAGES
-from firmware_tools.building.recipe import RecipeError, load_recipe
+from firmware_tools.building.recipe import RECIPES_DIR, RecipeError, load_recipe
 from firmware_tools.building.synth import plan_renders
 from firmware_tools.building.tflite_merge import HEAD_SIGNATURE
 from firmware_tools.building.voices import HeldOutVoice, VoiceSpec, render
@@ -193,7 +193,7 @@ def test_the_held_out_voices_are_never_used_for_training() -> None:
 
 def test_a_recipe_with_an_unknown_setting_is_refused(tmp_path: Path) -> None:
     recipe = tmp_path / "typo.toml"
-    text = (Path(__file__).resolve().parent.parent / "firmware_tools" / "recipes" / "tiny.toml").read_text()
+    text = (RECIPES_DIR / "tiny.toml").read_text()
     recipe.write_text(text.replace("[train]\n", "[train]\nepoch = 3\n"))
     with pytest.raises(RecipeError, match="epoch"):
         load_recipe(recipe)
@@ -201,7 +201,7 @@ def test_a_recipe_with_an_unknown_setting_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("start", [-30, -10, -1, 0, 5, 15, 19, 20, 40])
 def test_a_clip_placed_partly_outside_a_window_keeps_what_fits(start: int) -> None:
-    from firmware_tools.building.dataset import place
+    from firmware_tools.building.augment import place
 
     canvas = np.zeros(20, np.float32)
     clip = np.arange(1, 11, dtype=np.float32)
