@@ -20,7 +20,7 @@ from schemas.model import ModelBlob, ModelManifest, ModelPackage, RolloutStage
 from schemas.signing import key_id, sign_manifest
 from schemas.topics import MANIFEST, MODEL_BLOB, check_identifier
 
-log = logging.getLogger("mqvox.release")
+log = logging.getLogger("mqvox.publish")
 
 EVERYONE = RolloutStage("everyone", (), 100.0)
 """The stage of a plain publication, and of a rollback."""
