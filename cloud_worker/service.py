@@ -42,6 +42,7 @@ from cloud_worker.settings import WorkerSettings
 from cloud_worker.storage import StorageUnavailable, Store, StoredAnswer, StoredUtterance
 from cloud_worker.transcript import Transcript
 from common.backoff import Backoff
+from common.logfmt import ContextLogger
 from common.mqtt import BrokerSettings, Delivery, MqttLink, PublishRefused
 from common.opus import decode_opus
 from schemas.envelope import Envelope
@@ -54,7 +55,7 @@ from schemas.topics import REPLY, UTTERANCE, shared_filter
 from schemas.utterance import Utterance
 from schemas.vocabulary import load_vocabulary
 
-log = logging.getLogger(__name__)
+log = ContextLogger(logging.getLogger(__name__))
 
 _T = TypeVar("_T")
 
@@ -280,12 +281,12 @@ class UtteranceService:
         if stored.published_at is not None:
             item.received.delivery.ack()
             self.counts["already_published"] += 1
-            log.info("redelivery of an answered utterance acknowledged", extra=_ids(stored.result))
+            log.about(stored.result).info("redelivery of an answered utterance acknowledged")
             return
         if self._answer(item.received, stored.result, how="stored"):
             self._with_storage(lambda: self.store.mark_published([item.key], time.time()))
         self.counts["replayed"] += 1
-        log.info("answered again from storage", extra=_ids(stored.result))
+        log.about(stored.result).info("answered again from storage")
 
     def _with_storage(self, action: Callable[[], _T]) -> _T:
         """``action()``, tried again with backoff for as long as the database is unavailable.
@@ -378,7 +379,7 @@ class UtteranceService:
                 for copy in copies:
                     copy.received.delivery.ack()
                 self.counts["answered_elsewhere"] += 1
-                log.info("stored first by another worker, which answers it", extra=_ids(record.result))
+                log.about(record.result).info("stored first by another worker, which answers it")
                 continue
             # One answer per utterance: the other copies in the batch (a redelivery that met its original)
             # are only acknowledged, and only once that answer has gone out.
@@ -387,10 +388,9 @@ class UtteranceService:
                 for copy in copies[1:]:
                     copy.received.delivery.ack()
                     self.counts["already_published"] += 1
-            log.info(
+            log.about(record.result).info(
                 "answered",
-                extra=_ids(record.result)
-                | {
+                extra={
                     "intent": record.result.intent,
                     "confidence": record.result.confidence,
                     "detail": record.result.transcript,
@@ -434,7 +434,7 @@ class UtteranceService:
         try:
             self._link.send(CloudReply.of_result(result))
         except (PublishRefused, TimeoutError, ProtocolError) as error:
-            log.error("could not publish the answer: %s", error, extra=_ids(result))
+            log.about(result).error("could not publish the answer: %s", error)
             return False
         received.delivery.ack()
         self.counts["answered"] += 1
@@ -455,10 +455,8 @@ class UtteranceService:
         self.metrics.failed.labels(str(error.code)).inc()
         device_id = (UTTERANCE.match(topic) or {}).get("device_id")
         utterance_id = (envelope.correlation_data or b"").decode("ascii", errors="replace") or None
-        log.warning(
-            "refused: %s",
-            error,
-            extra={"device_id": device_id, "utterance_id": utterance_id, "topic": topic, "code": str(error.code)},
+        log.bind(device_id=device_id, utterance_id=utterance_id).warning(
+            "refused: %s", error, extra={"topic": topic, "code": str(error.code)}
         )
         report = ErrorReport.from_error(
             error, reporter=self.reporter, topic=topic, device_id=device_id, utterance_id=utterance_id
@@ -482,10 +480,6 @@ class UtteranceService:
         except ProtocolError:
             # The ids themselves are what is wrong: the error report is all we can do.
             return
-
-
-def _ids(result: Result) -> dict[str, str]:
-    return {"device_id": result.device_id, "utterance_id": result.utterance_id}
 
 
 def _ms(seconds: float) -> float:

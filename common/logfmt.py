@@ -1,7 +1,8 @@
 """Logs, one event per line: JSON objects for machines, or short text lines for a person at a terminal.
 
-A log call names its event in the message and puts what it is about in ``extra=`` (see CONTEXT_FIELDS):
-the JSON line carries each field as it is, the text line renders the ones a person reads.
+A log call names its event in the message and puts what it is about in ``extra=``; a ``ContextLogger`` adds the
+ids of the device and the utterance it is about. The JSON line carries every ``extra=`` key as it is (formatted by
+python-json-logger); the text line renders them for a person (``text_details``).
 """
 
 from __future__ import annotations
@@ -10,35 +11,82 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Protocol
 
-CONTEXT_FIELDS = (
-    "device_id", "utterance_id", "topic", "code", "port", "version", "reason",
-    "intent", "slots", "transcript", "confidence", "acted", "score", "time_s", "detail", "latency_ms", "duration_ms",
-)  # fmt: skip
-"""``extra=`` keys copied into each line when a log call gives them."""
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+RECORD_ATTRIBUTES = frozenset(RESERVED_ATTRS) | {"message", "asctime", "taskName"}
+"""The attributes every log record has of its own: any other attribute came from ``extra=``."""
 
 
-class JsonLineFormatter(logging.Formatter):
-    """Formats a record as one JSON line: time, level, component, event and context."""
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """What a log call gave in ``extra=`` (a ``ContextLogger``'s ids included), in the order given."""
+    return {
+        key: value for key, value in record.__dict__.items() if key not in RECORD_ATTRIBUTES and not key.startswith("_")
+    }
+
+
+class AboutAnUtterance(Protocol):
+    """What a line about one utterance takes its ids from: a result, a request, an action."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def utterance_id(self) -> str: ...
+
+
+class ContextLogger(logging.LoggerAdapter):
+    """A logger whose lines carry the ids of what they are about, for example
+    ``ContextLogger(log, device_id="pi-kitchen-01").bind(utterance_id=utterance_id).info("wake", extra={...})``.
+
+    Its context (``device_id``, ``utterance_id``, and whatever else it was bound to) is added to each call's
+    ``extra=``; a key the call gives itself wins. A context value that is None is left out, so a line about no
+    utterance carries no ``utterance_id``.
+    """
+
+    def __init__(self, logger: logging.Logger, **context: Any) -> None:
+        super().__init__(logger, {key: value for key, value in context.items() if value is not None})
+
+    def bind(self, **context: Any) -> ContextLogger:
+        """A logger for the lines about one thing: this one's context, with ``context`` added (an utterance id, a
+        model version)."""
+        assert isinstance(self.logger, logging.Logger)
+        return ContextLogger(self.logger, **{**(self.extra or {}), **context})
+
+    def about(self, subject: AboutAnUtterance) -> ContextLogger:
+        """A logger for the lines about one utterance, with the device and utterance ids of ``subject``."""
+        return self.bind(device_id=subject.device_id, utterance_id=subject.utterance_id)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        # The standard adapter replaces the call's extra= with its own; here the two are merged.
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+class JsonLineFormatter(JsonFormatter):
+    """Formats a record as one JSON line: ``ts``, ``level``, ``component`` and ``event`` (the message), then every
+    ``extra=`` key as given, then the traceback of the exception, if any, as ``exception``. The first four are the
+    line's own: an ``extra=`` key by one of those names does not replace them (no log call uses them)."""
 
     def __init__(self, component: str) -> None:
-        super().__init__()
+        super().__init__(rename_fields={"message": "event", "exc_info": "exception"}, json_ensure_ascii=False)
         self.component = component
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = {
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        own = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "component": self.component,
-            "event": record.getMessage(),
+            "event": record.message,
         }
-        for key in CONTEXT_FIELDS:
-            if hasattr(record, key):
-                line[key] = getattr(record, key)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        log_data.update(own)  # first, so that they lead the line
+        super().add_fields(log_data, record, message_dict)
+        log_data.update(own)  # again, over any extra= key of the same name; their place stays first
+        if "exception" in log_data:
+            log_data["exception"] = log_data.pop("exception")  # last: it runs over many lines
 
 
 SHORT_ID_LENGTH = 8
@@ -50,16 +98,17 @@ class TextLineFormatter(logging.Formatter):
     """Formats a record as one short line for a person, for example
     ``12:03:04 edge result: lights_on, confidence 0.99 [utt 3f2a9c1e]``.
 
-    Local time, the level unless it is info, the event, its details in a fixed order, and the utterance it is
-    about. The device id is left out: a process is one device, and its first line says which.
+    Local time, the level unless it is info, the event, its details (``text_details``), and the utterance it is
+    about.
     """
 
     def format(self, record: logging.LogRecord) -> str:
         line = time.strftime("%H:%M:%S", time.localtime(record.created))
         if record.levelno != logging.INFO:
             line += f" {record.levelname}"
-        line += f" {record.getMessage()}"
-        details = text_details(record.__dict__)
+        message = record.getMessage()
+        line += f" {message}"
+        details = text_details(extra_fields(record), message)
         if details:
             line += f": {', '.join(details)}"
         utterance_id = getattr(record, "utterance_id", None)
@@ -70,10 +119,24 @@ class TextLineFormatter(logging.Formatter):
         return line
 
 
-def text_details(fields: Mapping[str, object]) -> list[str]:
-    """The context of a log call as a person reads it, most telling first: ``weather day=tomorrow``,
-    ``"what's the weather tomorrow"``, ``confidence 0.96``, ``acted``, ``in 412 ms``. Fields that are absent or
-    None are left out, but for an answer's intent: a transcript without one says ``no intent``."""
+TEXT_LEFT_OUT = frozenset({"device_id", "utterance_id", "time_s"})
+"""``extra=`` keys a text line does not list: the device (a process is one device, and its first line says which),
+the utterance (its short id ends the line) and the time in the audio stream (JSON lines carry it). A model
+``version`` is listed only where the message does not name it already."""
+
+_TEXT_RENDERED = frozenset(
+    {"intent", "slots", "transcript", "reason", "confidence", "score", "acted", "code", "detail", "latency_ms",
+     "duration_ms"}
+)  # fmt: skip
+"""``extra=`` keys that ``text_details`` words in a way of their own; any other is listed as ``key value``."""
+
+
+def text_details(fields: Mapping[str, object], message: str = "") -> list[str]:
+    """The ``extra=`` of a log call as a person reads it, most telling first: ``weather day=tomorrow``,
+    ``"what's the weather tomorrow"``, ``confidence 0.96``, ``acted``, ``in 412 ms``, then any other key but those
+    of TEXT_LEFT_OUT as ``key value`` (``topic device/pi/result``, ``version 1.2.0`` unless ``message`` names it).
+    Fields that are absent or None are left out, but for an answer's intent: a transcript without one says
+    ``no intent``."""
 
     def given(key: str) -> bool:
         return fields.get(key) is not None
@@ -101,10 +164,12 @@ def text_details(fields: Mapping[str, object]) -> list[str]:
     for key in ("latency_ms", "duration_ms"):
         if given(key):
             details.append(f"in {fields[key]:.0f} ms")
-    # The version is left out: the lines about a model name it in their message.
-    for key in ("topic", "port"):
-        if given(key):
-            details.append(f"{key} {fields[key]}")
+    for key, value in fields.items():
+        if value is None or key in _TEXT_RENDERED or key in TEXT_LEFT_OUT:
+            continue
+        if key == "version" and str(value) in message:
+            continue  # "now running 1.2.0 (was 1.1.0)" says it already
+        details.append(f"{key} {value}")
     return details
 
 

@@ -19,10 +19,11 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from common.logfmt import ContextLogger
 from device.settings import ANY_INTENT, ActionSettings, SettingsError
 from schemas.result import SlotValue
 
-log = logging.getLogger(__name__)
+log = ContextLogger(logging.getLogger(__name__))
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class ActionRunner:
         """Queue the action for ``request.intent``; None when no action is configured for it."""
         found = self.action_for(request.intent)
         if found is None:
-            log.debug("no action for %s", request.intent, extra={"utterance_id": request.utterance_id})
+            log.about(request).debug("no action for %s", request.intent)
             return None
         return self._executor.submit(self._run, found[0], found[1], request)
 
@@ -140,17 +141,12 @@ class ActionRunner:
             ok, detail = False, f"{type(error).__name__}: {error}"
         outcome = ActionOutcome(request.intent, ok, detail, round(1000 * (time.perf_counter() - started), 3))
         self._count("actions_run" if ok else "actions_failed")
-        extra = {
-            "device_id": request.device_id,
-            "utterance_id": request.utterance_id,
-            "intent": request.intent,
-            "detail": detail,
-        }
+        extra = {"intent": request.intent, "detail": detail}
         if ok:
-            log.info("action ran", extra=extra | {"duration_ms": outcome.duration_ms})
+            log.about(request).info("action ran", extra=extra | {"duration_ms": outcome.duration_ms})
         else:
             # The device goes on listening, but what was asked of it was not done: a failure.
-            log.error("action failed", extra=extra)
+            log.about(request).error("action failed", extra=extra)
         return outcome
 
     def _count_here(self, name: str) -> None:

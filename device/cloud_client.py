@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from common.logfmt import ContextLogger
 from common.mqtt import MqttLink, PublishRefused
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
@@ -111,7 +112,7 @@ class CloudClient:
         the outbox still holds (from before a restart) are taken as deferred. ``count(name)`` adds to a counter of
         the device's status."""
         self._link = link
-        self._device_id = device_id
+        self._log = ContextLogger(log, device_id=device_id)
         self._outbox = outbox
         self._sender = sender
         self._on_deferred_reply = on_deferred_reply
@@ -122,8 +123,8 @@ class CloudClient:
         self._lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, Envelope] | None] = queue.Queue()
         if outbox is not None:
-            for held in outbox.held_requests():
-                self._remember(held.utterance_id, PastRequest(Outcome.DEFERRED, held.created_at, held.seq))
+            for request in outbox.held_requests():
+                self._remember(request.utterance_id, PastRequest(Outcome.DEFERRED, request.created_at, request.seq))
         self._thread = threading.Thread(target=self._run, name="cloud-replies", daemon=True)
         self._thread.start()
         # Subscribed before the first request, so no answer can arrive unheard.
@@ -178,14 +179,14 @@ class CloudClient:
 
     def _resend(self, utterance: Utterance, queued: int | None) -> int | None:
         """Send an unanswered request again; its new outbox seq (the old one if it could not be sent)."""
-        ids = {"device_id": self._device_id, "utterance_id": utterance.utterance_id}
+        about = self._log.about(utterance)
         try:
             queued = self._hand_over(utterance)
         except (PublishRefused, TimeoutError) as error:
-            log.warning("could not send an unanswered request again: %s", error, extra=ids)
+            about.warning("could not send an unanswered request again: %s", error)
             return queued
         self._count("cloud_resends")
-        log.info("no cloud answer yet: sent the request again", extra=ids)
+        about.info("no cloud answer yet: sent the request again")
         return queued
 
     def settle(self, timeout_s: float) -> bool:
@@ -202,11 +203,7 @@ class CloudClient:
             if not waiting:
                 return True
             if time.monotonic() >= deadline:
-                log.warning(
-                    "stopping with %d deferred request(s) sent and not answered yet",
-                    len(waiting),
-                    extra={"device_id": self._device_id},
-                )
+                self._log.warning("stopping with %d deferred request(s) sent and not answered yet", len(waiting))
                 return False
             time.sleep(SETTLE_POLL_S)
 
@@ -253,15 +250,15 @@ class CloudClient:
             try:
                 self._handle(*item)
             except Exception:
-                log.exception("handling a cloud reply failed", extra={"device_id": self._device_id})
+                self._log.exception("handling a cloud reply failed")
 
     def _handle(self, topic: str, envelope: Envelope) -> None:
         try:
             reply = decode(topic, envelope)
         except ProtocolError as error:
-            log.warning("ignored invalid cloud reply: %s", error, extra={"device_id": self._device_id, "topic": topic})
+            self._log.warning("ignored invalid cloud reply: %s", error, extra={"topic": topic})
             return
-        ids = {"device_id": self._device_id, "utterance_id": reply.utterance_id, "intent": reply.intent}
+        about = self._log.bind(utterance_id=reply.utterance_id, intent=reply.intent)
         with self._lock:
             waiter = self._pending.get(reply.utterance_id)
             if waiter is not None:
@@ -271,23 +268,22 @@ class CloudClient:
             past = self._past.get(reply.utterance_id)
         if past is None:
             self._count("cloud_unknown_replies")
-            log.warning(
+            about.warning(
                 "cloud answer about utterance %s, which this device is not waiting for and does not remember:"
                 " not acted on, no result",
                 reply.utterance_id,
-                extra=ids,
             )
         elif past.outcome == Outcome.TIMED_OUT:
             self._count("cloud_late_replies")
-            log.warning("cloud answer after the device gave up, not acted on, no second result", extra=ids)
+            about.warning("cloud answer after the device gave up, not acted on, no second result")
         elif past.outcome == Outcome.SAMPLE:
             self._count("training_samples_labelled")
-            log.debug("cloud label of a training sample, nothing to do", extra=ids)
+            about.debug("cloud label of a training sample, nothing to do")
         elif past.outcome == Outcome.ANSWERED:
-            log.info("copy of a cloud answer already handled, ignored", extra=ids)
+            about.info("copy of a cloud answer already handled, ignored")
         else:
             self._count("cloud_deferred_replies")
-            log.info("cloud answer to a deferred request, too late to act on", extra=ids)
+            about.info("cloud answer to a deferred request, too late to act on")
             if self._on_deferred_reply is not None:
                 self._on_deferred_reply(reply, past)
             with self._lock:

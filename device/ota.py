@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.logfmt import ContextLogger
 from common.mqtt import MqttLink
 from device.detector import NON_COMMAND_LABELS
 from device.features import UnsupportedFrontend, check_frontend
@@ -115,6 +116,7 @@ class ModelUpdater:
         """
         self.settings = settings
         self.device_id = settings.device_id
+        self._log = ContextLogger(log, device_id=settings.device_id)
         self.link: MqttLink | None = None
         self.installed = installed
         self.public_key = load_public_key(settings.ota.public_key)
@@ -135,7 +137,7 @@ class ModelUpdater:
         self._thread.start()
         link.subscribe(self.topic, self._on_manifest, qos=MANIFEST.qos)
         self.following.set()
-        log.info("following %s", self.topic, extra={"device_id": self.device_id})
+        self._log.info("following %s", self.topic)
 
     def stop(self) -> None:
         """Finish the update under way, if any, and stop."""
@@ -159,7 +161,7 @@ class ModelUpdater:
             except Exception:
                 # An update bug must not stop the device from listening with the model it has.
                 self._count("ota_errors")
-                log.exception("model update failed", extra={"device_id": self.device_id})
+                self._log.exception("model update failed")
 
     def consider(self, topic: str, envelope: Envelope) -> None:
         """Check one manifest and, if it is for this device and newer, update to it."""
@@ -167,7 +169,7 @@ class ModelUpdater:
             manifest = decode(topic, envelope)
         except ProtocolError as error:
             self._count("ota_invalid_manifests")
-            log.warning("ignored an invalid manifest: %s", error, extra={"device_id": self.device_id})
+            self._log.warning("ignored an invalid manifest: %s", error)
             return
         if manifest is None:
             return  # the channel's manifest was cleared
@@ -177,15 +179,17 @@ class ModelUpdater:
             # The newest accepted one itself comes again at every reconnect, and after an interrupted update it
             # must be taken up again: only an older one is a replay.
             self._count("ota_replays_ignored")
-            log.warning("ignored a replayed manifest of %s", manifest.version, extra=self._ids(manifest))
+            self._log.warning(
+                "ignored a replayed manifest of %s", manifest.version, extra={"version": manifest.version}
+            )
             return
         if not manifest.stage.includes(self.device_id):
             self._count("ota_not_in_stage")
-            log.debug(
+            self._log.debug(
                 "manifest of %s is for stage %s, without this device",
                 manifest.version,
                 manifest.stage.name,
-                extra=self._ids(manifest),
+                extra={"version": manifest.version},
             )
             return
         try:
@@ -198,17 +202,22 @@ class ModelUpdater:
         # A rollback manifest names the version to run, older or not: a device that missed the rollout it
         # undoes may be behind it. Any other manifest only ever moves a device forward.
         if manifest.rollback and manifest.version == running:
-            log.debug("rollback to %s: it runs already", manifest.version, extra=self._ids(manifest))
+            self._log.debug("rollback to %s: it runs already", manifest.version, extra={"version": manifest.version})
             return
         if not manifest.rollback and not newer(manifest.version, running):
             if newer(running, manifest.version):
                 self._count("ota_replays_ignored")
             # Routine: the retained manifest comes again at every start and reconnection.
-            log.debug("manifest of %s ignored: %s runs already", manifest.version, running, extra=self._ids(manifest))
+            self._log.debug(
+                "manifest of %s ignored: %s runs already",
+                manifest.version,
+                running,
+                extra={"version": manifest.version},
+            )
             return
         refused = self.installed.refused_reason(manifest.version, manifest.sha256)
         if refused is not None:
-            log.info("%s was refused before (%s)", manifest.version, refused, extra=self._ids(manifest))
+            self._log.info("%s was refused before (%s)", manifest.version, refused, extra={"version": manifest.version})
             return
         incompatible = self._incompatibility(manifest)
         if incompatible is not None:
@@ -275,7 +284,7 @@ class ModelUpdater:
         else:
             self._count("ota_applied")
             self._progress(OtaState.APPLIED, manifest.version)
-        log.info("now running %s (was %s)", manifest.version, previous, extra=self._ids(manifest))
+        self._log.info("now running %s (was %s)", manifest.version, previous, extra={"version": manifest.version})
 
     def _trial(self, directory: str) -> tuple[str | None, LocalModel | None]:
         """Load the installed candidate as the device would, and self-test it: (failure or None, model)."""
@@ -285,10 +294,8 @@ class ModelUpdater:
             return f"the model does not load: {error}", None
         report = run_self_test(model, self.settings.capture, self.settings.denoise, self.suite)
         # A failed self-test means the update is refused and rolled back: an operator must see it by default.
-        log.log(
-            logging.INFO if report.passed else logging.WARNING,
-            report.reason(),
-            extra={"device_id": self.device_id, "version": model.version},
+        self._log.log(
+            logging.INFO if report.passed else logging.WARNING, report.reason(), extra={"version": model.version}
         )
         return (None if report.passed else report.reason()), model
 
@@ -327,13 +334,10 @@ class ModelUpdater:
 
     def _reject(self, manifest: ModelManifest, reason: str, *, refuse: bool = False) -> None:
         self._count("ota_rejected")
-        log.warning("rejected model %s: %s", manifest.version, reason, extra=self._ids(manifest))
+        self._log.warning("rejected model %s: %s", manifest.version, reason, extra={"version": manifest.version})
         if refuse:
             self.installed.refuse(manifest.version, manifest.sha256, reason)
         self._progress(OtaState.REJECTED, manifest.version, reason)
 
     def _progress(self, state: OtaState, version: str, reason: str | None = None) -> bool:
         return self._report(OtaProgress(state, version, None if reason is None else reason[:1024]))
-
-    def _ids(self, manifest: ModelManifest) -> dict:
-        return {"device_id": self.device_id, "version": manifest.version}

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.backoff import Backoff, BackoffSettings
+from common.logfmt import ContextLogger
 from common.mqtt import MqttLink, NoMatchingSubscribers, PublishRefused
 from device.settings import DropPolicy, OutboxSettings
 from schemas.envelope import Envelope
 from schemas.protocol import Message, encode
 from schemas.topics import UTTERANCE
 
-log = logging.getLogger(__name__)
+log = ContextLogger(logging.getLogger(__name__))
 
 IN_MEMORY = ":memory:"
 """OutboxSettings.path of an outbox that is not kept across restarts."""
@@ -140,17 +141,19 @@ class Outbox:
             self._expire(now)
             if size > self.settings.max_bytes:
                 self._count_drop("too_large", 1)
-                log.error(
-                    "outbox: message of %d bytes is over max_bytes on its own, dropped", size, extra=_ids(utterance_id)
+                log.bind(utterance_id=utterance_id).error(
+                    "outbox: message of %d bytes is over max_bytes on its own, dropped", size
                 )
                 return None
-            messages, held = self._totals()
-            excess_messages = messages + 1 - self.settings.max_messages
-            excess_bytes = held + size - self.settings.max_bytes
+            held_messages, held_bytes = self._totals()
+            excess_messages = held_messages + 1 - self.settings.max_messages
+            excess_bytes = held_bytes + size - self.settings.max_bytes
             if excess_messages > 0 or excess_bytes > 0:
                 if self.settings.drop == DropPolicy.NEWEST:
                     self._count_drop("full", 1)
-                    log.warning("outbox full, the new message is dropped (drop = newest)", extra=_ids(utterance_id))
+                    log.bind(utterance_id=utterance_id).warning(
+                        "outbox full, the new message is dropped (drop = newest)"
+                    )
                     return None
                 self._drop_oldest(max(excess_messages, 0), max(excess_bytes, 0))
             cursor = self._db.execute(
@@ -207,9 +210,9 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         with self._lock:
-            messages, held = self._totals()
+            held_messages, held_bytes = self._totals()
             dropped = dict(self._db.execute("SELECT reason, count FROM dropped").fetchall())
-        return OutboxStats(messages, held, dropped)
+        return OutboxStats(held_messages, held_bytes, dropped)
 
     def close(self) -> None:
         with self._lock:
@@ -238,7 +241,7 @@ class Outbox:
             self._db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
             freed_messages += 1
             freed_bytes += entry_size
-            log.warning("outbox full, oldest message dropped (drop = oldest)", extra=_ids(utterance_id))
+            log.bind(utterance_id=utterance_id).warning("outbox full, oldest message dropped (drop = oldest)")
         self._count_drop("full", freed_messages)
 
     def _count_drop(self, reason: str, count: int) -> None:
@@ -320,7 +323,7 @@ class OutboxSender:
                     done=lambda error, entry=entry: self._finished(entry, error),
                 )
             except PublishRefused as error:
-                log.error("outbox: message cannot be sent, dropped: %s", error, extra=_ids(entry.utterance_id))
+                log.bind(utterance_id=entry.utterance_id).error("outbox: message cannot be sent, dropped: %s", error)
                 self.outbox.give_up(entry.seq, "refused")
                 continue
             self._in_flight[entry.seq] = entry
@@ -344,10 +347,8 @@ class OutboxSender:
                 if now >= self._resume_at:
                     delay = self._no_consumer.next_delay()
                     self._resume_at = now + delay
-                    log.warning(
-                        "outbox: no cloud worker is subscribed; utterances are kept and sent again in %.1f s",
-                        delay,
-                        extra=_ids(entry.utterance_id),
+                    log.bind(utterance_id=entry.utterance_id).warning(
+                        "outbox: no cloud worker is subscribed; utterances are kept and sent again in %.1f s", delay
                     )
                 continue
             if error is None or isinstance(error, NoMatchingSubscribers):
@@ -361,14 +362,13 @@ class OutboxSender:
             # Refused by the broker (quota, server busy, not authorised): kept, and tried again after a wait.
             delay = self._backoff.next_delay()
             self._resume_at = time.monotonic() + delay
-            log.warning(
-                "outbox: the broker refused a message (%s); trying again in %.1f s",
-                error,
-                delay,
-                extra=_ids(entry.utterance_id),
+            log.bind(utterance_id=entry.utterance_id).warning(
+                "outbox: the broker refused a message (%s); trying again in %.1f s", error, delay
             )
             if self._backoff.failures >= self.outbox.settings.max_attempts:
-                log.error("outbox: refused %d times, dropped", self._backoff.failures, extra=_ids(entry.utterance_id))
+                log.bind(utterance_id=entry.utterance_id).error(
+                    "outbox: refused %d times, dropped", self._backoff.failures
+                )
                 self.outbox.give_up(entry.seq, "refused")
                 self._backoff.reset()
 
@@ -396,7 +396,3 @@ def _entry(row: tuple) -> OutboxEntry:
         correlation_data=bytes.fromhex(correlation) if correlation is not None else None,
     )
     return OutboxEntry(seq, kind, utterance_id, topic, envelope, qos, bool(retain), created_at)
-
-
-def _ids(utterance_id: str | None) -> dict:
-    return {"utterance_id": utterance_id} if utterance_id else {}

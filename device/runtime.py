@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from common.logfmt import ContextLogger
 from common.mqtt import MqttLink, PublishRefused
 from device.actions import ActionRequest, ActionRunner
 from device.audio_sources import AudioSource
@@ -43,7 +44,6 @@ from device.pipeline import CommandEvent, ListeningPipeline
 from device.presence import Presence
 from device.settings import DeviceSettings, UploadPolicy
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.protocol import Message
 from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source
 from schemas.status import DeviceState, OtaProgress
@@ -69,6 +69,8 @@ class DeviceRuntime:
                 settings, starting.installed, report=self._report, on_model=self._use_model, count=self.count
             )
         self.device_id = settings.device_id
+        self._log = ContextLogger(log, device_id=settings.device_id)
+        """This device's logger: its lines carry the device id, and those about an utterance its id too."""
         channel = settings.ota.channel if self._updater is not None else None
         self.presence = Presence(settings.device_id, model.version, channel)
         self._counter_lock = threading.Lock()
@@ -119,13 +121,13 @@ class DeviceRuntime:
             self._sender.start()
             link.on_connection(lambda _session_present: self._announce.set())
             if link.connected:
-                self._send(self._status(DeviceState.ONLINE))
+                self._publish_status(DeviceState.ONLINE)
             self._start_updates(link)
-            log.info(
+            self._log.info(
                 "listening as %s with model %s",
                 self.device_id,
                 self.model.version,
-                extra={"device_id": self.device_id, "version": self.model.version},
+                extra={"version": self.model.version},
             )
             status_thread = threading.Thread(target=self._refresh_status, name="status", daemon=True)
             status_thread.start()
@@ -159,13 +161,13 @@ class DeviceRuntime:
                 if self._cloud is not None:
                     self._cloud.close()
                 self._sender.stop()
-                held = self.outbox.stats().messages
-                if held:
-                    log.warning("%d message(s) left in the outbox for the next start", held, extra=self._ids(None))
+                unsent = self.outbox.stats().messages
+                if unsent:
+                    self._log.warning("%d message(s) left in the outbox for the next start", unsent)
                 if link.connected:
-                    self._send(self._status(DeviceState.OFFLINE))
+                    self._publish_status(DeviceState.OFFLINE)
                 self.outbox.close()
-                log.info("stopped", extra={"device_id": self.device_id})
+                self._log.info("stopped")
 
     def _start_updates(self, link: MqttLink) -> None:
         if self._updater is None:
@@ -180,7 +182,7 @@ class DeviceRuntime:
         """Publish a model update step in the retained status."""
         with self._counter_lock:
             self.presence.ota = progress
-        return self._send(self._status(DeviceState.ONLINE))
+        return self._publish_status(DeviceState.ONLINE)
 
     def _use_model(self, model: LocalModel) -> None:
         """A committed update: the listening loop switches to it between utterances."""
@@ -193,14 +195,12 @@ class DeviceRuntime:
         assert model is not None
         self.pipeline = ListeningPipeline(model, self.settings.capture, self.settings.denoise)
         self.model = model
-        log.info(
-            "listening with model %s", model.version, extra={"device_id": self.device_id, "version": model.version}
-        )
+        self._log.info("listening with model %s", model.version, extra={"version": model.version})
 
     def _status(self, state: DeviceState):
-        held = self.outbox.stats()
+        outbox = self.outbox.stats()
         with self._counter_lock:
-            self.presence.counters["outbox_messages"] = held.messages
+            self.presence.counters["outbox_messages"] = outbox.messages
             for name in ("dropped_blocks", "input_overflows"):
                 if hasattr(self._source, name):
                     self.presence.counters[f"audio_{name}"] = getattr(self._source, name)
@@ -215,27 +215,28 @@ class DeviceRuntime:
             self._announce.clear()
             if announce or time.monotonic() >= next_refresh:
                 if self._link is not None and self._link.connected:
-                    self._send(self._status(DeviceState.ONLINE))
+                    self._publish_status(DeviceState.ONLINE)
                 next_refresh = time.monotonic() + self.settings.status_interval_s
 
-    def _send(self, message: Message) -> bool:
-        """Publish the retained status now (not kept: the next one replaces it)."""
+    def _publish_status(self, state: DeviceState) -> bool:
+        """Publish the retained status now, directly (not through the outbox: the next one replaces it)."""
         assert self._link is not None
         try:
-            self._link.send(message)
+            self._link.send(self._status(state))
             return True
         except (PublishRefused, TimeoutError, ProtocolError) as error:
             self.count("publish_failures")
-            log.error("publish failed: %s", error, extra={"device_id": self.device_id})
+            self._log.error("publish failed: %s", error)
             return False
 
-    def _keep(self, message: Result) -> bool:
-        """Put a result in the outbox, to be sent in order as soon as the broker can take it."""
+    def _queue_result(self, result: Result) -> bool:
+        """Put a result in the outbox, to be sent in order as soon as the broker can take it; False when the
+        outbox refused it (not valid, or dropped under its drop policy)."""
         try:
-            seq = self.outbox.put(message)
+            seq = self.outbox.put(result)
         except ProtocolError as error:
             self.count("publish_failures")
-            log.error("result not valid, not sent: %s", error, extra=self._ids(message.utterance_id))
+            self._log.bind(utterance_id=result.utterance_id).error("result not valid, not sent: %s", error)
             return False
         if seq is not None and self._sender is not None:
             self._sender.wake()
@@ -251,15 +252,15 @@ class DeviceRuntime:
         if isinstance(event, WakeEvent):
             self.count("wakes")
             self._heard_utterance_id = new_utterance_id()
-            context = self._ids(self._heard_utterance_id) | {"time_s": event.time_s, "score": event.score}
-            log.info("wake", extra=context)
+            heard = self._log.bind(utterance_id=self._heard_utterance_id)
+            heard.info("wake", extra={"time_s": event.time_s, "score": event.score})
             return
         # The pipeline gives a wake, then its utterance's outcome: the outcome takes the id the wake was logged with.
         utterance_id = self._heard_utterance_id or new_utterance_id()
         self._heard_utterance_id = None
         if isinstance(event, NoSpeech):
             self.count("no_speech")
-            log.info("wake without speech", extra=self._ids(utterance_id))
+            self._log.bind(utterance_id=utterance_id).info("wake without speech")
         elif event.local:
             self._answer_locally(event, utterance_id)
             if self._cloud is not None and self._sample_rng.random() < self.settings.cloud.training_sample_share:
@@ -282,9 +283,9 @@ class DeviceRuntime:
             timings_ms=event.timings_ms | {"total": _ms_since(event.utterance.endpointed_at)},
             acted=True,
         )
-        if self._keep(result):
+        if self._queue_result(result):
             self.count("edge_results")
-        log.info("edge result", extra=self._context(utterance_id, event))
+        self._log.bind(utterance_id=utterance_id).info("edge result", extra=_decision(event))
         self._act(event.intent, event.slots, Source.EDGE, event.decision.confidence, utterance_id)
 
     def _share_sample(self, event: CommandEvent, utterance_id: str) -> None:
@@ -295,7 +296,7 @@ class DeviceRuntime:
             self._cloud.send_sample(self._utterance(event, utterance_id, UploadReason.TRAINING_SAMPLE))
         except (PublishRefused, TimeoutError, ProtocolError) as error:
             self.count("training_samples_dropped")
-            log.warning("training sample not sent: %s", error, extra=self._ids(utterance_id))
+            self._log.bind(utterance_id=utterance_id).warning("training sample not sent: %s", error)
             return
         self.count("training_samples_sent")
 
@@ -320,31 +321,31 @@ class DeviceRuntime:
             f"the device was unsure (best guess {guess} at {score:.2f}) and its upload policy is never",
         )
         timings = event.timings_ms | {"total": _ms_since(event.utterance.endpointed_at)}
-        if self._keep(Result.failure(self.device_id, utterance_id, Source.EDGE, error, timings)):
+        if self._queue_result(Result.failure(self.device_id, utterance_id, Source.EDGE, error, timings)):
             self.count("not_understood")
-        log.info("not understood, audio kept on the device", extra=self._context(utterance_id, event))
+        about = self._log.bind(utterance_id=utterance_id)
+        about.info("not understood, audio kept on the device", extra=_decision(event))
 
     def _ask_cloud(self, event: CommandEvent, utterance_id: str) -> None:
         assert self._cloud is not None
         captured = event.utterance
+        about = self._log.bind(utterance_id=utterance_id)
         try:
             reason = UploadReason.OUT_OF_VOCABULARY if event.intent is None else UploadReason.LOW_CONFIDENCE
             utterance = self._utterance(event, utterance_id, reason)
             self.count("cloud_requests")
-            log.info("asking the cloud", extra=self._context(utterance_id, event) | {"reason": str(reason)})
+            about.info("asking the cloud", extra=_decision(event) | {"reason": str(reason)})
             reply = self._cloud.ask(
                 utterance, timeout_s=self.settings.cloud.timeout_s, resend_after_s=self.settings.cloud.resend_after_s
             )
         except CloudDeferred as deferred:
             # No cloud_timeout result: the request is answered by the cloud once it gets there (_deferred_reply).
             self.count("cloud_deferred")
-            log.warning("cloud request deferred: %s", deferred, extra=self._ids(utterance_id))
+            about.warning("cloud request deferred: %s", deferred)
             return
         except (ProtocolError, PublishRefused, TimeoutError) as error:
             self.count("cloud_failures")
-            log.error(
-                "cannot ask the cloud: %s", error, extra={"device_id": self.device_id, "utterance_id": utterance_id}
-            )
+            about.error("cannot ask the cloud: %s", error)
             return
         if reply is None:
             self.count("cloud_timeouts")
@@ -352,8 +353,8 @@ class DeviceRuntime:
                 ErrorCode.CLOUD_TIMEOUT, f"no answer from the cloud within {self.settings.cloud.timeout_s:g} s"
             )
             timings = {"total": _ms_since(captured.endpointed_at)}
-            self._keep(Result.failure(self.device_id, utterance_id, Source.EDGE, timeout, timings))
-            log.warning("cloud timeout", extra=self._ids(utterance_id))
+            self._queue_result(Result.failure(self.device_id, utterance_id, Source.EDGE, timeout, timings))
+            about.warning("cloud timeout")
             return
         self.count("cloud_results")
         result = self._publish_cloud_result(reply, may_act=True, total_ms=_ms_since(captured.endpointed_at))
@@ -373,8 +374,8 @@ class DeviceRuntime:
         under_floor = reply.error is None and result.error is not None
         if under_floor:
             self.count("cloud_under_floor")
-        self._keep(result)
-        context = self._ids(result.utterance_id) | {
+        self._queue_result(result)
+        context = {
             "intent": reply.intent,
             "slots": dict(reply.slots),
             "transcript": reply.transcript,
@@ -384,7 +385,8 @@ class DeviceRuntime:
         }
         if result.error is not None:
             context |= {"code": str(result.error.code), "detail": result.error.message}
-        log.info("cloud result" if may_act else "cloud result of a deferred request, not acted on", extra=context)
+        message = "cloud result" if may_act else "cloud result of a deferred request, not acted on"
+        self._log.bind(utterance_id=result.utterance_id).info(message, extra=context)
         return result
 
     def _act(self, intent: str | None, slots, source: Source, confidence: float, utterance_id: str) -> None:
@@ -393,20 +395,18 @@ class DeviceRuntime:
         request = ActionRequest(intent, dict(slots), str(source), confidence, self.device_id, utterance_id)
         self.actions.submit(request)
 
-    def _ids(self, utterance_id: str | None) -> dict:
-        return {"device_id": self.device_id, "utterance_id": utterance_id}
 
-    def _context(self, utterance_id: str, event: CommandEvent) -> dict:
-        """What the device made of an utterance, for its log lines; an unsure one names the device's best guess."""
-        context = self._ids(utterance_id) | {
-            "intent": event.intent,
-            "slots": dict(event.slots),
-            "confidence": event.decision.confidence,
-            "time_s": round(event.time_s, 3),
-        }
-        if event.intent is None:
-            context["detail"] = f"best guess {event.alternatives[0].label}"
-        return context
+def _decision(event: CommandEvent) -> dict:
+    """What the device made of an utterance, for its log lines; an unsure one names the device's best guess."""
+    decision = {
+        "intent": event.intent,
+        "slots": dict(event.slots),
+        "confidence": event.decision.confidence,
+        "time_s": round(event.time_s, 3),
+    }
+    if event.intent is None:
+        decision["detail"] = f"best guess {event.alternatives[0].label}"
+    return decision
 
 
 def _ms_since(moment: float) -> float:

@@ -114,6 +114,9 @@ def test_log_level_warning_keeps_run_quiet_and_json_keeps_the_ids(links, broker_
     (result_id,) = [decode(*results.get(timeout_s=10)).utterance_id for _ in range(1)]
     assert wake["utterance_id"] == edge["utterance_id"] == action["utterance_id"] == result_id
     assert (edge["intent"], edge["slots"]) == ("lights_on", {}) and 0 < wake["score"] <= 1
+    # Every extra= key reaches the line: the model version too, and the wake's place in the stream.
+    listening = by_event[f"listening as {device_id} with model 1.1.0"]
+    assert (listening["device_id"], listening["version"]) == (device_id, "1.1.0") and wake["time_s"] > 0
 
 
 def test_a_bad_log_format_is_refused_in_one_line() -> None:

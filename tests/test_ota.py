@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cloud_worker.storage import StorageSettings
+from common.logfmt import JsonLineFormatter
 from device.installed_models import InstalledModels
 from device.local_model import load_local_model, shipped_model_directory
 from device.simulated import SimulatedDevice
@@ -207,6 +208,9 @@ def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(
     # A refused update is a warning, seen at the device's default log level, not an info line.
     (failed,) = [record for record in caplog.records if record.getMessage().startswith("self-test failed")]
     assert failed.levelno == logging.WARNING
+    # Its line names the device and the version refused, which the message does not.
+    logged = json.loads(JsonLineFormatter("device").format(failed))
+    assert (logged["device_id"], logged["version"]) == ("selftest-1", "1.2.0")
     assert device.runtime.model.version == FACTORY_VERSION
     installed = InstalledModels(device.settings.ota.state_dir, shipped_model_directory(), FACTORY_VERSION)
     assert installed.active == installed.factory and installed.journal.trial is None
