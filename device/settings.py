@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import re
 import socket
-import tomllib
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import dacite
-
+from common.config import ConfigError, read_toml, settings_from_table
 from common.locations import Role, StateLocationError, make_state_folder
 from common.mqtt import BrokerSettings, TlsSettings
 from common.opus import MAX_UTTERANCE_S
@@ -26,7 +23,7 @@ from schemas.errors import ProtocolError
 from schemas.topics import check_identifier
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """A configuration that cannot be used; the message names the file and the setting."""
 
 
@@ -362,92 +359,12 @@ class DeviceSettings:
             raise SettingsError(f"status_interval_s must be positive, not {self.status_interval_s}")
 
 
-def _number(value: Any) -> float:
-    # TOML writes 10 for 10.0; accept both, but never a string.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise dacite.WrongTypeError(float, value)
-    return float(value)
-
-
-class _NotAChoice(dacite.DaciteFieldError):
-    """A string outside an enum's values; dacite adds the field's dotted path."""
-
-    def __init__(self, choices: type[StrEnum], value: Any) -> None:
-        super().__init__()
-        self.choices = choices
-        self.value = value
-
-    def __str__(self) -> str:
-        allowed = ", ".join(repr(str(choice)) for choice in self.choices)
-        return f'"{self.field_path}" must be one of {allowed}, not {self.value!r}'
-
-
-def _choice(choices: type[StrEnum]):
-    def convert(value: Any) -> StrEnum:
-        try:
-            return choices(value)
-        except ValueError:
-            raise _NotAChoice(choices, value) from None
-
-    return convert
-
-
-_DACITE = dacite.Config(
-    strict=True,
-    type_hooks={float: _number}
-    | {kind: _choice(kind) for kind in (AudioSourceKind, DenoiseMode, UploadPolicy, DropPolicy)},
-    cast=[tuple],
-)
-
-
-def _unknown_keys(cls: type, table: Mapping[str, Any], where: str) -> list[str]:
-    """Dotted names of keys in ``table`` that ``cls`` has no field for, at any depth."""
-    hints = typing.get_type_hints(cls)
-    known = {item.name for item in fields(cls)}
-    unknown = [f"{where}{key}" for key in table if key not in known]
-    for key in known & set(table):
-        kind, value = hints[key], table[key]
-        if not isinstance(value, Mapping):
-            continue  # a wrong type, which dacite reports
-        if typing.get_origin(kind) is Mapping:
-            item_class = typing.get_args(kind)[1]
-            for name, item in value.items():
-                if isinstance(item, Mapping):
-                    unknown += _unknown_keys(item_class, item, f"{where}{key}.{name}.")
-        else:
-            # A nested settings class, or an optional one (TlsSettings | None).
-            nested = [arg for arg in (kind, *typing.get_args(kind)) if is_dataclass(arg)]
-            if nested:
-                unknown += _unknown_keys(nested[0], value, f"{where}{key}.")
-    return unknown
-
-
 def settings_from_dict(data: Mapping[str, Any], where: str = "settings") -> DeviceSettings:
     """Build and check DeviceSettings from a parsed TOML document; SettingsError names what is wrong."""
-    unknown = _unknown_keys(DeviceSettings, data, "")
-    if unknown:
-        raise SettingsError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
-    data = dict(data)
-    actions = data.pop("actions", {})
-    if not isinstance(actions, Mapping):
-        raise SettingsError(f"{where}: actions must be a table of intent = {{command or entry_point}}")
     try:
-        # Built one by one, so an error names its intent.
-        built = {intent: _build(ActionSettings, action, f"actions.{intent}") for intent, action in actions.items()}
-        return replace(_build(DeviceSettings, data, ""), actions=built)
-    except SettingsError as error:
-        raise SettingsError(f"{where}: {error}") from None
-
-
-def _build(cls: type, data: Any, path: str):
-    if not isinstance(data, Mapping):
-        raise SettingsError(f"{path} must be a table, not {data!r}")
-    try:
-        return dacite.from_dict(cls, dict(data), _DACITE)
-    except dacite.DaciteError as error:
+        return settings_from_table(DeviceSettings, data, where)
+    except ConfigError as error:
         raise SettingsError(str(error)) from None
-    except SettingsError as error:
-        raise SettingsError(f"{path}: {error}" if path else str(error)) from None
 
 
 def load_settings(path: str | Path) -> DeviceSettings:
@@ -458,11 +375,9 @@ def load_settings(path: str | Path) -> DeviceSettings:
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise SettingsError(f"cannot read config {path}: {error.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise SettingsError(f"config {path} is not valid TOML: {error}") from None
+        data = read_toml(path)
+    except ConfigError as error:
+        raise SettingsError(str(error)) from None
     settings = settings_from_dict(data, str(path))
     return _resolve_paths(settings, path)
 

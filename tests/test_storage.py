@@ -14,21 +14,20 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from cloud_worker.storage import (
+from cloud_worker.settings import StorageSettings
+from cloud_worker.storage import Store, StoredUtterance
+from cloud_worker.transcript import Segment, Transcript
+from common.database import StorageUnavailable
+from common.recording import read_recording
+from common.worker_database import (
     Contribution,
     DeviceRow,
     ResultRow,
     SegmentRow,
-    StorageSettings,
-    StorageUnavailable,
-    Store,
-    StoredUtterance,
     TimingRow,
     TrainingContributionRow,
     UtteranceRow,
 )
-from cloud_worker.transcript import Segment, Transcript
-from common.recording import read_recording
 from schemas.errors import ErrorCode
 from schemas.result import ErrorInfo, Result, Source
 from schemas.utterance import Hypothesis, UploadReason, Utterance

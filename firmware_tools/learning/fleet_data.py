@@ -2,7 +2,7 @@
 
 The worker keeps the utterances of devices whose owners allow it
 (``[cloud] share_for_training``), each with the cloud's answer and its calibrated
-confidence (cloud_worker/storage.py, ``Store.contributions``). :func:`curate` turns
+confidence (common/worker_database.py, ``WorkerDatabase.contributions``). :func:`curate` turns
 them into examples:
 
 - a command the cloud named at ``min_confidence`` or above is an example of its label;
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cloud_worker.storage import Contribution
 from common.opus import decode_opus
+from common.worker_database import Contribution
 from device.capture import CapturedUtterance, UtteranceCapture
 from device.detector import centred_window
 from device.settings import CLOUD_MIN_CONFIDENCE, CaptureSettings

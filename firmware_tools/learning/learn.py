@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud_worker.storage import Store
+from common.worker_database import WorkerDatabase
 from device.local_model import load_local_model, shipped_model_directory
 from device.speech_embedding import SpeechEmbedding
 from firmware_tools.building.command_head import build_examples, clean_fsdd
@@ -141,7 +141,7 @@ def base_package(registry: ModelRegistry, settings: LearnSettings) -> tuple[str,
 
 def run_round(
     settings: LearnSettings,
-    store: Store,
+    store: WorkerDatabase,
     registry: ModelRegistry,
     *,
     roll_out: Callable[[Path, str], str] | None = None,

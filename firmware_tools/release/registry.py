@@ -1,6 +1,6 @@
 """The model registry: every published model version, each channel's live version, and every rollout.
 
-It lives in the worker's database, through the same code (cloud_worker.storage.Database),
+It lives in the worker's database, through the same code (common.database.Database),
 so one SQLite file or PostgreSQL server holds utterances and models alike. The blob is
 kept here too: an aborted rollout re-publishes the previous version from the registry,
 even after its retained copy was cleared from the broker.
@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from cloud_worker.storage import COLUMN_TYPES, Database
+from common.database import COLUMN_TYPES, Database
 from schemas.model import ModelPackage, parse_version
 from schemas.status import OtaState
 
