@@ -44,12 +44,12 @@ from cloud_worker.transcript import Transcript
 from common.backoff import Backoff
 from common.database import StorageUnavailable
 from common.logfmt import ContextLogger
-from common.mqtt import BrokerSettings, Delivery, MqttLink, PublishRefused
+from common.mqtt import BrokerSettings, Delivery, LinkClosed, MqttLink, PublishRefused
 from common.opus import decode_opus
 from schemas.envelope import Envelope
 from schemas.error_report import ErrorReport
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.protocol import decode
+from schemas.protocol import Message, decode
 from schemas.reply import CloudReply
 from schemas.result import ErrorInfo, Result, Source
 from schemas.topics import REPLY, UTTERANCE, shared_filter
@@ -140,7 +140,8 @@ class UtteranceService:
         """Utterances ``transcribed``, ``answered`` (from storage too), ``replayed`` from storage, ``refused``,
         ``already_published`` (a redelivery acknowledged without a second answer), ``answered_elsewhere`` (a copy
         another worker stored first, acknowledged without an answer: that worker answers it), ``unstored`` (left
-        unacknowledged when the worker stopped during a database outage), and ``storage_retries``."""
+        unacknowledged when the worker stopped during a database outage), ``refusals_unsent`` (an error report or
+        error reply of a refused utterance that the broker did not take), and ``storage_retries``."""
 
     def start(self) -> UtteranceService:
         """Open the store and delete its expired training contributions, load the model, serve metrics, subscribe.
@@ -214,7 +215,7 @@ class UtteranceService:
         return False
 
     def _receive(self, delivery: Delivery) -> None:
-        # paho's network thread: hand over and return, since answering waits for PUBACKs.
+        # The link's dispatcher thread: hand over to the batching thread, which gathers what arrives in its window.
         with self._traffic:
             self._outstanding += 1
             self._last_received = time.monotonic()
@@ -462,7 +463,7 @@ class UtteranceService:
         report = ErrorReport.from_error(
             error, reporter=self.reporter, topic=topic, device_id=device_id, utterance_id=utterance_id
         )
-        self._link.send(report)
+        self._send_refusal(report, "error report", device_id, utterance_id)
         if device_id is None or utterance_id is None:
             return
         try:
@@ -477,10 +478,20 @@ class UtteranceService:
                 ErrorInfo(error.code, str(error)[:1024]),
                 timings_ms={"total": 0.0},
             )
-            self._link.send(CloudReply.of_result(failure))
+            self._send_refusal(CloudReply.of_result(failure), "error reply", device_id, utterance_id)
         except ProtocolError:
             # The ids themselves are what is wrong: the error report is all we can do.
             return
+
+    def _send_refusal(self, message: Message, what: str, device_id: str | None, utterance_id: str | None) -> None:
+        """Publish the error report or reply of a refused utterance. Called from the handler of the refusal, so a
+        publish that fails is logged and counted (``refusals_unsent``), never raised: the utterance is still
+        acknowledged, or it would come back forever."""
+        try:
+            self._link.send(message)
+        except (PublishRefused, TimeoutError, LinkClosed) as error:
+            self.counts["refusals_unsent"] += 1
+            log.bind(device_id=device_id, utterance_id=utterance_id).error("could not publish the %s: %s", what, error)
 
 
 def _ms(seconds: float) -> float:

@@ -6,9 +6,11 @@ CloudDeferred: the cloud answers once the request reaches it, too late to act on
 ``on_deferred_reply`` is given that answer, so that the device publishes the utterance's
 result then.
 
-Threads: paho's network thread only puts each reply on a queue; the client's own
-``cloud-replies`` thread decodes it and hands it on, since a deferred one leads to a write
-to the outbox. The client remembers the requests it stopped waiting for (the most recent
+Threads: the link's dispatcher thread only puts each reply on a queue; the client's own
+``cloud-replies`` thread decodes it and hands it on (to the waiting ``ask`` through its
+Future), since a deferred one leads to a write to the outbox, which would hold up the
+link's other deliveries, and ``close`` must stop that before the outbox closes while the
+link stays open. The client remembers the requests it stopped waiting for (the most recent
 ones, at least as many as the outbox holds), so that each reply is one of:
 
 - awaited: handed to the ``ask`` waiting for it;
@@ -28,7 +30,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -83,14 +86,6 @@ class PastRequest:
     """Its place in the outbox, while it may still be there; None without an outbox."""
 
 
-@dataclass
-class _Waiter:
-    """An ``ask`` waiting for its reply."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    replies: list[CloudReply] = field(default_factory=list)
-
-
 DeferredReplyHandler = Callable[[CloudReply, PastRequest], None]
 """Called on the client's thread with the reply to a deferred request and what the client remembers of it."""
 
@@ -117,7 +112,8 @@ class CloudClient:
         self._sender = sender
         self._on_deferred_reply = on_deferred_reply
         self._count = count or (lambda name: None)
-        self._pending: dict[str, _Waiter] = {}
+        self._pending: dict[str, Future[CloudReply]] = {}
+        """By utterance id: the reply each ``ask`` waits for (set by the first reply to arrive)."""
         self._past: OrderedDict[str, PastRequest] = OrderedDict()
         self._capacity = max(REMEMBERED_REQUESTS, outbox.settings.max_messages if outbox is not None else 0)
         self._lock = threading.Lock()
@@ -142,7 +138,7 @@ class CloudClient:
         Raises CloudDeferred when the request is still in the outbox at the end of the wait, and
         PublishRefused when it could not be sent or kept.
         """
-        waiter = _Waiter()
+        waiter: Future[CloudReply] = Future()
         utterance_id = utterance.utterance_id
         with self._lock:
             self._pending[utterance_id] = waiter
@@ -151,7 +147,7 @@ class CloudClient:
             deadline = time.monotonic() + timeout_s
             wait_s = resend_after_s if resend_after_s > 0 else float("inf")
             resend_at = time.monotonic() + wait_s
-            while not waiter.done.wait(max(0.0, min(deadline, resend_at) - time.monotonic())):
+            while not wait([waiter], max(0.0, min(deadline, resend_at) - time.monotonic())).done:
                 if time.monotonic() >= deadline:
                     break
                 # Each wait twice the last: workers that are only slow (a backlog) get few copies to skip.
@@ -164,9 +160,9 @@ class CloudClient:
                 del self._pending[utterance_id]
             raise
         with self._lock:
-            # Under the lock that replies are matched under: a reply is either in ``replies`` or finds this record.
+            # Under the lock that replies are matched under: a reply either resolved the Future or finds this record.
             del self._pending[utterance_id]
-            if waiter.replies:
+            if waiter.done():
                 outcome = Outcome.ANSWERED
             elif queued is not None and self._outbox.holds(queued):
                 outcome = Outcome.DEFERRED
@@ -175,7 +171,7 @@ class CloudClient:
             self._remember(utterance_id, PastRequest(outcome, utterance.captured_at, queued))
         if outcome == Outcome.DEFERRED:
             raise CloudDeferred(f"the broker is unreachable: the request waits in the outbox after {timeout_s:g} s")
-        return waiter.replies[0] if waiter.replies else None
+        return waiter.result() if waiter.done() else None
 
     def _resend(self, utterance: Utterance, queued: int | None) -> int | None:
         """Send an unanswered request again; its new outbox seq (the old one if it could not be sent)."""
@@ -242,7 +238,7 @@ class CloudClient:
             self._past.popitem(last=False)
 
     def _receive(self, topic: str, envelope: Envelope) -> None:
-        # paho's network thread: hand over and return.
+        # The link's dispatcher thread: hand over and return (see the module's doc).
         self._inbox.put((topic, envelope))
 
     def _run(self) -> None:
@@ -262,8 +258,8 @@ class CloudClient:
         with self._lock:
             waiter = self._pending.get(reply.utterance_id)
             if waiter is not None:
-                waiter.replies.append(reply)
-                waiter.done.set()
+                if not waiter.done():  # only this thread sets it: the first reply is the answer
+                    waiter.set_result(reply)
                 return
             past = self._past.get(reply.utterance_id)
         if past is None:

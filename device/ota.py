@@ -28,6 +28,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from common.logfmt import ContextLogger
@@ -146,7 +147,9 @@ class ModelUpdater:
             self._thread.join()
 
     def _on_manifest(self, topic: str, envelope: Envelope) -> None:
-        self._manifests.put((topic, envelope))  # paho's thread: never block it with an update
+        # The link's dispatcher thread: an update takes minutes, which would hold up every other delivery
+        # (the cloud's replies); the update thread takes the newest manifest when it is free.
+        self._manifests.put((topic, envelope))
 
     def _run(self) -> None:
         while True:
@@ -318,16 +321,17 @@ class ModelUpdater:
     def _fetch(self, topic: str) -> Envelope | None:
         """The retained blob of ``topic``, or None if none arrives in time."""
         assert self.link is not None
-        arrived: queue.Queue[Envelope] = queue.Queue()
+        arrived: Future[Envelope] = Future()
 
         def keep(_topic: str, envelope: Envelope) -> None:
-            if envelope.payload:
-                arrived.put(envelope)
+            # On the link's dispatcher thread, one message at a time: the first blob wins.
+            if envelope.payload and not arrived.done():
+                arrived.set_result(envelope)
 
         self.link.subscribe(topic, keep, qos=MODEL_BLOB.qos)
         try:
-            return arrived.get(timeout=self.settings.ota.download_timeout_s)
-        except queue.Empty:
+            return arrived.result(timeout=self.settings.ota.download_timeout_s)
+        except TimeoutError:
             return None
         finally:
             self.link.unsubscribe(topic)

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.backoff import Backoff, BackoffSettings
 from common.logfmt import ContextLogger
-from common.mqtt import MqttLink, NoMatchingSubscribers, PublishRefused
+from common.mqtt import LinkClosed, MqttLink, NoMatchingSubscribers, PublishRefused
 from device.settings import DropPolicy, OutboxSettings
 from schemas.envelope import Envelope
 from schemas.protocol import Message, encode
@@ -121,6 +122,8 @@ class Outbox:
         if path != IN_MEMORY:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._drops: list[tuple[str, int]] = []
+        """Drops counted in the transaction under way, told to ``on_drop`` once it is committed."""
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         # WAL with full sync: a message put here survives a crash and a power cut.
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -137,7 +140,7 @@ class Outbox:
         topic, envelope = encode(message)
         size = len(envelope.payload)
         now = time.time()
-        with self._lock, self._db:
+        with self._transaction():
             self._expire(now)
             if size > self.settings.max_bytes:
                 self._count_drop("too_large", 1)
@@ -175,7 +178,7 @@ class Outbox:
 
     def pending(self, *, after: int = 0, limit: int = 100) -> list[OutboxEntry]:
         """Entries with seq over ``after``, oldest first; entries past max_age_s are dropped first."""
-        with self._lock, self._db:
+        with self._transaction():
             self._expire(time.time())
             rows = self._db.execute(
                 "SELECT seq, kind, utterance_id, topic, payload, properties, qos, retain, created_at FROM messages"
@@ -199,12 +202,12 @@ class Outbox:
 
     def remove(self, seq: int) -> None:
         """The broker has the entry: forget it."""
-        with self._lock, self._db:
+        with self._transaction():
             self._db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
 
     def give_up(self, seq: int, reason: str) -> None:
         """Drop one entry that cannot be sent, counting it under ``reason``."""
-        with self._lock, self._db:
+        with self._transaction():
             if self._db.execute("DELETE FROM messages WHERE seq = ?", (seq,)).rowcount:
                 self._count_drop(reason, 1)
 
@@ -217,6 +220,17 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """The lock and one SQLite transaction. The drops it counts are told to ``on_drop`` after the commit, outside
+        the lock: the callback may take locks of its own, or read the outbox, and a rolled-back drop is not told."""
+        with self._lock, self._db:
+            self._drops = drops = []
+            yield
+        if self._on_drop is not None:
+            for reason, count in drops:
+                self._on_drop(reason, count)
 
     def _totals(self) -> tuple[int, int]:
         count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
@@ -250,8 +264,7 @@ class Outbox:
             " ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count",
             (reason, count),
         )
-        if self._on_drop is not None:
-            self._on_drop(reason, count)
+        self._drops.append((reason, count))
 
 
 class OutboxSender:
@@ -267,8 +280,8 @@ class OutboxSender:
         self._backoff = Backoff(BackoffSettings(settings.retry_initial_s, settings.retry_max_s))
         self._no_consumer = Backoff(BackoffSettings(settings.retry_initial_s, settings.retry_max_s))
         """Waits after utterances that found no cloud worker subscribed; never a reason to drop one."""
-        self._in_flight: dict[int, OutboxEntry] = {}
-        self._outcomes: queue.Queue[tuple[OutboxEntry, Exception | None]] = queue.Queue()
+        self._in_flight: dict[int, tuple[OutboxEntry, Future[None]]] = {}
+        """By seq: the entries handed to the link, with the Future of the broker's answer."""
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._resume_at = 0.0
@@ -315,31 +328,24 @@ class OutboxSender:
         after = max(self._in_flight, default=0)
         for entry in self.outbox.pending(after=after, limit=room):
             try:
-                self.link.publish_later(
-                    entry.topic,
-                    entry.envelope,
-                    qos=entry.qos,
-                    retain=entry.retain,
-                    done=lambda error, entry=entry: self._finished(entry, error),
-                )
+                sent = self.link.publish_later(entry.topic, entry.envelope, qos=entry.qos, retain=entry.retain)
             except PublishRefused as error:
                 log.bind(utterance_id=entry.utterance_id).error("outbox: message cannot be sent, dropped: %s", error)
                 self.outbox.give_up(entry.seq, "refused")
                 continue
-            self._in_flight[entry.seq] = entry
-
-    def _finished(self, entry: OutboxEntry, error: Exception | None) -> None:
-        # paho's thread: hand over, since the outbox writes to disk.
-        self._outcomes.put((entry, error))
-        self._wake.set()
+            # The callback runs on the link's dispatcher thread: it only wakes this one, which writes to the outbox.
+            sent.add_done_callback(lambda _sent: self._wake.set())
+            self._in_flight[entry.seq] = (entry, sent)
 
     def _collect_outcomes(self) -> None:
-        while True:
-            try:
-                entry, error = self._outcomes.get_nowait()
-            except queue.Empty:
-                return
-            self._in_flight.pop(entry.seq, None)
+        for seq in sorted(self._in_flight):  # in the order sent
+            entry, sent = self._in_flight[seq]
+            if not sent.done():
+                continue
+            del self._in_flight[seq]
+            error = sent.exception()
+            if isinstance(error, LinkClosed):
+                continue  # the link closed first: kept, for the next start
             if isinstance(error, NoMatchingSubscribers) and entry.kind == UTTERANCE.name:
                 # Gone, delivered to no one: kept, and sent again once a worker may have subscribed. Only its age
                 # (outbox.max_age_s) ends this. The wait grows once per round, not once per message in flight.
