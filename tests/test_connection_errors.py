@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from broker_config.broker import PROD_CONFIG, Broker, exposure_warning, free_port
-from common.mqtt import BrokerSettings, BrokerUnavailable, MqttLink, TlsSettings
+from common.mqtt import BrokerSettings, BrokerUnavailable, MqttLink, NotAuthorized, PublishRefused, TlsSettings
 from device.presence import Presence
 from firmware_tools.onboarding.provision import Fleet
 from schemas.envelope import Envelope
@@ -230,6 +230,16 @@ def test_status_says_when_the_acl_hides_the_statuses_from_its_certificate(fleet,
     hidden = one_error_line(status(DEVICE_B))
     assert hidden.startswith(f"error: received no device status: the broker refused '{DEVICE_B}'")
     assert "ACL shows the devices' statuses to operators alone" in hidden and "no device has published" not in hidden
+
+
+def test_a_publish_the_acl_refuses_fails_its_future_with_publish_refused(fleet, tls_broker) -> None:
+    """publish_later's Future carries the ACL's refusal; publish raises it, as a PublishRefused."""
+    with MqttLink(DEVICE_A, tls_settings(tls_broker, fleet.client_dir(DEVICE_A))) as device:
+        others = "mqvox/v1/devices/pi-b/utterance"
+        refused = device.publish_later(others, Envelope(b"not mine", "text/plain"), qos=1, retain=False).exception(5)
+        assert isinstance(refused, PublishRefused) and isinstance(refused, NotAuthorized), refused
+        with pytest.raises(PublishRefused, match="Not authorized"):
+            device.publish(others, Envelope(b"not mine", "text/plain"), qos=1, retain=False)
 
 
 # 5. The development broker on a LAN address.

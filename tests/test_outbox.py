@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,20 @@ def test_with_drop_newest_a_full_outbox_refuses_the_new_message(tmp_path: Path) 
     assert seqs[2:] == [None, None]
     assert held_ids(outbox) == ["utterance0000", "utterance0001"]
     assert outbox.stats().dropped == {"full": 2}
+
+
+def test_a_drop_is_told_after_its_commit_outside_the_outboxs_lock(tmp_path: Path) -> None:
+    # The callback reads the outbox (the lock it was once called under) and sees the drop already committed.
+    told: list[tuple[str, int, dict[str, int]]] = []
+    outbox = Outbox(
+        OutboxSettings(path=str(tmp_path / "o.sqlite3"), max_messages=1, drop=DropPolicy.NEWEST),
+        on_drop=lambda reason, count: told.append((reason, count, outbox.stats().dropped)),
+    )
+    putting = threading.Thread(target=lambda: [outbox.put(result("kitchen", number)) for number in range(2)])
+    putting.start()
+    putting.join(10)
+    assert not putting.is_alive(), "on_drop was called with the outbox's lock held"
+    assert told == [("full", 1, {"full": 1})]
 
 
 def test_the_byte_bound_drops_as_many_as_needed_and_an_oversized_message_alone(tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 from cloud_worker.service import worker_client_id
-from common.mqtt import MqttLink
+from common.mqtt import MqttLink, PublishRefused
 from schemas.envelope import Envelope
+from schemas.error_report import ErrorReport
 from schemas.protocol import decode
 from schemas.topics import REPLY, UTTERANCE, shared_filter
-from tests.conftest import make_utterance
+from tests.conftest import Inbox, make_utterance
 
 MESSAGES = 12
 
@@ -128,3 +129,28 @@ def test_draining_a_gone_workers_session_answers_what_was_queued_for_it(
         assert len(answered) == 8 - taken_by_live and answered <= sent
     finally:
         live.close(end_session=True)
+
+
+def test_a_refusal_whose_report_the_broker_refuses_is_counted_and_the_worker_goes_on(
+    worker_factory, links, device_id, monkeypatch
+):
+    """The error report of a refused utterance is published from inside the refusal's exception handler: a publish
+    that fails there is logged and counted, not raised out of it (which cost the whole batch its answers)."""
+    worker = worker_factory(f"refusals-{device_id}", f"w-{device_id}")
+    send = worker._link.send
+
+    def refuse_reports(message, **options):
+        if isinstance(message, ErrorReport):
+            raise PublishRefused("broker refused the publish: Quota exceeded")
+        send(message, **options)
+
+    monkeypatch.setattr(worker._link, "send", refuse_reports)
+    replies = Inbox()
+    links().subscribe(REPLY.topic(device_id=device_id), replies)
+    sender = links()
+    sender.publish(UTTERANCE.topic(device_id=device_id), Envelope(b"{}", "text/plain"), qos=1, retain=False)
+    utterance = make_utterance(device_id)
+    sender.send(utterance)
+    assert decode(*replies.get(10)).utterance_id == utterance.utterance_id
+    # Handled in arrival order: the refusal was counted before the answer went out.
+    assert (worker.counts["refused"], worker.counts["refusals_unsent"]) == (1, 1)
