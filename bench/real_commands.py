@@ -29,8 +29,9 @@ import numpy as np
 import cloud_worker.asr
 from cloud_worker.asr import Transcriber
 from cloud_worker.calibration import OTHER, Calibration, Sample, act_floor, fit, reliability
-from cloud_worker.intents import IntentDecider, IntentMatch, IntentMatcher
+from cloud_worker.intents import IntentDecider
 from cloud_worker.transcript import PhraseScores, Transcript
+from common.text_matching import IntentMatch, IntentMatcher
 from firmware_tools.building.fsdd import fsdd_clips
 from schemas.vocabulary import Command, Vocabulary, vocabulary_sha256
 

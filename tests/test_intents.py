@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_worker.intents import IntentMatch, IntentMatcher, normalize_transcript, spell_numbers
+from common.text_matching import IntentMatch, IntentMatcher, normalize_transcript, spell_numbers
 from schemas.vocabulary import Command, Vocabulary, load_vocabulary
 
 VOCABULARY = load_vocabulary()
@@ -156,6 +156,7 @@ def test_very_long_text_has_no_intent() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=200))
+@pytest.mark.slow
 def test_match_never_raises_and_scores_are_in_range(transcript: str) -> None:
     match = MATCHER.match(transcript)
     assert 0.0 <= match.score <= 1.0

@@ -161,14 +161,14 @@ class VoiceLine:
 class VocabularyCheck:
     """Which words are a vocabulary phrase, decided as the cloud worker's exact match decides.
 
-    Uses ``cloud_worker.intents.IntentMatcher`` (numbers spelled, accents folded, a
+    Uses ``common.text_matching.IntentMatcher`` (numbers spelled, accents folded, a
     leading wake phrase and polite fillers dropped) and accepts only exact phrases
     (score 1.0), never a fuzzy match: "yes", "two" and "no" are in, "onion" is not.
-    Needs num2words (the cloud extra).
+    Needs num2words (the cloud and train extras).
     """
 
     def __init__(self, vocabulary: Vocabulary | None = None) -> None:
-        from cloud_worker.intents import IntentMatcher  # num2words: the cloud extra
+        from common.text_matching import IntentMatcher  # num2words: the cloud and train extras
 
         self.vocabulary = vocabulary if vocabulary is not None else load_vocabulary()
         self._matcher = IntentMatcher(self.vocabulary)
