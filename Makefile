@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= .run
 BROKER_PORT ?= 0
 # Debian packages: the broker and its command-line clients, speech engines and voices for training and
-# evaluation (espeak-ng, flite, festival with kal, ked and the held-out slt), PortAudio for microphones.
+# evaluation (espeak-ng, flite, festival with kal, ked and the held-out slt), PortAudio for microphones, and the
+# PostgreSQL server whose binaries the tests start a throwaway server from (tests/throwaway_postgres.py).
 APT_PACKAGES := mosquitto mosquitto-clients espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
-	festvox-us-slt-hts libportaudio2
+	festvox-us-slt-hts libportaudio2 postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages voice-packages demo test bench bench-real-commands bench-real-voices bench-learning-loop train evaluate lint format broker broker-stop clean
+.PHONY: setup system-packages voice-packages demo test test-fast bench bench-real-commands bench-real-voices bench-learning-loop train evaluate lint format broker broker-stop clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -37,8 +38,14 @@ $(VENV)/.installed: pyproject.toml $(NO_DEPS_REQUIREMENTS)
 demo: setup
 	$(PY) demo.py
 
+# The whole suite: it starts its own Mosquitto and its own PostgreSQL (MQVOX_TEST_POSTGRES_URL names a server to
+# use instead).
 test: setup
 	$(PY) -m pytest
+
+# The edit loop: every test but the slow ones and those that run programs in subprocesses (tests/README.md).
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not subprocess"
 
 # The shipped model (device/models/default) from scratch: render, augment, features, train, quantize, the command
 # head on the speech embedding (real speech: FSDD from a data directory, FSDD=DIR, and the training packages' voice

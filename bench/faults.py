@@ -7,7 +7,9 @@
 Each fault runs on a rig of its own, so that what one fault leaves broken is not counted
 against another: a real Mosquitto (broker_config/, with persistence), two cloud workers as
 subprocesses (``python -m cloud_worker serve``, stable worker ids, so persistent
-sessions), and a PostgreSQL database (``mqvox_faults_<pid>_<fault>``, dropped at the end).
+sessions), and a PostgreSQL database (``mqvox_faults_<pid>_<fault>``, dropped at the end) on a throwaway
+server of the bench's own (tests/throwaway_postgres.py), unless ``--postgres-url`` or
+``MQVOX_TEST_POSTGRES_URL`` names one.
 The load is fresh for each fault: ``--devices`` simulated devices, each with its own MQTT
 connection, SQLite outbox, OutboxSender and CloudClient (the device's own, which sends an
 unanswered request again every ``cloud.resend_after_s`` until ``cloud.timeout_s``, the
@@ -86,8 +88,9 @@ CLIPS = (
 )
 """Real recordings (speech) the utterances are made of."""
 
-POSTGRES_URL = os.environ.get("MQVOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-"""A PostgreSQL database to administer from: the bench creates and drops a database of its own beside it."""
+POSTGRES_URL = os.environ.get("MQVOX_TEST_POSTGRES_URL")
+"""A PostgreSQL database to administer from: the bench creates and drops a database of its own beside it. Unset:
+a throwaway server of the bench's own, for the run (tests/throwaway_postgres.py, the one the tests start)."""
 
 FAULTS = ("broker_restart", "worker_kill", "worker_gone", "database_outage", "device_cut")
 """Every fault, in the order they run (each on a fresh broker, workers and database)."""
@@ -147,8 +150,8 @@ class FaultSettings:
     """After the last answer, how long to wait for duplicates."""
     worker_threads: int = 1
     """CPU threads of each worker's recogniser."""
-    postgres_url: str = POSTGRES_URL
-    """Where to create (and drop) the bench's own database."""
+    postgres_url: str | None = POSTGRES_URL
+    """Where to create (and drop) the bench's own database; None: on a throwaway server started for the run."""
 
 
 class TcpProxy:
@@ -897,6 +900,9 @@ FAULT_ACTIONS = {
 
 def run_faults(settings: FaultSettings, faults: list[str], keep_logs: Path | None = None) -> dict[str, dict]:
     """Each fault of ``faults``, in the order of FAULTS, on a rig of its own; each one's tally."""
+    if settings.postgres_url is None:
+        with _throwaway_postgres() as url:
+            return run_faults(replace(settings, postgres_url=url), faults, keep_logs)
     say(f"encoding {len(CLIPS)} recordings to Opus")
     templates = encode_templates()
     reports: dict[str, dict] = {}
@@ -910,6 +916,18 @@ def run_faults(settings: FaultSettings, faults: list[str], keep_logs: Path | Non
                     if keep_logs is not None:
                         rig.keep_logs(keep_logs / fault)
     return reports
+
+
+@contextlib.contextmanager
+def _throwaway_postgres() -> Iterator[str]:
+    """A PostgreSQL server of the bench's own (tests/throwaway_postgres.py): its URL, until the block ends."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # run as a script, only bench/ is on the path
+    from tests.throwaway_postgres import ThrowawayPostgres
+
+    with ThrowawayPostgres() as server:
+        say(f"a throwaway PostgreSQL on port {server.port}")
+        yield server.url
 
 
 @contextlib.contextmanager
@@ -945,7 +963,11 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=defaults.deadline_s, help="wait for answers at most")
     parser.add_argument("--stall-s", type=float, default=defaults.stall_s, help="or until none came for this long")
     parser.add_argument("--worker-threads", type=int, default=defaults.worker_threads)
-    parser.add_argument("--postgres-url", default=defaults.postgres_url, help="PostgreSQL to create a database beside")
+    parser.add_argument(
+        "--postgres-url",
+        default=defaults.postgres_url,
+        help="PostgreSQL to create a database beside (default: MQVOX_TEST_POSTGRES_URL, else a throwaway server)",
+    )
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy worker and broker logs here, per fault")
     parser.add_argument(
         "--faults", default=",".join(FAULTS), help=f"comma-separated subset of {', '.join(FAULTS)} (default: all)"

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a real Mosquitto from broker_config/, MQTT links, real recordings."""
+"""Shared test fixtures: a real Mosquitto from broker_config/, a PostgreSQL of the suite's own, MQTT links, real
+recordings; the markers that follow from them."""
 
 from __future__ import annotations
 
@@ -25,12 +26,41 @@ from schemas.envelope import Envelope
 from schemas.signing import generate_key_pair
 from schemas.utterance import Hypothesis, UploadReason, Utterance
 
+from .throwaway_postgres import OVERRIDE_VARIABLE, ThrowawayPostgres
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
 IN_VOCABULARY_SAMPLE = SAMPLES / "hey_jarvis_turn_on_the_lights.flac"
 OUT_OF_VOCABULARY_SAMPLE = SAMPLES / "hey_jarvis_weather_tomorrow.flac"
 
 _ids = itertools.count()
+
+BROKER_FIXTURES = frozenset({"broker"})
+"""A test using one of these (directly or through another fixture) is marked ``broker``."""
+POSTGRES_FIXTURES = frozenset({"postgres_server", "postgres_url", "postgres_admin"})
+"""A test using one of these, or the ``postgresql`` case of ``database_url``, is marked ``postgres``."""
+SLOW_FIXTURES = frozenset({"tiny_run", "transcriber"})
+"""A test using one of these is marked ``slow``: the whole tiny training recipe (a minute or more on 2 cores), the
+worker's Whisper recogniser (about 10 s to load, and seconds per utterance)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test by the servers its fixtures start, and as slow by a fixture that is (the markers are
+    described in pyproject.toml).
+
+    A test that starts a Mosquitto of its own, and the other ``slow`` and ``subprocess`` ones, are marked where they
+    are written: nothing here can see that.
+    """
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        parameters = callspec.params if callspec is not None else {}
+        if fixtures & BROKER_FIXTURES:
+            item.add_marker(pytest.mark.broker)
+        if fixtures & POSTGRES_FIXTURES or parameters.get("database_url") == "postgresql":
+            item.add_marker(pytest.mark.postgres)
+        if fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -129,20 +159,34 @@ COMMAND_START_S = 1.8
 """In IN_VOCABULARY_SAMPLE, the wake phrase is over and the request not yet begun here (samples/render.py)."""
 
 
-POSTGRES_URL = os.environ.get("MQVOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-"""The PostgreSQL the tests need (trust auth); each test works in a schema of its own there."""
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[ThrowawayPostgres | None]:
+    """The suite's own PostgreSQL (tests/throwaway_postgres.py), started on first use and removed at the end;
+    None when MQVOX_TEST_POSTGRES_URL names an existing server to use instead."""
+    if os.environ.get(OVERRIDE_VARIABLE):
+        yield None
+        return
+    with ThrowawayPostgres() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
-def postgres_admin() -> Iterator:
+def postgres_url(postgres_server: ThrowawayPostgres | None) -> str:
+    """The PostgreSQL the tests use (trust auth): the suite's own, or MQVOX_TEST_POSTGRES_URL's. Each test works
+    in a schema of its own there, the fault bench in databases beside it."""
+    return postgres_server.url if postgres_server is not None else os.environ[OVERRIDE_VARIABLE]
+
+
+@pytest.fixture(scope="session")
+def postgres_admin(postgres_url: str) -> Iterator:
     """An engine on the test PostgreSQL; the tests fail (never skip) when it is not there."""
-    engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
+    engine = create_engine(postgres_url, connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except OperationalError as error:
         engine.dispose()
-        pytest.fail(f"PostgreSQL at {make_url(POSTGRES_URL).render_as_string(hide_password=True)} is needed: {error}")
+        pytest.fail(f"PostgreSQL at {make_url(postgres_url).render_as_string(hide_password=True)} is needed: {error}")
     yield engine
     engine.dispose()
 
@@ -154,11 +198,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'worker' / 'mqvox.sqlite3'}"
         return
     admin = request.getfixturevalue("postgres_admin")
+    postgres_url = request.getfixturevalue("postgres_url")
     schema = f"mqvox_test_{uuid.uuid4().hex[:8]}"
     with admin.begin() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
         yield url.render_as_string(hide_password=False)
     finally:
         with admin.begin() as connection:

@@ -7,14 +7,13 @@ the load. Nothing is mocked.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 
 import pytest
 
 from bench.faults import FAULTS, FaultRig, FaultSettings, TcpProxy, encode_templates
-
-from .conftest import POSTGRES_URL
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -30,9 +29,8 @@ SMALL = FaultSettings(
     deadline_s=60.0,
     stall_s=35.0,
     settle_s=2.0,
-    postgres_url=POSTGRES_URL,
 )
-"""4 devices x 3 utterances per fault, a 5 s database outage and a 5 s cut."""
+"""4 devices x 3 utterances per fault, a 5 s database outage and a 5 s cut (on the suite's PostgreSQL)."""
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +39,11 @@ def templates() -> list:
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_every_utterance_answered_exactly_once(fault, templates, postgres_admin, tmp_path) -> None:
-    with FaultRig(SMALL, fault, tmp_path / fault, templates) as rig:
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_every_utterance_answered_exactly_once(fault, templates, postgres_admin, postgres_url, tmp_path) -> None:
+    with FaultRig(dataclasses.replace(SMALL, postgres_url=postgres_url), fault, tmp_path / fault, templates) as rig:
         tally = rig.run()
     evidence = tally["fault"]
     # The fault happened, in the middle of the load.
