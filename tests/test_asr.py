@@ -44,6 +44,7 @@ def alone(transcriber: Transcriber) -> dict:
     return {name: transcriber.transcribe([clip])[0] for name, clip in CLIPS.items()}
 
 
+@pytest.mark.slow
 def test_a_request_is_transcribed_and_its_phrase_scores_best(alone: dict) -> None:
     lights = alone["lights_request"]
     assert normalize(lights.text) == "turn on the lights"
@@ -69,6 +70,7 @@ def test_the_real_digits_score_their_own_digit_best(alone: dict) -> None:
         assert max(commands, key=commands.get) == f"digit[value={name[0]}]", (name, alone[name].text, commands)
 
 
+@pytest.mark.slow
 def test_every_clip_reads_the_same_alone_and_in_any_batch(transcriber: Transcriber, alone: dict) -> None:
     """Isolation: text, segments and every phrase score of a clip depend on its own audio only, whichever other
     devices' clips share its batch and in whatever order."""
@@ -80,6 +82,7 @@ def test_every_clip_reads_the_same_alone_and_in_any_batch(transcriber: Transcrib
             assert transcript == alone[name], (name, batch)
 
 
+@pytest.mark.slow
 def test_no_word_of_a_neighbour_reaches_a_clip(transcriber: Transcriber, alone: dict) -> None:
     digit = next(iter(DIGITS))
     transcripts = transcriber.transcribe([CLIPS["weather_request"], CLIPS[digit], CLIPS["lights_request"]])

@@ -240,6 +240,7 @@ def test_no_inputs_at_all_says_so() -> None:
         pick_input_device(DEVICES[1:2], None)
 
 
+@pytest.mark.subprocess
 def test_files_and_stdin_never_import_sounddevice() -> None:
     program = (
         "import io, sys\n"

@@ -57,6 +57,8 @@ def test_prod_config_has_the_dev_limits_and_no_way_in_without_a_certificate() ->
         assert setting(name, PROD).startswith("/etc/mosquitto/mqvox/")
 
 
+@pytest.mark.broker
+@pytest.mark.subprocess
 def test_rendered_prod_config_reads_its_tls_files_from_the_given_folder(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="TLS files"):
         render_config(PROD.read_text(), port=1, data_dir=tmp_path)
@@ -80,6 +82,7 @@ def status(device_id: str) -> DeviceStatus:
     return DeviceStatus(device_id=device_id, state=DeviceState.ONLINE, software_version="0.1.0", model_version=None)
 
 
+@pytest.mark.broker
 def test_given_port_and_retained_messages_survive_a_restart(tmp_path: Path) -> None:
     port = free_port()
     retained = status("persisted-1")
@@ -109,6 +112,9 @@ def run(*args: str, **options) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, **options)
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_starts_and_stops_a_broker(tmp_path: Path) -> None:
     started = run("broker_config", "start", "--data-dir", str(tmp_path))
     assert started.returncode == 0, started.stderr

@@ -295,6 +295,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.subprocess
 def test_last_will_marks_a_vanished_device_offline(links, broker, device_id: str) -> None:
     inbox = Inbox()
     links().subscribe(STATUS.topic(device_id=device_id), inbox)

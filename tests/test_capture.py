@@ -125,6 +125,7 @@ def test_rnnoise_streaming_matches_the_whole_utterance(request_speech) -> None:
     assert np.max(np.abs(streamed - whole)) < 1e-3
 
 
+@pytest.mark.subprocess
 def test_rnnoise_does_not_import_pyrnnoises_file_helpers() -> None:
     code = (
         "import sys, numpy as np; from device.denoise import denoise; denoise(np.zeros(16000, np.float32));"

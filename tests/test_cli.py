@@ -18,6 +18,8 @@ from schemas.topics import STATUS
 
 from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox, make_utterance
 
+pytestmark = pytest.mark.subprocess
+
 
 def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
@@ -46,6 +48,7 @@ def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         ("broker_config", ["start"]),
     ],
 )
+@pytest.mark.slow
 def test_entry_points_have_help(package: str, subcommands: list[str]) -> None:
     shown = python_m(package, "--help")
     assert shown.returncode == 0
@@ -79,6 +82,7 @@ def test_firmware_tools_help_imports_nothing_heavy(command: tuple[str, ...]) -> 
     assert imported.isdisjoint(HEAVY_PACKAGES), sorted(imported & HEAVY_PACKAGES)
 
 
+@pytest.mark.slow
 def test_firmware_tools_vocab_lists_labels_and_phrases() -> None:
     listed = python_m("firmware_tools", "vocab", "--json")
     assert listed.returncode == 0
@@ -89,6 +93,7 @@ def test_firmware_tools_vocab_lists_labels_and_phrases() -> None:
     )
 
 
+@pytest.mark.slow
 def test_firmware_tools_vocab_refuses_a_broken_file(tmp_path) -> None:
     broken = tmp_path / "v.toml"
     broken.write_text("version = 2\n")
@@ -96,6 +101,7 @@ def test_firmware_tools_vocab_refuses_a_broken_file(tmp_path) -> None:
     assert refused.returncode == 2 and "invalid vocabulary" in refused.stderr
 
 
+@pytest.mark.slow
 def test_device_send_round_trips_through_a_running_worker(broker, links, device_id: str, tmp_path) -> None:
     statuses = Inbox()
     links().subscribe(STATUS.topic(device_id=device_id), statuses)
@@ -138,6 +144,7 @@ def test_device_send_round_trips_through_a_running_worker(broker, links, device_
     assert offline.state == DeviceState.OFFLINE and offline.counters == {"cloud_requests": 2, "cloud_results": 2}
 
 
+@pytest.mark.slow
 def test_device_send_without_a_worker_times_out_clearly(broker, device_id: str) -> None:
     sent = python_m(
         "device", "send", str(IN_VOCABULARY_SAMPLE), "--device-id", device_id,
@@ -160,6 +167,7 @@ def test_device_send_reports_unreadable_files_and_carries_on(broker, tmp_path, d
     assert sent.returncode == 1 and "cannot read audio file" in json.loads(sent.stdout)["error"]
 
 
+@pytest.mark.slow
 def test_clients_report_an_absent_broker() -> None:
     from broker_config.broker import free_port
 
@@ -169,6 +177,7 @@ def test_clients_report_an_absent_broker() -> None:
     assert served.returncode == 2 and "cannot reach MQTT broker" in served.stderr
 
 
+@pytest.mark.slow
 def test_transcribe_prints_one_json_line_per_file(tmp_path) -> None:
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF not really")
@@ -191,6 +200,7 @@ def test_transcribe_refuses_a_missing_model_directory(tmp_path) -> None:
     assert done.returncode == 2 and "not a CTranslate2 Whisper model directory" in done.stderr
 
 
+@pytest.mark.slow
 def test_firmware_tools_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(tmp_path) -> None:
     done = python_m("firmware_tools", "keygen", "--out-dir", str(tmp_path / "keys"))
     assert done.returncode == 0, done.stderr
@@ -203,6 +213,7 @@ def test_firmware_tools_keygen_writes_a_private_key_only_its_owner_reads_and_nev
     assert (tmp_path / "keys" / "signing.key").read_bytes() == private
 
 
+@pytest.mark.slow
 def test_firmware_tools_publish_refuses_a_bad_key_and_an_absent_broker(broker, tmp_path) -> None:
     (tmp_path / "bad.key").write_text("not a key")
     bad_key = python_m(
@@ -237,6 +248,7 @@ def _shared(store: Store, *device_ids: str) -> list[StoredUtterance]:
     return records
 
 
+@pytest.mark.slow
 def test_firmware_tools_contributions_lists_each_device_and_deletes_one(tmp_path) -> None:
     # No --database: the worker's default database, in the state folder both use (tests/test_locations.py).
     with Store(StorageSettings()) as store:
@@ -271,6 +283,7 @@ def test_firmware_tools_contributions_lists_each_device_and_deletes_one(tmp_path
     assert [(line["device_id"], line["count"]) for line in left] == [("pi-hall", 1)]
 
 
+@pytest.mark.slow
 def test_firmware_tools_contributions_refuses_to_delete_everyones_and_reports_a_bad_database(tmp_path) -> None:
     database = f"sqlite:///{tmp_path / 'worker.sqlite3'}"
     with Store(StorageSettings(url=database)) as store:
@@ -285,6 +298,7 @@ def test_firmware_tools_contributions_refuses_to_delete_everyones_and_reports_a_
     assert "Traceback" not in unreachable.stderr
 
 
+@pytest.mark.slow
 def test_firmware_tools_learn_says_what_is_missing_with_exit_2(tmp_path) -> None:
     database = f"sqlite:///{tmp_path / 'worker.sqlite3'}"
     unsigned = python_m("firmware_tools", "learn", "--auto-rollout", "--database", database)
@@ -333,6 +347,7 @@ def test_transcribe_says_which_file_is_missing_or_empty(tmp_path) -> None:
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_firmware_tools_output_to_a_reader_that_went_away_ends_quietly() -> None:
     # `python -m firmware_tools vocab | head -1`: the reader closes the pipe before the output is flushed.
     reader_gone = subprocess.Popen(
@@ -344,6 +359,7 @@ def test_firmware_tools_output_to_a_reader_that_went_away_ends_quietly() -> None
     assert "Broken pipe" not in stderr and "BrokenPipeError" not in stderr and stderr == ""
 
 
+@pytest.mark.slow
 def test_a_stage_that_is_a_bare_number_is_refused_before_anything_is_published(tmp_path) -> None:
     done = python_m(
         "firmware_tools", "rollout", "--version", "1.2.0", "--stage", "fleet:150", "--key", str(tmp_path / "k"),

@@ -66,6 +66,7 @@ def next_report_about(inbox: Inbox, topic: str) -> ErrorReport:
             return report
 
 
+@pytest.mark.slow
 def test_an_out_of_vocabulary_utterance_is_answered_with_its_transcript_and_no_intent(
     worker, links, device_id: str
 ) -> None:
@@ -171,6 +172,7 @@ def test_worker_keeps_answering_after_bad_input(worker, links, device_id: str) -
     assert wait_until(lambda: worker.counts["answered"] == 1)  # counted once the broker has the answer
 
 
+@pytest.mark.slow
 def test_workers_of_one_group_split_the_load_and_answer_each_utterance_once(
     worker_factory, links, device_id: str
 ) -> None:
@@ -205,6 +207,7 @@ def _with_audio(utterance, samples: np.ndarray) -> Envelope:
     ],
     ids=["empty", "over-the-limit"],
 )
+@pytest.mark.slow
 def test_unusable_audio_gets_an_error_result_and_the_worker_goes_on(
     worker, links, device_id: str, audio: np.ndarray, code: ErrorCode
 ) -> None:
@@ -233,6 +236,7 @@ def test_metadata_that_breaks_the_schema_is_refused(worker, links, device_id: st
     assert decode(*results.get(10)).error.code == ErrorCode.SCHEMA_VIOLATION
 
 
+@pytest.mark.slow
 def test_a_redelivered_utterance_whose_answer_went_out_is_acknowledged_not_answered_twice(
     worker, links, device_id: str
 ) -> None:
@@ -279,6 +283,7 @@ def test_a_stored_answer_that_never_went_out_is_published_from_storage_not_trans
     assert wait_until(lambda: worker.store.answer_of(device_id, utterance.utterance_id).published_at is not None)
 
 
+@pytest.mark.slow
 def test_a_worker_deletes_expired_training_contributions_when_it_starts_and_keeps_new_ones(
     worker_factory, links, device_id: str, tmp_path
 ) -> None:
@@ -301,6 +306,7 @@ def test_a_worker_deletes_expired_training_contributions_when_it_starts_and_keep
     assert (kept.utterance_id, kept.intent, kept.audio) == (spoken.utterance_id, "lights_on", spoken.audio)
 
 
+@pytest.mark.slow
 def test_the_same_utterance_twice_in_one_batch_is_transcribed_and_answered_once(
     worker_factory, links, device_id: str
 ) -> None:
@@ -317,6 +323,7 @@ def test_the_same_utterance_twice_in_one_batch_is_transcribed_and_answered_once(
     assert (worker.counts["answered"], worker.counts["transcribed"]) == (1, 1)
 
 
+@pytest.mark.slow
 def test_a_batch_answers_each_utterance_with_its_own_words(worker_factory, links, device_id: str) -> None:
     worker = worker_factory(f"g{next(_groups)}", "batch", batching=BatchSettings(max_batch=8, window_ms=1000))
     results = replies_to(device_id, links)
@@ -335,6 +342,7 @@ def test_a_batch_answers_each_utterance_with_its_own_words(worker_factory, links
     assert max(_batch_sizes(worker)) > 1  # they were transcribed together
 
 
+@pytest.mark.slow
 def test_no_word_of_one_devices_utterance_reaches_another_devices_reply(worker_factory, links, device_id: str) -> None:
     """Two devices speak at once, into one batch: each reply holds its own device's words only."""
     worker = worker_factory(f"g{next(_groups)}", "batch", batching=BatchSettings(max_batch=8, window_ms=1000))
@@ -365,6 +373,7 @@ def _batch_sizes(worker) -> list[float]:
     return sizes
 
 
+@pytest.mark.slow
 def test_nothing_is_answered_or_acknowledged_while_the_database_is_locked_and_all_is_answered_after(
     worker_factory, links, device_id: str, tmp_path
 ) -> None:
@@ -395,6 +404,7 @@ def test_nothing_is_answered_or_acknowledged_while_the_database_is_locked_and_al
     assert worker.counts["transcribed"] == 2
 
 
+@pytest.mark.slow
 def test_metrics_are_served_for_prometheus(worker_factory, links, device_id: str) -> None:
     worker = worker_factory(f"g{next(_groups)}", "metrics", metrics_port=0)
     results = replies_to(device_id, links)

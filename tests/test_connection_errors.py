@@ -87,6 +87,8 @@ def test_a_host_that_does_not_resolve_and_a_port_that_never_answers_are_named() 
                 MqttLink("nobody", BrokerSettings(port=port, connect_timeout_s=1.0))
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_a_device_started_before_its_broker_says_why_at_once_then_connects_when_it_comes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -107,6 +109,8 @@ def test_a_device_started_before_its_broker_says_why_at_once_then_connects_when_
         link.close()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_clis_name_a_refused_broker_in_one_line(tmp_path: Path) -> None:
     port = free_port()
     sent = python_m("device", "send", str(IN_VOCABULARY_SAMPLE), "--device-id", "pi-1", "--port", str(port))
@@ -115,6 +119,8 @@ def test_the_clis_name_a_refused_broker_in_one_line(tmp_path: Path) -> None:
     assert f"connection refused at 127.0.0.1:{port}" in one_error_line(status)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_device_run_without_its_broker_says_so_at_once_and_still_listens(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "device.toml"
@@ -161,6 +167,8 @@ def _another_clients_key(folder: Path, fleet: Fleet) -> str:
 @pytest.mark.parametrize(
     "damage", [_missing_certificate, _garbage_ca, _empty_certificate, _garbage_key, _another_clients_key]
 )
+@pytest.mark.broker
+@pytest.mark.subprocess
 def test_a_tls_folder_without_valid_files_names_the_file(fleet, tls_broker, tmp_path: Path, damage) -> None:
     folder = tmp_path / "pi-a"
     shutil.copytree(fleet.client_dir(DEVICE_A), folder)
@@ -175,6 +183,8 @@ def test_a_tls_folder_without_valid_files_names_the_file(fleet, tls_broker, tmp_
     assert one_error_line(done) == f"error: {expected}"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_tls_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
     with pytest.raises(BrokerUnavailable, match=f"TLS folder {tmp_path}/nowhere does not exist"):
         TlsSettings.from_folder(str(tmp_path / "nowhere"))
@@ -188,6 +198,9 @@ def test_a_tls_folder_that_is_not_there_is_named(tmp_path: Path) -> None:
 # 3. A plain connection to the TLS broker, and TLS to the plain one.
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_plain_connection_to_the_tls_broker_suggests_tls(tls_broker, tmp_path: Path) -> None:
     address = f"localhost:{tls_broker.port}"
     hint = f"the broker at {address} may require TLS: pass --tls DIR"
@@ -213,6 +226,9 @@ def test_tls_to_a_plain_broker_and_to_a_broker_of_another_ca_are_named(fleet, br
 # 4. status with a certificate the ACL hides the fleet from.
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_status_says_when_the_acl_hides_the_statuses_from_its_certificate(fleet, tls_broker, tmp_path: Path) -> None:
     def status(client: str) -> subprocess.CompletedProcess:
         return python_m(
@@ -232,6 +248,7 @@ def test_status_says_when_the_acl_hides_the_statuses_from_its_certificate(fleet,
     assert "ACL shows the devices' statuses to operators alone" in hidden and "no device has published" not in hidden
 
 
+@pytest.mark.broker
 def test_a_publish_the_acl_refuses_fails_its_future_with_publish_refused(fleet, tls_broker) -> None:
     """publish_later's Future carries the ACL's refusal; publish raises it, as a PublishRefused."""
     with MqttLink(DEVICE_A, tls_settings(tls_broker, fleet.client_dir(DEVICE_A))) as device:
@@ -258,6 +275,9 @@ def own_lan_address() -> str | None:
 
 # A machine with no address besides loopback runs the first alone (the warning's text is checked below).
 @pytest.mark.parametrize("address", [address for address in ("127.0.0.2", own_lan_address()) if address])
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_start_bind_listens_on_that_address_alone(tmp_path: Path, address: str) -> None:
     started = python_m("broker_config", "start", "--bind", address, "--data-dir", str(tmp_path))
     assert started.returncode == 0, started.stderr
@@ -290,6 +310,7 @@ def test_the_lan_warning_says_who_can_use_the_broker() -> None:
         ("laptop.local", "cannot listen on 'laptop.local': not an IP address"),
     ],
 )
+@pytest.mark.subprocess
 def test_start_bind_refuses_an_address_of_another_machine(tmp_path: Path, address: str, message: str) -> None:
     done = python_m("broker_config", "start", "--bind", address, "--data-dir", str(tmp_path))
     line = one_error_line(done)

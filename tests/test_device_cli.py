@@ -17,6 +17,8 @@ from device.local_model import ModelUnavailable, load_local_model, shipped_model
 
 from .conftest import COMMAND_START_S, IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE
 
+pytestmark = pytest.mark.subprocess
+
 WAKE_KEYS = {"event", "file", "time_s", "score"}
 COMMAND_KEYS = {"event", "file", "time_s", "intent", "slots", "confidence", "alternatives", "decision"}
 
@@ -60,6 +62,7 @@ def test_detect_skip_wake_gives_one_command_event_per_file(tmp_path: Path) -> No
     assert (nothing["intent"], nothing["decision"]) == (None, "cloud")
 
 
+@pytest.mark.slow
 def test_detect_says_so_when_a_file_yields_nothing(tmp_path: Path) -> None:
     quiet = tmp_path / "quiet.flac"
     soundfile.write(quiet, np.zeros(48000, np.float32), 16000)
@@ -78,6 +81,7 @@ def test_detect_without_json_is_readable() -> None:
     assert "wake" in shown.stdout and "lights_on" in shown.stdout and "-> edge" in shown.stdout
 
 
+@pytest.mark.slow
 def test_detect_text_gives_the_confidence_of_the_class_it_names() -> None:
     """A cloud decision names the device's best guess beside its score, never "None" beside another class's."""
     for sample in (IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE):

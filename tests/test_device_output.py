@@ -14,6 +14,8 @@ import sys
 from itertools import count
 from pathlib import Path
 
+import pytest
+
 from common.logfmt import SHORT_ID_LENGTH, TextLineFormatter
 from schemas.protocol import decode
 from schemas.topics import RESULT
@@ -57,6 +59,8 @@ def _results(links, device_id: str) -> Inbox:
     return results
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_run_says_by_default_what_it_hears_decides_asks_and_does(
     links, broker_settings, device_id, worker_factory, tmp_path
 ):
@@ -95,6 +99,8 @@ def test_run_says_by_default_what_it_hears_decides_asks_and_does(
     assert [utterance_id[:SHORT_ID_LENGTH] for utterance_id in published] == [wake["id"], other_wake["id"]]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_log_level_warning_keeps_run_quiet_and_json_keeps_the_ids(links, broker_settings, device_id, tmp_path):
     results = _results(links, device_id)
     config = _config(tmp_path, broker_settings, device_id, IN_VOCABULARY_SAMPLE)
@@ -119,6 +125,7 @@ def test_log_level_warning_keeps_run_quiet_and_json_keeps_the_ids(links, broker_
     assert (listening["device_id"], listening["version"]) == (device_id, "1.1.0") and wake["time_s"] > 0
 
 
+@pytest.mark.subprocess
 def test_a_bad_log_format_is_refused_in_one_line() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "device", "--log-format", "xml", "run", "--config", "device.toml"],

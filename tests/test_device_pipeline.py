@@ -55,6 +55,7 @@ def test_a_sentence_outside_the_vocabulary_goes_to_the_cloud(local_model) -> Non
     assert command.utterance.duration_s > 2.0  # the whole sentence, for the cloud to transcribe
 
 
+@pytest.mark.slow
 def test_silence_and_noise_give_no_events(local_model) -> None:
     rng = np.random.default_rng(11)
     white = 0.05 * rng.standard_normal(20 * RATE)

@@ -174,6 +174,7 @@ def test_a_confident_command_is_published_at_once_then_acted_on(links, broker_se
     assert runtime.presence.counters["cloud_requests"] == 0
 
 
+@pytest.mark.slow
 def test_an_uncertain_utterance_goes_to_the_cloud_as_opus_with_mqtt5_properties(
     links, broker_settings, device_id, local_model, worker_factory, database_url
 ):
@@ -210,6 +211,7 @@ def test_an_uncertain_utterance_goes_to_the_cloud_as_opus_with_mqtt5_properties(
     assert (counts["utterances"], counts["transcripts"], counts["results"]) == (1, 1, 1), counts
 
 
+@pytest.mark.slow
 def test_only_devices_that_consent_contribute_training_data(
     links, broker_settings, device_id, local_model, worker_factory, database_url
 ):
@@ -243,6 +245,7 @@ def test_only_devices_that_consent_contribute_training_data(
     assert "weather be like tomorrow" in kept.transcript.lower()
 
 
+@pytest.mark.slow
 def test_a_training_sample_of_an_edge_decision_is_labelled_by_the_cloud_and_makes_no_second_result(
     links, broker_settings, device_id, local_model, worker_factory
 ):
@@ -338,6 +341,7 @@ def test_a_cloud_answer_under_the_floor_is_not_acted_on_and_its_result_says_not_
     assert (counters["cloud_results"], counters["cloud_under_floor"], counters["actions_run"]) == (1, 1, 0)
 
 
+@pytest.mark.slow
 def test_without_an_answer_the_device_publishes_a_cloud_timeout(links, broker_settings, device_id, local_model):
     results, requests = Inbox(), Inbox()
     observer = links()
@@ -375,6 +379,7 @@ class FirstCopyLost:
             ).start()
 
 
+@pytest.mark.slow
 def test_an_unanswered_request_is_sent_again_with_the_same_utterance_id(links, broker_settings, device_id, local_model):
     # Issue 21: a request that went to a worker which died, or into a stopped worker's session, waited there
     # unanswered; the device now sends it again after cloud.resend_after_s, and a live worker answers it.
@@ -399,6 +404,7 @@ def test_an_unanswered_request_is_sent_again_with_the_same_utterance_id(links, b
     assert once.presence.counters.get("cloud_resends", 0) == 0
 
 
+@pytest.mark.slow
 def test_a_reply_after_the_timeout_gets_no_second_result_and_is_counted_late(
     links, broker_settings, device_id, local_model, caplog
 ):
@@ -429,6 +435,7 @@ def test_a_reply_after_the_timeout_gets_no_second_result_and_is_counted_late(
     assert "no second result" in late[0].getMessage() and late[0].levelno == logging.WARNING
 
 
+@pytest.mark.slow
 def test_a_reply_about_an_unknown_utterance_is_warned_about_counted_and_ignored(
     links, broker_settings, device_id, local_model, caplog
 ):
@@ -461,6 +468,8 @@ def test_a_reply_about_an_unknown_utterance_is_warned_about_counted_and_ignored(
     assert runtime.presence.counters["cloud_late_replies"] == 0
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_with_no_worker_subscribed_the_request_is_kept_for_later_not_timed_out(tmp_path, device_id, local_model):
     # A broker of its own, where surely no worker is subscribed: it accepts the request and gives it to no one.
     port = free_port()
@@ -510,6 +519,8 @@ def _pcm(path: Path) -> bytes:
     return (np.clip(read_recording(path), -1, 1) * 32767).astype("<i2").tobytes()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_device_run_listens_to_stdin_and_its_last_will_marks_it_offline(links, broker_settings, device_id, tmp_path):
     results, statuses = Inbox(), Inbox()
     observer = links()
@@ -539,6 +550,8 @@ def test_device_run_listens_to_stdin_and_its_last_will_marks_it_offline(links, b
         device.wait()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_device_run_stops_cleanly_at_the_end_of_stdin(links, broker_settings, device_id, tmp_path):
     statuses = Inbox()
     links().subscribe(STATUS.topic(device_id=device_id), statuses)

@@ -114,6 +114,7 @@ def test_window_features_equal_training_features(speech: np.ndarray) -> None:
     np.testing.assert_allclose(window_features(FRONTEND, window), batch_features(FRONTEND, window), atol=1e-4)
 
 
+@pytest.mark.subprocess
 def test_the_device_front_end_does_not_load_scipy() -> None:
     import subprocess
     import sys

@@ -47,6 +47,8 @@ from schemas.model import MODEL_FILE
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.subprocess
+
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
 WANTS_LINK = f"etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
 BROKER_HOST = "broker.fleet.example"
@@ -168,6 +170,7 @@ def inside(root: Path, path: str) -> Path:
     return root / path.lstrip("/")
 
 
+@pytest.mark.slow
 def test_flash_installs_the_bundle_into_a_pi_root(shipped: Shipped, tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     outcome = flashed(shipped, root)
@@ -250,6 +253,7 @@ def test_flash_installs_the_bundle_into_a_pi_root(shipped: Shipped, tmp_path: Pa
     assert settings.ota.state_dir == STATE_DIR == "/var/lib/mqvox/state"
 
 
+@pytest.mark.slow
 def test_flashing_twice_changes_nothing_but_the_files(shipped: Shipped, tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     first = flashed(shipped, root)
@@ -405,6 +409,7 @@ def stand_in_wheel(folder: Path, name: str, version: str, requires: list[str]) -
     return wheel
 
 
+@pytest.mark.slow
 def test_install_script_makes_the_venv_once(shipped: Shipped, tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     flashed(shipped, root)

@@ -159,6 +159,7 @@ def test_the_generated_acl_gives_each_role_exactly_the_designed_rights(fleet) ->
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
+@pytest.mark.broker
 def test_acl_matrix_publish(fleet, prod_broker, observer, name: str) -> None:
     """Every role publishes on every topic; the allowed ones arrive, the others are refused and never arrive."""
     allowed, _ = MATRIX[name]
@@ -186,6 +187,7 @@ SENTINEL_READ = {DEVICE_A: "reply A", WORKER: "utterance A", OPERATOR: "status A
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
+@pytest.mark.broker
 def test_acl_matrix_subscribe(fleet, prod_broker, observer, name: str) -> None:
     """Every role subscribes to every topic; only what it may read arrives."""
     _, readable = MATRIX[name]
@@ -204,6 +206,7 @@ def test_acl_matrix_subscribe(fleet, prod_broker, observer, name: str) -> None:
     assert arrived == readable
 
 
+@pytest.mark.broker
 def test_wildcards_do_not_widen_a_device_s_reach(fleet, prod_broker, observer) -> None:
     observer_link, _ = observer
     marker = uuid.uuid4().hex
@@ -219,6 +222,7 @@ def test_wildcards_do_not_widen_a_device_s_reach(fleet, prod_broker, observer) -
     assert arrived == {"reply A"}
 
 
+@pytest.mark.broker
 def test_the_worker_s_shared_subscription_gets_device_utterances(fleet, prod_broker) -> None:
     collector = Collector()
     with (
@@ -230,6 +234,7 @@ def test_the_worker_s_shared_subscription_gets_device_utterances(fleet, prod_bro
         assert collector.arrived.get(timeout=5) == (TOPICS["utterance B"], b"audio")
 
 
+@pytest.mark.broker
 def test_device_a_cannot_take_over_device_b_s_session_or_read_its_replies(fleet, prod_broker) -> None:
     b_replies = Collector()
     a_replies = Collector()
@@ -251,6 +256,7 @@ def test_device_a_cannot_take_over_device_b_s_session_or_read_its_replies(fleet,
         assert log.count(f"as {DEVICE_B} (") == 1 and f"as {DEVICE_A} (" in log  # A's connection was named pi-a
 
 
+@pytest.mark.broker
 def test_only_the_device_publishes_its_results_and_only_it_reads_its_replies(fleet, prod_broker, observer) -> None:
     """The reply route of issue 18: a worker answers on the device's reply topic, never on its result topic."""
     observer_link, _ = observer
@@ -320,6 +326,8 @@ def wills_left_by_a_killed_device(broker: Broker, folder: Path, owner: str, obse
     ]
 
 
+@pytest.mark.broker
+@pytest.mark.subprocess
 def test_device_a_cannot_leave_a_last_will_on_device_b_s_status(fleet, prod_broker, observer) -> None:
     # Mosquitto 2.0.11 accepts the CONNECT, but the will is checked when it is published.
     client = fleet.client_dir(DEVICE_A)
@@ -354,6 +362,7 @@ def client_context(folder: Path, *, minimum=None, maximum=None) -> ssl.SSLContex
     return context
 
 
+@pytest.mark.broker
 def test_tls_1_3_is_preferred_and_1_2_is_the_minimum(fleet, prod_broker) -> None:
     folder = fleet.client_dir(DEVICE_A)
     assert handshake(prod_broker, client_context(folder)) == "TLSv1.3"
@@ -366,6 +375,8 @@ def test_tls_1_3_is_preferred_and_1_2_is_the_minimum(fleet, prod_broker) -> None
         handshake(prod_broker, old)
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_plaintext_anonymous_unknown_ca_and_expired_certificates_are_refused(fleet, prod_broker, tmp_path) -> None:
     plain = BrokerSettings(host="localhost", port=prod_broker.port, connect_timeout_s=5.0)
     with pytest.raises(BrokerUnavailable):
@@ -392,6 +403,7 @@ def test_plaintext_anonymous_unknown_ca_and_expired_certificates_are_refused(fle
         pass
 
 
+@pytest.mark.broker
 def test_a_certificate_the_acl_does_not_know_can_do_nothing(fleet, prod_broker, observer, tmp_path) -> None:
     """Valid CA, valid dates, but not provisioned (or removed from the ACL): connected, and powerless."""
     stranger = client_files(fleet.ca, tmp_path / "pi-stranger", "pi-stranger", days=1)
@@ -426,6 +438,9 @@ def copy_client(folder: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_reissue_and_revoke_touch_only_their_device(keys, tmp_path) -> None:
     fleet = provision_fleet(tmp_path / "fleet", keys["fleet.pub"])
     before_b, before_ca = digest(fleet.client_dir(DEVICE_B)), digest(fleet.folder / "ca")
@@ -487,6 +502,7 @@ def test_provision_refuses_unclear_requests_and_changes_nothing(keys, tmp_path) 
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.subprocess
 def test_provisioning_again_keeps_keys_and_the_ca(keys, tmp_path) -> None:
     fleet = provision_fleet(tmp_path / "fleet", keys["fleet.pub"])
     before = {name: digest(fleet.client_dir(name)) for name in (DEVICE_A, WORKER)}
@@ -505,6 +521,8 @@ def test_provisioning_again_keeps_keys_and_the_ca(keys, tmp_path) -> None:
     assert settings.ota.public_key == str(fleet.client_dir(DEVICE_A) / "signing.pub")
 
 
+@pytest.mark.broker
+@pytest.mark.subprocess
 def test_a_provisioned_device_runs_over_tls_end_to_end(fleet, prod_broker, observer, tmp_path) -> None:
     """The real device process, with provision's device.toml: its status and its edge result reach the fleet."""
     config = fleet.client_dir(DEVICE_B) / "device-test.toml"
@@ -538,6 +556,9 @@ def test_a_provisioned_device_runs_over_tls_end_to_end(fleet, prod_broker, obser
         assert all(status["device_id"] == DEVICE_B for status in seen)
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_worker_answers_a_device_over_tls_with_their_certificates(fleet, prod_broker, transcriber, tmp_path) -> None:
     """The real worker (its shared subscription, results) and `device send --tls`, with provisioned certificates."""
     from cloud_worker.service import UtteranceService
@@ -587,6 +608,9 @@ def test_a_broker_certificate_close_to_expiry_is_renewed_by_the_next_run(keys, t
     assert digest(tmp_path / "broker")["server.pem"] == renewed  # now 825 days: kept
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_retire_on_the_production_broker_needs_the_gone_worker_s_own_certificate(fleet, prod_broker) -> None:
     # The production broker takes a certificate's name as the client id: retiring worker-1 with the operator's
     # certificate would end the operator's session, so it is refused before connecting.
@@ -608,6 +632,9 @@ def test_retire_on_the_production_broker_needs_the_gone_worker_s_own_certificate
     assert json.loads(right.stdout) == {"retired": WORKER, "client_id": WORKER}
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_publish_the_acl_refuses_is_a_clear_error(fleet, prod_broker, keys, tmp_path) -> None:
     # A device's certificate may not publish models: one line and exit 2, not a traceback.
     refused = subprocess.run(

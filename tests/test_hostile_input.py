@@ -45,6 +45,8 @@ from schemas.utterance import Utterance, new_utterance_id
 from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, Inbox, make_utterance, wait_until
 from .test_properties import ogg_pages, value_at, with_valid_checksums
 
+pytestmark = pytest.mark.slow
+
 _workers = itertools.count()
 
 

@@ -74,6 +74,7 @@ def shared(worker_factory, links, tmp_path) -> str:
     return url
 
 
+@pytest.mark.slow
 def test_only_consenting_devices_contribute_and_curation_keeps_a_stable_held_out_slice(shared) -> None:
     with Store(StorageSettings(url=shared)) as store:
         assert set(store.contribution_counts()) == {"home-1"}  # home-2 said as much, and shared nothing
@@ -98,6 +99,7 @@ def test_only_consenting_devices_contribute_and_curation_keeps_a_stable_held_out
     assert train_counts and max(train_counts.values()) == 1
 
 
+@pytest.mark.slow
 def test_the_float_head_of_a_package_is_its_int8_head_dequantized(local_model) -> None:
     from common.recording import read_recording
     from device.command_head import softmax
@@ -188,6 +190,7 @@ def run_with_fleet(settings, shared, broker_settings, links, keys, tmp_path, nam
             device.stop()
 
 
+@pytest.mark.slow
 def test_a_round_adapts_the_head_gates_it_and_rolls_it_out_to_the_fleet(
     tiny_run, shared, broker_settings, links, keys, tmp_path
 ) -> None:

@@ -22,6 +22,8 @@ from schemas.topics import REPLY
 
 from .conftest import REPO, Inbox, make_utterance
 
+pytestmark = pytest.mark.subprocess
+
 LOCATION_VARIABLES = ("STATE_DIRECTORY", "MQVOX_STATE_DIR", "XDG_STATE_HOME", "HOME")
 
 SHOW_LOCATIONS = (
@@ -88,6 +90,7 @@ def _help_default(package: str, *command: str, environment: dict[str, str], cwd:
     return url
 
 
+@pytest.mark.slow
 def test_every_tool_shows_the_same_default_database_wherever_it_runs(tmp_path: Path) -> None:
     environment = {"HOME": str(tmp_path / "home")}
     (tmp_path / "a").mkdir()
@@ -106,6 +109,7 @@ def test_every_tool_shows_the_same_default_database_wherever_it_runs(tmp_path: P
     )
 
 
+@pytest.mark.slow
 def test_what_the_worker_stores_the_operator_tools_read_with_no_flag_from_another_folder(
     broker, links, device_id: str, tmp_path: Path, private_state_root: Path
 ) -> None:
@@ -140,6 +144,7 @@ def test_what_the_worker_stores_the_operator_tools_read_with_no_flag_from_anothe
     assert list(worker_folder.iterdir()) == [] and list(operator_folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_device_run_keeps_its_state_in_the_devices_folder_not_beside_its_config(
     broker, keys: dict[str, Path], device_id: str, tmp_path: Path
 ) -> None:
@@ -186,6 +191,7 @@ def test_an_existing_state_folder_keeps_its_mode(tmp_path: Path) -> None:
     assert (mode(root), mode(root / "worker")) == (0o750, 0o700)
 
 
+@pytest.mark.slow
 def test_an_unusable_state_folder_is_one_clear_error_naming_it_and_the_setting(tmp_path: Path) -> None:
     # A root under a file: unusable for root too, as the suite runs in CI (a read-only folder would not be).
     (tmp_path / "a-file").write_text("")

@@ -189,6 +189,7 @@ def test_a_model_for_another_front_end_is_rejected_before_download(operator, fle
     assert device.runtime.model.version == FACTORY_VERSION
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(
     operator, fleet, links, packages, caplog
 ):
@@ -220,6 +221,7 @@ def test_a_model_that_fails_its_self_test_is_rolled_back_and_never_tried_again(
     assert device.runtime.presence.counters["ota_applied"] == 0
 
 
+@pytest.mark.slow
 def test_replays_are_ignored_and_only_a_rollback_manifest_downgrades(operator, fleet, links, packages):
     inbox = watch_status(links, "replay-1")
     device = fleet("replay-1")
@@ -293,6 +295,7 @@ def test_a_model_for_newer_device_software_is_rejected(operator, fleet, links, p
     assert steps[0][2].startswith("needs device software 99.0.0 or newer")
 
 
+@pytest.mark.slow
 def test_a_manifest_whose_blob_never_comes_is_rejected_and_tried_again_later(operator, fleet, links, packages):
     inbox = watch_status(links, "no-blob-1")
     device = fleet("no-blob-1", download_timeout_s=1.0)

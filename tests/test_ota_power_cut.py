@@ -29,6 +29,8 @@ from schemas.topics import RESULT, STATUS
 from tests.conftest import IN_VOCABULARY_SAMPLE, Inbox
 from tests.test_device_runtime import _pcm
 
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
 
 def start_device(config, failpoint: str | None) -> subprocess.Popen:
     environment = {key: value for key, value in os.environ.items() if key != FAILPOINT_VARIABLE}

@@ -103,6 +103,7 @@ def test_each_call_starts_from_fresh_state(peers: dict[str, WakePeer], wake_phra
 
 
 @pytest.mark.parametrize("key", PEER_KEYS)
+@pytest.mark.slow
 def test_long_float64_audio_is_scored_in_chunks(peers: dict[str, WakePeer], key: str) -> None:
     # 20 s crosses the 10 s conversion blocks and openWakeWord's 10 s buffers; float64 is converted block by block.
     audio = np.random.default_rng(7).uniform(-0.01, 0.01, 20 * SAMPLE_RATE)

@@ -216,6 +216,7 @@ def test_every_message_type_of_the_protocol_has_a_generator() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 @QUICK
 @given(data=st.data())
+@pytest.mark.slow
 def test_every_valid_message_survives_encode_and_decode_unchanged(kind: str, data: st.DataObject) -> None:
     message = data.draw(MESSAGES[kind])
     topic, envelope = encode(message)
@@ -350,6 +351,7 @@ def test_arbitrary_payload_bytes_are_accepted_or_refused_with_a_protocol_error(k
 @pytest.mark.parametrize("kind", KINDS)
 @QUICK
 @given(data=st.data())
+@pytest.mark.slow
 def test_arbitrary_json_values_are_accepted_or_refused_with_a_protocol_error(kind: str, data: st.DataObject) -> None:
     topic, envelope = encode(data.draw(MESSAGES[kind]))
     accepted_or_refused(topic, with_document(kind, envelope, json.dumps(data.draw(json_values))))
@@ -358,6 +360,7 @@ def test_arbitrary_json_values_are_accepted_or_refused_with_a_protocol_error(kin
 @pytest.mark.parametrize("kind", KINDS)
 @QUICK
 @given(data=st.data())
+@pytest.mark.slow
 def test_a_valid_document_with_one_field_made_hostile_is_accepted_or_refused_with_a_protocol_error(
     kind: str, data: st.DataObject
 ) -> None:
@@ -380,6 +383,7 @@ mqtt_texts = st.text(max_size=64) | st.sampled_from(["", "mqvox/v1/devices/+/res
 @pytest.mark.parametrize("kind", KINDS)
 @QUICK
 @given(data=st.data())
+@pytest.mark.slow
 def test_hostile_mqtt_properties_are_accepted_or_refused_with_a_protocol_error(kind: str, data: st.DataObject) -> None:
     topic, envelope = encode(data.draw(MESSAGES[kind]))
     meta = [pair for pair in envelope.user_properties if pair[0] == META_PROPERTY]
@@ -408,6 +412,7 @@ topic_levels = st.sampled_from(
 @pytest.mark.parametrize("kind", KINDS)
 @QUICK
 @given(data=st.data())
+@pytest.mark.slow
 def test_a_message_on_any_topic_is_accepted_there_only_if_it_belongs_there(kind: str, data: st.DataObject) -> None:
     message = data.draw(MESSAGES[kind])
     _, envelope = encode(message)
@@ -705,6 +710,7 @@ def test_real_opus_is_decoded_only_at_the_rate_it_was_encoded_at(stream_rate: in
 
 @settings(max_examples=10, deadline=None, database=None)
 @given(seconds=st.floats(MAX_UTTERANCE_S + 0.01, 60), rate=rates)
+@pytest.mark.slow
 def test_a_stream_longer_than_the_limit_is_refused_as_too_long(seconds: float, rate: int) -> None:
     # Written by soundfile directly: encode_opus itself refuses it.
     buffer = io.BytesIO()

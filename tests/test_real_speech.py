@@ -220,6 +220,7 @@ def test_default_split_keeps_evaluation_apart() -> None:
     assert split_of("hedgewars-data") == "training" and split_of("klettres-data") == "evaluation"
 
 
+@pytest.mark.subprocess
 def test_command_line_lists_counts_and_missing_packages(tree: Path) -> None:
     command = [sys.executable, "-m", "firmware_tools.building.real_speech", "list", "--root", str(tree)]
     done = subprocess.run([*command, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)

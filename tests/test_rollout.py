@@ -91,6 +91,7 @@ def test_a_published_version_never_changes(rollout_env, packages):
         publisher.register(packages["broken-1.2.0"])
 
 
+@pytest.mark.slow
 def test_a_rollout_goes_stage_by_stage_and_a_broken_one_halts_and_restores_the_fleet(
     rollout_env,
     broker_settings,
@@ -212,6 +213,7 @@ def test_a_fleet_smaller_than_min_reports_that_refuses_a_version_halts_it(
         stop_fleet(devices)
 
 
+@pytest.mark.slow
 def test_a_rollout_some_devices_refuse_ends_partial_and_the_live_version_stays(
     rollout_env, broker_settings, keys, packages, tmp_path
 ):
@@ -250,6 +252,7 @@ def test_a_rollout_some_devices_refuse_ends_partial_and_the_live_version_stays(
         stop_fleet(devices)
 
 
+@pytest.mark.slow
 def test_a_completed_rollout_keeps_the_blob_of_a_version_an_offline_device_runs(
     rollout_env, broker_settings, keys, packages, tmp_path
 ):
@@ -341,6 +344,8 @@ def retained_manifest(links, channel: str):
         return None
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_publish_holds_unless_given_a_stage_and_warns_about_a_version_devices_refused(
     rollout_env, broker_settings, links, keys, packages, tmp_path
 ):
@@ -374,6 +379,8 @@ def test_publish_holds_unless_given_a_stage_and_warns_about_a_version_devices_re
     assert manifest is not None and json.loads(manifest.payload)["version"] == "1.3.0"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_provision_revoke_records_the_device_as_revoked_in_the_registry(rollout_env, keys, tmp_path):
     _channel, registry, _publisher, _watch = rollout_env
     fleet = ["--fleet-dir", str(tmp_path / "fleet"), "--database", f"sqlite:///{tmp_path}/registry.sqlite3"]
@@ -388,6 +395,8 @@ def test_provision_revoke_records_the_device_as_revoked_in_the_registry(rollout_
     assert registry.revoked_devices() == {"pi-02"}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_firmware_tools_status_prints_the_table(rollout_env, broker_settings, keys, tmp_path):
     channel, registry, publisher, _watch = rollout_env
     devices = start_fleet(broker_settings, keys, channel, tmp_path, [f"{channel}-s0"])

@@ -7,6 +7,8 @@ import queue
 import subprocess
 import sys
 
+import pytest
+
 from cloud_worker.service import worker_client_id
 from common.mqtt import MqttLink, PublishRefused
 from schemas.envelope import Envelope
@@ -45,6 +47,8 @@ def drained(received: queue.Queue, timeout_s: float = 1.5) -> int:
         return count
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_retire_ends_a_gone_workers_session_and_the_live_worker_gets_everything(
     broker_settings, links, device_id, tmp_path
 ):
@@ -80,6 +84,7 @@ def test_retire_ends_a_gone_workers_session_and_the_live_worker_gets_everything(
         live.close(end_session=True)
 
 
+@pytest.mark.slow
 def test_a_worker_that_stops_cleanly_leaves_no_session_behind(worker_factory, broker_settings, links, device_id):
     # Issue 21: after a worker with a persistent session stopped cleanly, half of the devices' utterances went
     # unanswered, queued in its session until it expired.
@@ -98,6 +103,7 @@ def test_a_worker_that_stops_cleanly_leaves_no_session_behind(worker_factory, br
         MqttLink(worker_client_id(f"keeping-{device_id}"), broker_settings, clean_start=True).close(end_session=True)
 
 
+@pytest.mark.slow
 def test_draining_a_gone_workers_session_answers_what_was_queued_for_it(
     worker_factory, broker_settings, links, device_id
 ):
