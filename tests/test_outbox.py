@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -113,12 +114,14 @@ def test_the_byte_bound_drops_as_many_as_needed_and_an_oversized_message_alone(t
 def test_messages_older_than_max_age_are_dropped_unsent(tmp_path: Path) -> None:
     outbox = outbox_at(tmp_path / "o.sqlite3", max_age_s=0.2)
     outbox.put(result("kitchen", 0))
-    time.sleep(0.3)
+    time.sleep(0.3)  # the condition itself: the first message grows older than max_age_s
     outbox.put(result("kitchen", 1))
     assert held_ids(outbox) == ["utterance0001"]
     assert outbox.stats().dropped == {"expired": 1}
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_an_outbox_filled_before_the_broker_exists_is_replayed_in_order_when_it_starts(tmp_path: Path) -> None:
     port = free_port()
     settings = BrokerSettings(port=port, connect_timeout_s=0.5)
@@ -155,6 +158,8 @@ def device_settings(port: int, device_id: str, outbox: Path, **overrides):
     )
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_a_device_without_broker_acts_on_commands_and_says_it_all_once_the_broker_is_back(
     tmp_path: Path, local_model, transcriber
 ) -> None:
@@ -213,6 +218,7 @@ def test_a_device_without_broker_acts_on_commands_and_says_it_all_once_the_broke
 
 
 @pytest.mark.parametrize("clean_start", [True, False])
+@pytest.mark.broker
 def test_subscriptions_outlive_a_broker_restart(tmp_path: Path, clean_start: bool) -> None:
     port = free_port()
     settings = BrokerSettings(port=port, connect_timeout_s=5)
@@ -240,6 +246,8 @@ def worker_link(client_id: str, settings: BrokerSettings) -> MqttLink:
     return MqttLink(client_id, settings, manual_ack=True, clean_start=False, session_expiry_s=600)
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_a_shared_subscription_outlives_a_broker_restart_that_says_it_kept_the_session(tmp_path: Path) -> None:
     # Mosquitto 2.0.11 restores the session from its persistence file and reports it present, but without the
     # shared subscription in it: the link subscribes again on every connection.
@@ -268,6 +276,7 @@ def test_a_shared_subscription_outlives_a_broker_restart_that_says_it_kept_the_s
         broker.stop()
 
 
+@pytest.mark.slow
 def test_redeliveries_that_arrive_before_consume_are_handed_over_when_it_registers(broker_settings) -> None:
     # A restarted worker's session is resumed, and the broker sends what it had in flight as soon as it accepts
     # the connection: before the worker has said where those messages go.
@@ -285,7 +294,13 @@ def test_redeliveries_that_arrive_before_consume_are_handed_over_when_it_registe
     again: queue.Queue[Delivery] = queue.Queue()
     resumed = worker_link("early-worker", broker_settings)
     try:
-        time.sleep(1.0)  # the redeliveries arrive now, with no handler for them yet
+        # The broker sends the session's redeliveries as soon as it accepts the connection, ahead of anything
+        # published to it later: once a message published after that has arrived, they have, with no handler yet.
+        arrived_after = Inbox()
+        resumed.subscribe(RESULT.topic(device_id="early-marker"), arrived_after)
+        with MqttLink("early-marker", broker_settings) as marker:
+            marker.send(result("early-marker", 1))
+        arrived_after.get(10)
         resumed.consume(subscription, again.put)
         redelivered = [again.get(timeout=10) for _ in sent]
         ids = sorted(decode(d.topic, d.envelope).utterance_id for d in redelivered)
@@ -299,14 +314,24 @@ def test_redeliveries_that_arrive_before_consume_are_handed_over_when_it_registe
     third = worker_link("early-worker", broker_settings)
     try:
         third.consume(subscription, last.put)
-        time.sleep(1.0)
+        time.sleep(1.0)  # the condition itself: nothing arrives in this time
         assert last.empty()
     finally:
         third.close(end_session=True)
 
 
-def test_an_utterance_no_worker_is_subscribed_to_stays_in_the_outbox_until_one_is(tmp_path: Path) -> None:
+def tries_without_a_worker(caplog: pytest.LogCaptureFixture) -> int:
+    """How many times the outbox sender has said that an utterance found no cloud worker subscribed."""
+    return sum(record.getMessage().startswith("outbox: no cloud worker is subscribed") for record in caplog.records)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_an_utterance_no_worker_is_subscribed_to_stays_in_the_outbox_until_one_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A broker of its own: on the shared one, other tests' worker sessions may still hold utterance subscriptions.
+    caplog.set_level(logging.WARNING, logger="device.outbox")
     port = free_port()
     broker_settings = BrokerSettings(port=port)
     broker = Broker(data_dir=tmp_path / "broker", port=port).start()
@@ -320,7 +345,8 @@ def test_an_utterance_no_worker_is_subscribed_to_stays_in_the_outbox_until_one_i
         outbox.put(utterance)
         sender.wake()
         assert wait_until(lambda: held_ids(outbox) == [utterance.utterance_id])
-        time.sleep(1.5)  # several tries, each answered "no matching subscribers"
+        # Several tries, each answered "no matching subscribers" (the sender says so once per try).
+        assert wait_until(lambda: tries_without_a_worker(caplog) >= 3, timeout_s=10)
         assert held_ids(outbox) == [utterance.utterance_id]
         assert outbox.stats().dropped == {}
         deliveries: queue.Queue[Delivery] = queue.Queue()
