@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 from packaging.requirements import Requirement
 
 from .conftest import IN_VOCABULARY_SAMPLE, OUT_OF_VOCABULARY_SAMPLE, REPO
@@ -94,6 +95,8 @@ def device_install() -> set[str]:
     return with_device | {normalized(Requirement(line).name) for line in no_deps}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_device_runs_on_what_its_install_brings() -> None:
     installed = device_install()
     modules = {

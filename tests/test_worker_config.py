@@ -127,6 +127,7 @@ def test_the_cli_refuses_a_bad_config_in_one_line_with_exit_2(
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err and str(path) in err
 
 
+@pytest.mark.subprocess
 def test_a_bad_config_gives_no_traceback_from_the_real_entry_point(tmp_path: Path) -> None:
     path = tmp_path / "worker.toml"
     path.write_text("[asr]\nbeam_size = 'wide'\n")
