@@ -16,11 +16,11 @@ LEARN_STAGES = ("canary:10%", "fleet:100%")
 
 def contributions(args: argparse.Namespace) -> int:
     """List the training contributions the worker keeps, per device; with --delete, delete one device's."""
-    from cloud_worker.storage import StorageSettings, Store
+    from common.worker_database import WorkerDatabase, WorkerDatabaseSettings
 
     if args.delete and args.device is None:
         raise ValueError("--delete needs --device ID: it deletes one device's contributions, never everyone's")
-    with Store(StorageSettings(url=args.database)) as store:
+    with WorkerDatabase(WorkerDatabaseSettings(url=args.database)) as store:
         if args.delete:
             print(json.dumps({"device_id": args.device, "deleted": store.delete_contributions(args.device)}))
             return 0
@@ -45,7 +45,8 @@ def contributions(args: argparse.Namespace) -> int:
 
 def learn(args: argparse.Namespace) -> int:
     """One fleet learning round (curate, adapt, package, gate, roll out), or --report of every round."""
-    from cloud_worker.storage import StorageSettings, Store
+    from common.database import DatabaseSettings
+    from common.worker_database import WorkerDatabase, WorkerDatabaseSettings
     from firmware_tools.learning.adapt import AdaptSettings
     from firmware_tools.learning.fleet_data import CurateSettings
     from firmware_tools.learning.gate import GateSettings
@@ -53,7 +54,7 @@ def learn(args: argparse.Namespace) -> int:
     from firmware_tools.release.registry import ModelRegistry
 
     if args.report:
-        with ModelRegistry(StorageSettings(url=args.database)) as registry:
+        with ModelRegistry(DatabaseSettings(url=args.database)) as registry:
             summary = report(registry, args.channel, args.out)
         for row in summary["rounds"]:
             print(json.dumps(row))
@@ -78,9 +79,11 @@ def learn(args: argparse.Namespace) -> int:
         gate=GateSettings(false_wake_every=args.false_wake_every),
         auto_rollout=args.auto_rollout,
     )
-    with Store(StorageSettings(url=args.database, training_retention_days=args.training_retention_days)) as store:
+    with WorkerDatabase(
+        WorkerDatabaseSettings(url=args.database, training_retention_days=args.training_retention_days)
+    ) as store:
         if not args.auto_rollout:
-            with ModelRegistry(StorageSettings(url=args.database)) as registry:
+            with ModelRegistry(DatabaseSettings(url=args.database)) as registry:
                 outcome = run_round(settings, store, registry, say=lambda text: print(text, flush=True))
         else:
             from firmware_tools.release.cli import release_tools
@@ -114,7 +117,7 @@ def _contributions_options(parser: argparse.ArgumentParser) -> None:
 def _learn_options(parser: argparse.ArgumentParser) -> None:
     # The curation and retention defaults are the settings' own; their modules load numpy and SQLAlchemy, so
     # they are read here, when learn parses, never when the subcommands are listed.
-    from cloud_worker.storage import StorageSettings
+    from common.worker_database import WorkerDatabaseSettings
     from firmware_tools.learning.fleet_data import CurateSettings
 
     add_release_arguments(parser, key=False)
@@ -158,7 +161,7 @@ def _learn_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--training-retention-days",
         type=float,
-        default=StorageSettings.training_retention_days,
+        default=WorkerDatabaseSettings.training_retention_days,
         help="contributions older than this are deleted before curating: the worker's setting (default: %(default)s)",
     )
     parser.add_argument("--auto-rollout", action="store_true", help="publish held and roll out if it passes")

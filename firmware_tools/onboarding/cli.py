@@ -32,11 +32,11 @@ def provision(args: argparse.Namespace) -> int:
         signing_key=args.signing_key,
     )
     if args.revoke:
-        from cloud_worker.storage import StorageSettings
+        from common.database import DatabaseSettings
         from firmware_tools.release.registry import ModelRegistry
 
         # Its retained status may say "online" for ever: the ACL now refuses its offline status and Last Will.
-        with ModelRegistry(StorageSettings(url=args.database)) as registry:
+        with ModelRegistry(DatabaseSettings(url=args.database)) as registry:
             for name in args.revoke:
                 registry.revoke_device(name)
     print(json.dumps(dataclasses.asdict(outcome)))

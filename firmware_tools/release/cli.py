@@ -28,7 +28,7 @@ def keygen(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def release_tools(args: argparse.Namespace) -> Iterator[tuple]:
     """The registry, the broker link and the publisher that publish, rollout, status and learn share."""
-    from cloud_worker.storage import StorageSettings
+    from common.database import DatabaseSettings
     from common.mqtt import MqttLink, broker_from_arguments
     from firmware_tools.release.publish import Publisher
     from firmware_tools.release.registry import ModelRegistry
@@ -36,7 +36,7 @@ def release_tools(args: argparse.Namespace) -> Iterator[tuple]:
 
     private_key = load_private_key(args.key) if getattr(args, "key", None) else None
     with (
-        ModelRegistry(StorageSettings(url=args.database)) as registry,
+        ModelRegistry(DatabaseSettings(url=args.database)) as registry,
         MqttLink(f"mqvox-operator-{os.getpid()}", broker_from_arguments(args)) as link,
     ):
         publisher = Publisher(link, registry, args.channel, private_key) if private_key else None
