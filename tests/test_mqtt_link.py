@@ -163,8 +163,9 @@ def listening(port: int) -> bool:
 def refusing_broker(tmp_path_factory) -> Iterator[BrokerSettings]:
     """A Mosquitto that accepts anonymous connections and refuses them every publish and subscription."""
     plugin = dynamic_security_plugin()
-    if plugin is None:
-        pytest.skip(f"Mosquitto's {DYNAMIC_SECURITY_PLUGIN} is not installed")
+    # Debian's mosquitto package, which make setup installs, ships the plugin: missing, it is a broken set-up,
+    # not a test to skip.
+    assert plugin is not None, f"Mosquitto's {DYNAMIC_SECURITY_PLUGIN} is not installed"
     folder = tmp_path_factory.mktemp("refusing-broker")
     (folder / "dynamic-security.json").write_text(json.dumps(NO_ACCESS))
     port = free_port()
@@ -185,6 +186,7 @@ def refusing_broker(tmp_path_factory) -> Iterator[BrokerSettings]:
         process.wait(10)
 
 
+@pytest.mark.broker
 def test_a_refused_publish_fails_its_future_and_a_refused_subscription_raises_subscribe_refused(
     refusing_broker: BrokerSettings,
 ) -> None:
