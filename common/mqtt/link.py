@@ -62,6 +62,8 @@ DISPATCHER_THREAD = "mqtt-dispatcher"
 
 DISPATCHER_STOP_S = 5.0
 """How long ``close`` waits for a handler still running before it lets the dispatcher go (seconds)."""
+DISCONNECT_FLUSH_S = 5.0
+"""At close, how long (seconds) to wait for paho to write the DISCONNECT, and the acknowledgements queued before it."""
 
 ConnectionListener = Callable[[bool], None]
 """Called on the dispatcher thread after every successful (re)connection, with the broker's session-present flag."""
@@ -109,6 +111,8 @@ class MqttLink:
         self._client.manual_ack_set(manual_ack)
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._connected = threading.Event()
+        self._disconnected = threading.Event()
+        """Set by paho's network thread each time a connection ends; close() waits for it."""
         self._connect_reason: str | None = None
         self._dispatcher = Dispatcher(f"{DISPATCHER_THREAD}/{client_id}")
         self._acks: PendingAcks[None] = PendingAcks(self._dispatcher.future)
@@ -227,6 +231,12 @@ class MqttLink:
             self._dispatcher.submit(functools.partial(_tell, listener, bool(flags.session_present)))
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self._report_disconnect(reason_code)
+        finally:
+            self._disconnected.set()
+
+    def _report_disconnect(self, reason_code: ReasonCode) -> None:
         if not self._connected.is_set():
             # Closed before any CONNACK: with TLS, the broker refused the certificate (unknown CA, expired,
             # revoked); without, a TLS listener reset what it took for a handshake. Fail now, with the socket's
@@ -401,7 +411,14 @@ class MqttLink:
         if end_session:
             properties = Properties(PacketTypes.DISCONNECT)
             properties.SessionExpiryInterval = 0
+        was_connected = self._client.is_connected()
+        self._disconnected.clear()
         self._client.disconnect(properties=properties)
+        if was_connected:
+            # loop_stop() does not flush what is queued: without this wait, an ack() just before close() could be
+            # dropped with the DISCONNECT, and the broker would send the message again to the session's next
+            # connection. paho writes its packets in order and ends the connection once the DISCONNECT is out.
+            self._disconnected.wait(DISCONNECT_FLUSH_S)
         self._client.loop_stop()
         self._acks.close(lambda: LinkClosed(f"the link {self.client_id!r} was closed before the broker's PUBACK"))
         self._subacks.close(lambda: LinkClosed(f"the link {self.client_id!r} was closed before the broker's SUBACK"))
