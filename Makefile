@@ -28,11 +28,14 @@ system-packages:
 
 # Reinstalled when the dependency list changes. The device's pyrnnoise comes without its dependencies (the file says why).
 NO_DEPS_REQUIREMENTS := firmware_tools/onboarding/deploy/requirements-no-deps.txt
-$(VENV)/.installed: pyproject.toml $(NO_DEPS_REQUIREMENTS)
+# Test-only packages whose declared dependencies clash with mqvox's (the file says which and why).
+TEST_NO_DEPS_REQUIREMENTS := tests/requirements-no-deps.txt
+$(VENV)/.installed: pyproject.toml $(NO_DEPS_REQUIREMENTS) $(TEST_NO_DEPS_REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all]'
 	$(PY) -m pip install -q --no-deps -r $(NO_DEPS_REQUIREMENTS)
+	$(PY) -m pip install -q --no-deps -r $(TEST_NO_DEPS_REQUIREMENTS)
 	touch $@
 
 demo: setup
