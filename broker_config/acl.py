@@ -1,4 +1,4 @@
-"""The four client roles of the production broker, and the Mosquitto ACL file generated from them.
+"""The five client roles of the production broker, and the Mosquitto ACL file generated from them.
 
 Each role is a list of rule patterns over the topic tree of schemas/topics.py; ``{name}``
 stands for the client's certificate CN. The file has one ``user`` block per client, so a
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from schemas.topics import ERROR, PREFIX, REPLY, RESULT, STATUS, UTTERANCE, check_identifier
+from schemas.topics import ERROR, MANIFEST, PREFIX, REPLY, RESULT, STATUS, UTTERANCE, check_identifier
 
 
 class Role(StrEnum):
@@ -25,6 +25,9 @@ class Role(StrEnum):
     """Fleet tooling (firmware_tools publish / rollout / status): model topics out, statuses and errors in."""
     CONSUMER = "consumer"
     """An application that acts on results: every device's results, read only."""
+    BRIDGE = "bridge"
+    """The Home Assistant bridge (cloud_worker/ha_bridge.py): statuses, results and manifests in; HA's discovery
+    configs, its own state topics and Rhasspy's Hermes topics out."""
 
 
 class Access(StrEnum):
@@ -55,6 +58,16 @@ MODELS = PREFIX + "/models/#"
 """Every model topic: the manifests and blobs of all channels."""
 
 
+HA_DISCOVERY = "homeassistant/#"
+"""Home Assistant's discovery topics (HaBridgeSettings.discovery_prefix), its birth message among them."""
+HA_BIRTH = "homeassistant/status"
+"""Where Home Assistant says it (re)started."""
+BRIDGE_STATE = "mqvox/ha/#"
+"""The bridge's own topics for Home Assistant (HaBridgeSettings.state_prefix), its Last Will among them."""
+HERMES = "hermes/#"
+"""Rhasspy's Hermes topics, for flows written for Rhasspy."""
+
+
 def _device_topic(spec) -> str:
     # The device's own topic, with {name} where its id goes.
     return spec.template.replace("{device_id}", "{name}")
@@ -81,6 +94,16 @@ ROLE_RULES: dict[Role, tuple[Rule, ...]] = {
         Rule(Access.READ, ERROR.topic()),
     ),
     Role.CONSUMER: (Rule(Access.READ, RESULT.filter()),),
+    Role.BRIDGE: (
+        Rule(Access.READ, STATUS.filter()),
+        Rule(Access.READ, RESULT.filter()),
+        # The manifests alone: the bridge shows the latest version, it never needs a model.
+        Rule(Access.READ, MANIFEST.filter()),
+        Rule(Access.WRITE, HA_DISCOVERY),
+        Rule(Access.READ, HA_BIRTH),
+        Rule(Access.WRITE, BRIDGE_STATE),
+        Rule(Access.WRITE, HERMES),
+    ),
 }
 """What each role may do. Anything not listed is denied."""
 

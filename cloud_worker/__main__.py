@@ -14,7 +14,13 @@ from dataclasses import replace
 from cloud_worker.asr import AsrUnavailable, Transcriber
 from cloud_worker.calibration import Calibration
 from cloud_worker.intents import IntentDecider
-from cloud_worker.settings import AsrSettings, UtteranceLimits, WorkerSettings, load_worker_settings
+from cloud_worker.settings import (
+    AsrSettings,
+    HaBridgeSettings,
+    UtteranceLimits,
+    WorkerSettings,
+    load_worker_settings,
+)
 from common.config import ConfigError
 from common.database import StorageUnavailable
 from common.logfmt import LOG_LEVELS, configure_logging, log_level
@@ -216,6 +222,68 @@ def _emit(as_json: bool, line: dict) -> None:
         )
 
 
+def ha_bridge(args: argparse.Namespace) -> int:
+    """Announce the devices to Home Assistant and fire its events until SIGINT or SIGTERM."""
+    from cloud_worker.ha_bridge import HaBridge
+
+    defaults = HaBridgeSettings()
+    settings = HaBridgeSettings(
+        broker=broker_of(args, defaults.broker),
+        client_id=args.client_id,
+        discovery_prefix=args.discovery_prefix,
+        node_prefix=args.node_prefix,
+        state_prefix=args.state_prefix,
+        channel=args.channel,
+        support_url=args.support_url,
+        vocabulary=args.vocabulary,
+    )
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    bridge = HaBridge(settings, load_vocabulary(settings.vocabulary)).start()
+    stopping.wait()
+    bridge.stop()
+    log.info("stopped", extra={"detail": f"{bridge.counts}"})
+    return 0
+
+
+def add_ha_bridge_parser(commands: argparse._SubParsersAction) -> None:
+    """The ``ha-bridge`` subcommand and its options, their defaults from HaBridgeSettings."""
+    defaults = HaBridgeSettings()
+    bridge = commands.add_parser(
+        "ha-bridge",
+        help="announce every device to Home Assistant (MQTT discovery) and turn results into HA events",
+        description="Read the devices' retained statuses, results and the channels' manifests, and give Home "
+        "Assistant, through its MQTT discovery, a device per mqvox device with an event entity (one event per "
+        "final result), a last-command sensor, and a read-only model update entity. Announces again when Home "
+        "Assistant publishes 'online' on <discovery prefix>/status; a cleared status removes the device. "
+        "Stops on SIGINT or SIGTERM.",
+    )
+    add_broker_options(bridge, defaults.broker)
+    bridge.add_argument("--client-id", default=defaults.client_id, help="MQTT client id (default: %(default)s)")
+    bridge.add_argument(
+        "--discovery-prefix", default=defaults.discovery_prefix, help="HA's discovery prefix (default: %(default)s)"
+    )
+    bridge.add_argument(
+        "--node-prefix", default=defaults.node_prefix, help="start of node and entity ids (default: %(default)s)"
+    )
+    bridge.add_argument(
+        "--state-prefix",
+        default=defaults.state_prefix,
+        help="root of the bridge's own topics, which HA reads (default: %(default)s)",
+    )
+    bridge.add_argument(
+        "--channel",
+        default=defaults.channel,
+        help="channel whose manifest gives the latest model of a device whose status names none (default: %(default)s)",
+    )
+    bridge.add_argument("--support-url", default=defaults.support_url, help="shown in HA as the entities' origin")
+    bridge.add_argument(
+        "--vocabulary", default=defaults.vocabulary, help="vocabulary TOML (default: the one shipped in schemas/)"
+    )
+    bridge.set_defaults(run=ha_bridge)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = config_file_of(argv)
@@ -346,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_argument(offline)
     add_asr_arguments(offline, settings)
     offline.set_defaults(run=transcribe)
+    add_ha_bridge_parser(commands)
     parser.set_defaults(settings=settings)
     args = parser.parse_args(argv)
     configure_logging("cloud_worker", args.log_level)

@@ -170,6 +170,47 @@ class WorkerSettings:
     """TCP port of the Prometheus /metrics endpoint on 127.0.0.1 (0 picks a free one); None serves none."""
 
 
+_DISCOVERY_LEVEL = re.compile(r"[A-Za-z0-9_-]+")
+"""What Home Assistant accepts as a node id (and so as the bridge's node id prefix)."""
+
+
+@dataclass(frozen=True)
+class HaBridgeSettings:
+    """The Home Assistant bridge (``python -m cloud_worker ha-bridge``, cloud_worker/ha_bridge.py): where it
+    announces devices, and the topics of its own. A program of its own beside the worker, not part of
+    WorkerSettings."""
+
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    """The broker the devices and Home Assistant use."""
+    client_id: str = "mqvox-ha-bridge"
+    """MQTT client id; on the production broker, the CN of the bridge's certificate (role ``bridge``)."""
+    discovery_prefix: str = "homeassistant"
+    """Home Assistant's MQTT discovery prefix; its birth message is read on ``<prefix>/status``."""
+    node_prefix: str = "mqvox"
+    """Start of each device's discovery node id and entity ids (``mqvox_<device id>``)."""
+    state_prefix: str = "mqvox/ha"
+    """Root of the topics the bridge publishes for Home Assistant to read: each device's event, last command,
+    update and availability, and the bridge's own availability. Outside the mqvox/v1 protocol tree."""
+    channel: str = "stable"
+    """Release channel whose live manifest gives the latest model version of a device whose status names none."""
+    support_url: str | None = None
+    """Shown by Home Assistant as where the entities come from (discovery ``origin``); None leaves it out."""
+    vocabulary: str | None = None
+    """Vocabulary file whose intents are the event types; None for the one shipped in schemas/."""
+    hermes: bool = False
+    """Also publish each result on Rhasspy's Hermes topics (cloud_worker/hermes.py)."""
+
+    def __post_init__(self) -> None:
+        for name in ("discovery_prefix", "state_prefix"):
+            value = getattr(self, name)
+            if not value or any(char in value for char in "+#") or value.startswith("/") or value.endswith("/"):
+                raise ValueError(
+                    f"{name} must be a topic without wildcards or a leading or trailing '/', not {value!r}"
+                )
+        if not _DISCOVERY_LEVEL.fullmatch(self.node_prefix):
+            raise ValueError(f"node_prefix may hold only letters, digits, '_' and '-', not {self.node_prefix!r}")
+
+
 def load_worker_settings(path: str | Path) -> WorkerSettings:
     """Read a worker config file; ConfigError (a ValueError) names the file and the key that is wrong.
 
