@@ -11,11 +11,16 @@ BROKER_PORT ?= 0
 # PostgreSQL server whose binaries the tests start a throwaway server from (tests/throwaway_postgres.py).
 APT_PACKAGES := mosquitto mosquitto-clients espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
 	festvox-us-slt-hts libportaudio2 postgresql
+# Node.js and npm for the Node-RED example (examples/node-red, tests/test_node_red.py): Debian's, unless an npm is
+# already on PATH (NodeSource's nodejs package carries its own npm and conflicts with Debian's).
+APT_PACKAGES += $(if $(shell command -v npm),,nodejs npm)
+NODE_RED_DIR := examples/node-red
+NODE_RED_INSTALLED := $(NODE_RED_DIR)/node_modules/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages voice-packages demo test test-fast bench bench-real-commands bench-real-voices bench-learning-loop train evaluate lint format broker broker-stop clean
 
-setup: system-packages $(VENV)/.installed
+setup: system-packages $(VENV)/.installed $(NODE_RED_INSTALLED)
 
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -36,6 +41,11 @@ $(VENV)/.installed: pyproject.toml $(NO_DEPS_REQUIREMENTS) $(TEST_NO_DEPS_REQUIR
 	$(PY) -m pip install -q -e '.[all]'
 	$(PY) -m pip install -q --no-deps -r $(NO_DEPS_REQUIREMENTS)
 	$(PY) -m pip install -q --no-deps -r $(TEST_NO_DEPS_REQUIREMENTS)
+	touch $@
+
+# Node-RED for the example flow, as pinned in its lock file: installed again when the lock changes.
+$(NODE_RED_INSTALLED): $(NODE_RED_DIR)/package.json $(NODE_RED_DIR)/package-lock.json | system-packages
+	npm ci --prefix $(NODE_RED_DIR) --no-audit --no-fund --loglevel=error
 	touch $@
 
 demo: setup
