@@ -19,6 +19,7 @@ from cloud_worker.settings import (
     HaBridgeSettings,
     UtteranceLimits,
     WorkerSettings,
+    WyomingSettings,
     load_worker_settings,
 )
 from common.config import ConfigError
@@ -210,6 +211,70 @@ def transcribe(args: argparse.Namespace) -> int:
     return 2 if failed == len(args.files) else 1 if failed else 0
 
 
+def wyoming(args: argparse.Namespace) -> int:
+    """Serve Home Assistant's speech-to-text over Wyoming with the worker's recogniser until SIGINT or SIGTERM."""
+    import asyncio
+
+    from cloud_worker.wyoming_stt import SpeechToText, SpeechToTextServer, describe
+
+    settings = WyomingSettings(
+        host=args.host, port=args.port, max_audio_s=args.max_audio_s, max_chunk_bytes=args.max_chunk_bytes
+    )
+    asr = asr_of(args, args.settings.asr)
+    vocabulary = load_vocabulary(args.vocabulary)
+    decider = IntentDecider(vocabulary, Calibration.load(args.calibration))
+    service = SpeechToText(settings, Transcriber(asr, vocabulary), decider, describe(asr))
+
+    async def serve_until_signalled() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await SpeechToTextServer(service).serve_until(stopping)
+
+    try:
+        asyncio.run(serve_until_signalled())
+    except OSError as error:  # the address is taken or cannot be bound
+        raise ValueError(f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}") from None
+    log.info("stopped")
+    return 0
+
+
+def add_wyoming_parser(commands: argparse._SubParsersAction, settings: WorkerSettings) -> None:
+    """The ``wyoming`` subcommand: its own options, and the recogniser's from the worker's settings."""
+    defaults = WyomingSettings()
+    server = commands.add_parser(
+        "wyoming",
+        help="serve Home Assistant's speech-to-text over Wyoming, with the worker's recogniser",
+        description="A Wyoming speech-to-text server, as Home Assistant's Wyoming integration and Assist pipelines "
+        "use (like wyoming-faster-whisper): it answers describe with the model and its languages, takes "
+        "transcribe and the audio (any rate, width and channels), and returns the transcript. It transcribes "
+        "locally with the worker's recogniser; no broker is needed. Stops on SIGINT or SIGTERM.",
+    )
+    server.add_argument(
+        "--host",
+        default=defaults.host,
+        help="address to listen on; 0.0.0.0 for a Home Assistant on another machine, on a trusted network only "
+        "(Wyoming has no authentication) (default: %(default)s)",
+    )
+    server.add_argument("--port", type=int, default=defaults.port, help="TCP port (default: %(default)s)")
+    server.add_argument(
+        "--max-audio-s",
+        type=float,
+        default=defaults.max_audio_s,
+        help="longest audio one request may send, in seconds (default: %(default)s)",
+    )
+    server.add_argument(
+        "--max-chunk-bytes",
+        type=int,
+        default=defaults.max_chunk_bytes,
+        help="largest audio payload of one event (default: %(default)s)",
+    )
+    add_config_argument(server)
+    add_asr_arguments(server, settings)
+    server.set_defaults(run=wyoming)
+
+
 def _emit(as_json: bool, line: dict) -> None:
     if as_json:
         print(json.dumps(line), flush=True)
@@ -399,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_argument(retirer)
     add_broker_options(retirer, settings.broker)
     retirer.set_defaults(run=retire)
+    add_wyoming_parser(commands, settings)
     offline = commands.add_parser(
         "transcribe",
         help="transcribe audio files offline, with no broker",

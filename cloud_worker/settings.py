@@ -129,6 +129,31 @@ class BatchSettings:
 
 
 @dataclass(frozen=True)
+class WyomingSettings:
+    """The Wyoming speech-to-text server (``python -m cloud_worker wyoming``, cloud_worker/wyoming_stt.py): where
+    it listens and what audio it takes. Its recogniser is the worker's (``AsrSettings``, vocabulary)."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; ``0.0.0.0`` for a Home Assistant on another machine (Wyoming has no authentication,
+    so only on a network you trust)."""
+    port: int = 10300
+    """TCP port (10300 is Wyoming's usual speech-to-text port)."""
+    max_audio_s: float = MAX_UTTERANCE_S
+    """Longest audio (seconds) one transcription takes; a longer stream gets an error event and is closed."""
+    max_chunk_bytes: int = 1 << 20
+    """Largest audio payload (bytes) of one event; a larger one gets an error event and the connection is closed
+    before it is read. Home Assistant sends chunks of a few kilobytes."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be between 1 and 65535, not {self.port}")
+        if not 0 < self.max_audio_s <= MAX_UTTERANCE_S:
+            raise ValueError(f"max_audio_s must be in (0, {MAX_UTTERANCE_S:g}], not {self.max_audio_s}")
+        if not 1024 <= self.max_chunk_bytes <= 16 << 20:
+            raise ValueError(f"max_chunk_bytes must be between 1024 and {16 << 20}, not {self.max_chunk_bytes}")
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """How a worker joins the fleet, recognises speech, batches and stores."""
 
