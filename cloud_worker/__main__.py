@@ -301,6 +301,7 @@ def ha_bridge(args: argparse.Namespace) -> int:
         channel=args.channel,
         support_url=args.support_url,
         vocabulary=args.vocabulary,
+        hermes=args.hermes,
     )
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -345,6 +346,13 @@ def add_ha_bridge_parser(commands: argparse._SubParsersAction) -> None:
     bridge.add_argument("--support-url", default=defaults.support_url, help="shown in HA as the entities' origin")
     bridge.add_argument(
         "--vocabulary", default=defaults.vocabulary, help="vocabulary TOML (default: the one shipped in schemas/)"
+    )
+    bridge.add_argument(
+        "--hermes",
+        action="store_true",
+        help="also publish each result on Rhasspy 2.5's Hermes topics (hermes/intent/<intent>, "
+        "hermes/nlu/intentNotRecognized, hermes/hotword/<id>/detected, hermes/asr/textCaptured), for flows written "
+        "for Rhasspy",
     )
     bridge.set_defaults(run=ha_bridge)
 

@@ -15,8 +15,10 @@ What HA reads (``state_prefix`` is HaBridgeSettings.state_prefix, ``<node>`` the
 The bridge republishes what the devices say rather than pointing HA at the mqvox topics, so HA's own MQTT client
 needs no right on the protocol tree.
 
-Threads: every handler runs on the link's one dispatcher thread, so the bridge's state (statuses, manifests) is
-touched there alone; ``start`` fills none of it before subscribing.
+Threads: every handler runs on the link's one dispatcher thread; the states sent again after HA's birth message are
+sent from a timer's thread. Both hold the bridge's lock while they read or change its state (statuses, manifests,
+last commands) and hand their messages to the link (which only queues them), so that what goes out last is the
+latest state. paho's thread never takes that lock.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -228,6 +231,17 @@ def update_payload(status: DeviceStatus, manifest: ModelManifest | None) -> dict
     return payload
 
 
+def hermes_sink(vocabulary: Vocabulary) -> ResultSink:
+    """The sink that publishes each result on Rhasspy 2.5's Hermes topics (cloud_worker/hermes.py), not retained,
+    as Rhasspy published them."""
+    from cloud_worker.hermes import hermes_messages  # only a bridge that publishes Hermes needs it
+
+    def publications(result: Result) -> list[Publication]:
+        return [(topic, payload, False) for topic, payload in hermes_messages(result, vocabulary)]
+
+    return publications
+
+
 def _json(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -263,21 +277,26 @@ class BridgeAvailability:
 class HaBridge:
     """Announces the devices of the retained statuses to Home Assistant and turns their results into HA events.
 
-    ``sinks`` are called with each final result, after the HA event, and what they return is published too.
+    ``sinks`` are called with each final result, after the HA event, and what they return is published too; with
+    ``settings.hermes`` the Hermes sink is added after them.
     """
 
     def __init__(self, settings: HaBridgeSettings, vocabulary: Vocabulary, sinks: Sequence[ResultSink] = ()) -> None:
         self.settings = settings
         self.vocabulary = vocabulary
-        self.sinks = tuple(sinks)
+        self.sinks = (*sinks, hermes_sink(vocabulary)) if settings.hermes else tuple(sinks)
         self.topics = BridgeTopics.of(settings)
         self.statuses: dict[str, DeviceStatus] = {}
         """The last status of each device announced, by device id."""
         self.manifests: dict[str, ModelManifest] = {}
         """The live manifest of each channel."""
+        self.last_commands: dict[str, bytes] = {}
+        """The last-command sensor's state of each device, sent again after HA's birth message."""
         self.counts = {"announced": 0, "removed": 0, "events": 0, "skipped": 0}
         """Devices announced and removed, events fired, malformed messages skipped."""
         self._link: MqttLink | None = None
+        self._lock = threading.Lock()
+        self._restating: threading.Timer | None = None
 
     @property
     def link(self) -> MqttLink:
@@ -304,8 +323,13 @@ class HaBridge:
         """Say ``offline`` (HA marks every entity unavailable) and disconnect."""
         if self._link is None:
             return
+        with self._lock:
+            if self._restating is not None:
+                self._restating.cancel()
         try:
             self._publish(self.topics.bridge_availability, OFFLINE.encode(), retain=True).result(5.0)
+        except NoMatchingSubscribers:
+            pass  # retained all the same, for HA's next start
         except Exception as error:  # a stop goes on whatever the broker says
             log.warning("could not say offline before stopping: %s", error)
         self._link.close()
@@ -329,13 +353,14 @@ class HaBridge:
         except ProtocolError as error:
             self._skip(topic, error)
             return
-        if status is None:
-            params = STATUS.match(topic)
-            if params is not None:
-                self._remove(params["device_id"])
-            return
-        assert isinstance(status, DeviceStatus)
-        self._announce(status)
+        with self._lock:
+            if status is None:
+                params = STATUS.match(topic)
+                if params is not None:
+                    self._remove(params["device_id"])
+                return
+            assert isinstance(status, DeviceStatus)
+            self._announce(status)
 
     def _announce(self, status: DeviceStatus) -> None:
         device_id = status.device_id
@@ -362,6 +387,7 @@ class HaBridge:
 
     def _remove(self, device_id: str) -> None:
         """The device's retained status was cleared: clear its configs (HA removes its entities) and states."""
+        self.last_commands.pop(device_id, None)
         if self.statuses.pop(device_id, None) is None:
             return
         for component, object_id in ENTITIES:
@@ -379,13 +405,14 @@ class HaBridge:
             return
         params = MANIFEST.match(topic) or {}
         channel = manifest.channel if manifest is not None else params.get("channel", "")
-        if manifest is None:
-            self.manifests.pop(channel, None)
-        else:
-            self.manifests[channel] = manifest
-        for status in self.statuses.values():
-            if (status.channel or self.settings.channel) == channel:
-                self._send_update(status)
+        with self._lock:
+            if manifest is None:
+                self.manifests.pop(channel, None)
+            else:
+                self.manifests[channel] = manifest
+            for status in self.statuses.values():
+                if (status.channel or self.settings.channel) == channel:
+                    self._send_update(status)
 
     def _on_result(self, topic: str, envelope: Envelope) -> None:
         try:
@@ -397,12 +424,13 @@ class HaBridge:
             return
         assert isinstance(result, Result)
         device_id = result.device_id
-        # HA ignores retained events: the event is never retained; the sensor's state is, for HA's next start.
-        self._publish(self.topics.device_topic(device_id, "event"), _json(event_payload(result)), retain=False)
-        self._publish(
-            self.topics.device_topic(device_id, "last_command"), _json(last_command_payload(result)), retain=True
-        )
-        self.counts["events"] += 1
+        last_command = _json(last_command_payload(result))
+        with self._lock:
+            # HA ignores retained events: the event is never retained; the sensor's state is, for HA's next start.
+            self._publish(self.topics.device_topic(device_id, "event"), _json(event_payload(result)), retain=False)
+            self._publish(self.topics.device_topic(device_id, "last_command"), last_command, retain=True)
+            self.last_commands[device_id] = last_command
+            self.counts["events"] += 1
         ContextLogger(log).about(result).debug("event", extra={"command": command_name(result)})
         for sink in self.sinks:
             try:
@@ -417,9 +445,31 @@ class HaBridge:
         if envelope.payload.decode("utf-8", "replace") != ONLINE:
             return
         # HA (re)started: it may have lost what it read, and the broker may have lost the retained configs.
-        log.info("Home Assistant online: announcing again", extra={"detail": f"{len(self.statuses)} devices"})
-        for status in self.statuses.values():
-            self._send_configs(status)
+        with self._lock:
+            log.info("Home Assistant online: announcing again", extra={"detail": f"{len(self.statuses)} devices"})
+            for status in self.statuses.values():
+                self._send_configs(status)
+            # A broker that lost the retained configs lost the retained states and availability too: without them
+            # the entities would stay unavailable. They go again once HA has read the configs and subscribed.
+            if self._restating is not None:
+                self._restating.cancel()
+            self._restating = threading.Timer(self.settings.restate_delay_s, self._restate)
+            self._restating.daemon = True
+            self._restating.start()
+
+    def _restate(self) -> None:
+        """Send the bridge's availability and every device's states again (on the timer's thread)."""
+        with self._lock:
+            if self._link is None:
+                return
+            self._say_online()
+            for device_id, status in self.statuses.items():
+                state = ONLINE if status.state is DeviceState.ONLINE else OFFLINE
+                self._publish(self.topics.device_topic(device_id, "availability"), state.encode(), retain=True)
+                self._send_update(status)
+                if device_id in self.last_commands:
+                    last_command = self.last_commands[device_id]
+                    self._publish(self.topics.device_topic(device_id, "last_command"), last_command, retain=True)
 
     def _say_online(self) -> None:
         self._publish(self.topics.bridge_availability, ONLINE.encode(), retain=True)

@@ -222,6 +222,9 @@ class HaBridgeSettings:
     """Shown by Home Assistant as where the entities come from (discovery ``origin``); None leaves it out."""
     vocabulary: str | None = None
     """Vocabulary file whose intents are the event types; None for the one shipped in schemas/."""
+    restate_delay_s: float = 1.0
+    """After Home Assistant's birth message, the configs go again at once and the states and availability this
+    long after (seconds), once HA has read the configs and subscribed to the entities' topics."""
     hermes: bool = False
     """Also publish each result on Rhasspy's Hermes topics (cloud_worker/hermes.py)."""
 
@@ -232,6 +235,8 @@ class HaBridgeSettings:
                 raise ValueError(
                     f"{name} must be a topic without wildcards or a leading or trailing '/', not {value!r}"
                 )
+        if not 0 <= self.restate_delay_s <= 60:
+            raise ValueError(f"restate_delay_s must be between 0 and 60 seconds, not {self.restate_delay_s}")
         if not _DISCOVERY_LEVEL.fullmatch(self.node_prefix):
             raise ValueError(f"node_prefix may hold only letters, digits, '_' and '-', not {self.node_prefix!r}")
 

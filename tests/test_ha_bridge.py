@@ -146,12 +146,13 @@ def test_the_acl_s_bridge_role_covers_the_bridge_s_default_topics() -> None:
 
 def test_bridge_announces_fires_events_and_removes_devices(broker_settings, links, device_id, caplog) -> None:
     tag = device_id
-    settings = bridge_settings(broker_settings, tag, channel=f"ch-{os.getpid()}")
+    settings = bridge_settings(broker_settings, tag, channel=f"ch-{os.getpid()}", hermes=True, restate_delay_s=0.1)
     topics = BridgeTopics.of(settings)
     observer = Topics()
     watch = links()
     watch.subscribe(f"{settings.discovery_prefix}/#", observer)
     watch.subscribe(f"{settings.state_prefix}/#", observer)
+    watch.subscribe("hermes/intent/#", observer)
     device = links()
     live = manifest(settings.channel, "1.3.0")
     device.send(live)  # retained before the bridge starts: read as it subscribes
@@ -213,21 +214,27 @@ def test_bridge_announces_fires_events_and_removes_devices(broker_settings, link
             assert wait_until(lambda: bridge.counts["skipped"] == 2)
             skipped = [record for record in caplog.records if record.getMessage() == "skipped a malformed message"]
             assert {record.topic for record in skipped} == {status_topic, result_topic}
-            device.send(result(device_id, intent="stop", transcript="stop"))
+            device.send(result(device_id, intent="stop", transcript="stop", acted=True))
             assert observer.json(event_topic)["event_type"] == "stop"
             assert observer.json(last_command)["command"] == "stop"
+            # --hermes: the same result on Rhasspy's topics too (tests/test_hermes.py checks the payloads).
+            assert observer.json("hermes/intent/stop")["siteId"] == device_id
 
             # The device goes offline (its Last Will is this same status): its entities become unavailable.
             device.send(status(device_id, DeviceState.OFFLINE))
             assert observer.next(availability) == b"offline"
             assert observer.json(update)["installed_version"] == "1.2.0"
 
-            # HA's birth message: every config again.
-            before = [observer.count(topic) for topic in configs]
+            # HA's birth message: every config again, then (restate_delay_s later) every state and availability.
             watch.publish(topics.ha_status, Envelope(b"online", "text/plain"), qos=1, retain=False)
             for topic in configs:
                 observer.json(topic)
-            assert [observer.count(topic) for topic in configs] == before
+            assert observer.next(availability) == b"offline"
+            assert observer.json(update)["latest_version"] == "1.4.0"
+            assert observer.json(last_command)["command"] == "stop"
+            assert observer.next(topics.bridge_availability) == b"online"
+            # HA's Last Will says offline on the same topic: nothing is sent for it (the removal below reads on).
+            watch.publish(topics.ha_status, Envelope(b"offline", "text/plain"), qos=1, retain=False)
 
             # The device's retained status cleared: its configs and states are cleared, so HA removes it.
             device.publish(status_topic, Envelope(b"", None), qos=1, retain=True)
