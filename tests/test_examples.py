@@ -35,10 +35,18 @@ FIELD_TABLE_HEADER = "| result field |"
 """The header of the README's table of result fields ("Use the results")."""
 
 
+def interruptible_like_a_terminal() -> None:
+    """In the child: Ctrl-C's default action back. A suite started in the background (CI, nohup) runs with SIGINT
+    ignored, which children inherit, and Python then leaves it ignored instead of raising KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def printing(command: list[str]) -> Iterator[tuple[subprocess.Popen, queue.Queue[str]]]:
     """``command`` running, and a queue of the lines it prints; killed at the end."""
-    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible_like_a_terminal
+    )
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in running.stdout], daemon=True)
     reader.start()
