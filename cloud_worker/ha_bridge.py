@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from enum import Enum
 from importlib.metadata import version
 from typing import Any
 
@@ -39,7 +40,7 @@ from common.mqtt import MqttLink, NoMatchingSubscribers
 from schemas.envelope import Envelope
 from schemas.errors import ProtocolError
 from schemas.model import ModelManifest
-from schemas.protocol import decode
+from schemas.protocol import Message, decode
 from schemas.result import Result
 from schemas.status import DeviceState, DeviceStatus
 from schemas.topics import MANIFEST, RESULT, STATUS, TopicSpec
@@ -242,6 +243,15 @@ def hermes_sink(vocabulary: Vocabulary) -> ResultSink:
     return publications
 
 
+class Malformed(Enum):
+    """What ``HaBridge._read`` returns for a message it skipped."""
+
+    MALFORMED = "malformed"
+
+
+MALFORMED = Malformed.MALFORMED
+
+
 def _json(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -343,15 +353,19 @@ class HaBridge:
 
     # Handlers, on the dispatcher thread.
 
-    def _skip(self, topic: str, error: ProtocolError) -> None:
-        self.counts["skipped"] += 1
-        log.warning("skipped a malformed message", extra={"topic": topic, "detail": str(error)})
+    def _read(self, topic: str, envelope: Envelope) -> Message | Malformed | None:
+        """The message on ``topic`` (None for a cleared retained topic), or MALFORMED once logged and counted: a
+        malformed message is skipped, and the bridge goes on."""
+        try:
+            return decode(topic, envelope)
+        except ProtocolError as error:
+            self.counts["skipped"] += 1
+            log.warning("skipped a malformed message", extra={"topic": topic, "detail": str(error)})
+            return MALFORMED
 
     def _on_status(self, topic: str, envelope: Envelope) -> None:
-        try:
-            status = decode(topic, envelope)
-        except ProtocolError as error:
-            self._skip(topic, error)
+        status = self._read(topic, envelope)
+        if status is MALFORMED:
             return
         with self._lock:
             if status is None:
@@ -398,10 +412,8 @@ class HaBridge:
         ContextLogger(log, device_id=device_id).info("removed")
 
     def _on_manifest(self, topic: str, envelope: Envelope) -> None:
-        try:
-            manifest = decode(topic, envelope)
-        except ProtocolError as error:
-            self._skip(topic, error)
+        manifest = self._read(topic, envelope)
+        if manifest is MALFORMED:
             return
         params = MANIFEST.match(topic) or {}
         channel = manifest.channel if manifest is not None else params.get("channel", "")
@@ -415,10 +427,8 @@ class HaBridge:
                     self._send_update(status)
 
     def _on_result(self, topic: str, envelope: Envelope) -> None:
-        try:
-            result = decode(topic, envelope)
-        except ProtocolError as error:
-            self._skip(topic, error)
+        result = self._read(topic, envelope)
+        if result is MALFORMED:
             return
         if result is None:
             return
