@@ -9,8 +9,8 @@ What HA reads (``state_prefix`` is HaBridgeSettings.state_prefix, ``<node>`` the
 - ``<state_prefix>/<device_id>/event``: one message per final result, NOT retained (HA ignores retained events);
 - ``<state_prefix>/<device_id>/last_command`` and ``/update``: retained JSON states;
 - ``<state_prefix>/<device_id>/availability``: retained ``online``/``offline``, from the device's retained status
-  (its Last Will included), and ``<state_prefix>/bridge/availability``, the bridge's own, with its Last Will.
-  Every entity needs both (``availability_mode: all``): with the bridge gone, nothing tells HA that a device went.
+  (its Last Will included), and ``<state_prefix>/_bridge/availability``, the bridge's own, with its Last Will (no
+  device id starts with ``_``). Every entity needs both (``availability_mode: all``): with the bridge gone, nothing tells HA that a device went.
 
 The bridge republishes what the devices say rather than pointing HA at the mqvox topics, so HA's own MQTT client
 needs no right on the protocol tree.
@@ -106,7 +106,7 @@ class BridgeTopics:
     @property
     def bridge_availability(self) -> str:
         """The bridge's own availability: ``online`` while connected, ``offline`` as its Last Will."""
-        return f"{self.state_prefix}/bridge/availability"
+        return f"{self.state_prefix}/_bridge/availability"
 
     def node_id(self, device_id: str) -> str:
         """The device's discovery node id: device ids may hold '.', which a discovery topic level may not."""
@@ -268,7 +268,7 @@ class BridgeAvailability:
 
     spec = TopicSpec(
         name="ha_bridge_availability",
-        template="{state_prefix}/bridge/availability",
+        template="{state_prefix}/_bridge/availability",
         qos=1,
         retain=True,
         max_payload_bytes=16,

@@ -121,7 +121,7 @@ def test_discovery_payloads_carry_what_home_assistant_requires() -> None:
         assert payload["origin"]["name"] == "mqvox" and payload["origin"]["support_url"] == "https://example.org/mqvox"
         assert {entry["topic"] for entry in payload["availability"]} == {
             "mqvox/ha/pi.Kitchen-01/availability",
-            "mqvox/ha/bridge/availability",
+            "mqvox/ha/_bridge/availability",
         }
         assert payload["availability_mode"] == "all"
         if component == "event":
