@@ -10,7 +10,8 @@ What HA reads (``state_prefix`` is HaBridgeSettings.state_prefix, ``<node>`` the
 - ``<state_prefix>/<device_id>/last_command`` and ``/update``: retained JSON states;
 - ``<state_prefix>/<device_id>/availability``: retained ``online``/``offline``, from the device's retained status
   (its Last Will included), and ``<state_prefix>/_bridge/availability``, the bridge's own, with its Last Will (no
-  device id starts with ``_``). Every entity needs both (``availability_mode: all``): with the bridge gone, nothing tells HA that a device went.
+  device id starts with ``_``). Every entity needs both (``availability_mode: all``): with the bridge gone, nothing
+  tells HA that a device went.
 
 The bridge republishes what the devices say rather than pointing HA at the mqvox topics, so HA's own MQTT client
 needs no right on the protocol tree.
