@@ -28,6 +28,9 @@ class Role(StrEnum):
     BRIDGE = "bridge"
     """The Home Assistant bridge (cloud_worker/ha_bridge.py): statuses, results and manifests in; HA's discovery
     configs, its own state topics and Rhasspy's Hermes topics out."""
+    HOMEASSISTANT = "homeassistant"
+    """Home Assistant's own MQTT client: the bridge's discovery configs and state topics in, its birth message out;
+    nothing of mqvox's own topic tree."""
 
 
 class Access(StrEnum):
@@ -103,6 +106,12 @@ ROLE_RULES: dict[Role, tuple[Rule, ...]] = {
         Rule(Access.READ, HA_BIRTH),
         Rule(Access.WRITE, BRIDGE_STATE),
         Rule(Access.WRITE, HERMES),
+    ),
+    Role.HOMEASSISTANT: (
+        # HA subscribes to its whole discovery prefix and publishes its birth message (and Last Will) there.
+        Rule(Access.READ, HA_DISCOVERY),
+        Rule(Access.WRITE, HA_BIRTH),
+        Rule(Access.READ, BRIDGE_STATE),
     ),
 }
 """What each role may do. Anything not listed is denied."""

@@ -23,8 +23,11 @@ from pathlib import Path
 import pytest
 
 from broker_config.acl import BRIDGE_STATE, HA_BIRTH, HA_DISCOVERY, ROLE_RULES, Client, Role, render_acl
+from broker_config.broker import PROD_CONFIG, Broker
 from cloud_worker.ha_bridge import NOT_UNDERSTOOD, BridgeTopics, HaBridge, discovery_configs
 from cloud_worker.settings import HaBridgeSettings
+from common.mqtt import BrokerSettings, MqttLink, PublishRefused, TlsSettings
+from firmware_tools.onboarding.provision import Fleet, ProvisionSettings, parse_clients
 from schemas.envelope import Envelope
 from schemas.model import ModelManifest
 from schemas.result import Result, Source
@@ -297,3 +300,52 @@ def test_the_ha_bridge_program_and_the_last_wills(broker, broker_settings, links
         cleaner = links()
         for topic in (STATUS.topic(device_id=device_id), topics.bridge_availability):
             cleaner.publish(topic, Envelope(b"", None), qos=1, retain=True)
+
+
+@pytest.mark.broker
+@pytest.mark.subprocess
+def test_on_the_production_broker_home_assistant_reads_what_the_bridge_announces_and_nothing_of_mqvox(
+    keys, tmp_path
+) -> None:
+    # Three certificates, as the README provisions them: a device, the bridge, and Home Assistant's own client.
+    fleet_dir = tmp_path / "fleet"
+    fleet = Fleet(fleet_dir, ProvisionSettings())
+    clients = (
+        parse_clients(Role.DEVICE, ["pi-kitchen-01"])
+        + parse_clients(Role.BRIDGE, ["ha-bridge"])
+        + parse_clients(Role.HOMEASSISTANT, ["hass"])
+    )
+    fleet.provision(clients, signing_key=keys["fleet.pub"])
+
+    def over_tls(name: str, port: int) -> BrokerSettings:
+        return BrokerSettings(
+            host="localhost", port=port, tls=TlsSettings.from_folder(str(fleet_dir / "clients" / name))
+        )
+
+    with Broker(data_dir=tmp_path / "broker", config=PROD_CONFIG, tls_dir=fleet_dir / "broker") as broker:
+        seen = Topics()
+        with (
+            MqttLink("pi-kitchen-01", over_tls("pi-kitchen-01", broker.port)) as device,
+            MqttLink("hass", over_tls("hass", broker.port)) as home_assistant,
+        ):
+            home_assistant.subscribe("homeassistant/#", seen)
+            home_assistant.subscribe("mqvox/ha/#", seen)
+            home_assistant.subscribe(RESULT.filter(), seen)  # granted by Mosquitto, and nothing must arrive on it
+            device.send(status("pi-kitchen-01"))
+            settings = HaBridgeSettings(broker=over_tls("ha-bridge", broker.port), client_id="ha-bridge")
+            topics = BridgeTopics.of(settings)
+            with HaBridge(settings, load_vocabulary()):
+                node = topics.node_id("pi-kitchen-01")
+                config = seen.json(f"homeassistant/event/{node}/command/config")
+                assert config["device"]["identifiers"] == ["mqvox_pi-kitchen-01"]
+                assert seen.next(topics.device_topic("pi-kitchen-01", "availability")) == b"online"
+                # HA's birth message is accepted (publish waits for the PUBACK and raises on a refusal), and the
+                # bridge, which may read it, announces the device again ...
+                home_assistant.publish(HA_BIRTH, Envelope(b"online", "text/plain"), qos=1, retain=False)
+                assert seen.json(f"homeassistant/event/{node}/command/config") == config
+                # ... its events arrive, and mqvox's own topics stay closed to it.
+                device.send(result("pi-kitchen-01", intent="lights_on"))
+                assert seen.json(topics.device_topic("pi-kitchen-01", "event"))["event_type"] == "lights_on"
+                assert seen.count(RESULT.topic(device_id="pi-kitchen-01")) == 0
+                with pytest.raises(PublishRefused):
+                    home_assistant.send(result("pi-kitchen-01"))

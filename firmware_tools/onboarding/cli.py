@@ -80,6 +80,7 @@ def _provision_options(parser: argparse.ArgumentParser) -> None:
         ("operator", "an operator (firmware_tools publish, rollout, status)"),
         ("consumer", "an application that reads results"),
         ("bridge", "the Home Assistant bridge (python -m cloud_worker ha-bridge)"),
+        ("homeassistant", "Home Assistant's MQTT client (reads what the bridge announces)"),
     ):
         parser.add_argument(f"--{role}", action="append", metavar="NAME", help=f"provision {what}; repeat")
     parser.add_argument("--reissue", action="append", metavar="NAME", help="new key and certificate; repeat")
@@ -126,12 +127,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         provision,
         help="create the fleet CA, client certificates, the broker's ACL and CRL, and device configs",
         description="Create or update a fleet folder. The first run creates the CA and the broker's certificate. "
-        "Each --device, --worker, --operator, --consumer and --bridge gets a key and a certificate whose CN is its "
-        "name; one already provisioned keeps them and has its other files refreshed. A device's folder "
-        "(clients/<id>/) also gets device.toml, which connects with TLS, and the model-signing public key: it "
-        "is the device's /etc/mqvox. --reissue gives a client a new key and certificate and revokes the old "
-        "one; --revoke revokes a client's certificate and removes it from the ACL. The ACL and the CRL in "
-        "broker/ are rewritten on every run: copy broker/ to the broker and send it SIGHUP.",
+        "Each --device, --worker, --operator, --consumer, --bridge and --homeassistant gets a key and a "
+        "certificate whose CN is its name; one already provisioned keeps them and has its other files "
+        "refreshed. A device's folder (clients/<id>/) also gets device.toml, which connects with TLS, and the "
+        "model-signing public key: it is the device's /etc/mqvox. --reissue gives a client a new key and "
+        "certificate and revokes the old one; --revoke revokes a client's certificate and removes it from the "
+        "ACL. The ACL and the CRL in broker/ are rewritten on every run: copy broker/ to the broker and send "
+        "it SIGHUP.",
         options=_provision_options,
     )
     add_subcommand(
