@@ -29,7 +29,7 @@ def python_m(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ("package", "subcommands"),
     [
         ("device", ["send", "detect", "run"]),
-        ("cloud_worker", ["serve", "retire", "transcribe"]),
+        ("cloud_worker", ["serve", "retire", "transcribe", "wyoming", "ha-bridge"]),
         (
             "firmware_tools",
             [
