@@ -219,24 +219,29 @@ def transcriber():
     return Transcriber(AsrSettings(), load_vocabulary())
 
 
+def start_worker(broker_settings, transcriber, group: str, worker_id: str, database_url: str, **settings):
+    """A cloud worker started on ``broker_settings``'s broker with ``transcriber``, storing into ``database_url``."""
+    from cloud_worker.service import UtteranceService
+    from cloud_worker.settings import WorkerSettings
+    from cloud_worker.storage import StorageSettings
+
+    settings.setdefault("storage", StorageSettings(url=database_url))
+    return UtteranceService(
+        WorkerSettings(broker=broker_settings, group=group, worker_id=worker_id, **settings), transcriber=transcriber
+    ).start()
+
+
 @pytest.fixture
 def worker_factory(broker_settings, transcriber, tmp_path) -> Iterator:
     """Starts cloud workers on the test broker, with the shared recogniser; all stopped after the test.
 
     Each worker gets the given database URL, or by default the test's own SQLite file.
     """
-    from cloud_worker.service import UtteranceService
-    from cloud_worker.settings import WorkerSettings
-    from cloud_worker.storage import StorageSettings
-
     started = []
 
     def start(group: str, worker_id: str, *, database_url: str | None = None, **settings):
-        settings.setdefault("storage", StorageSettings(url=database_url or f"sqlite:///{tmp_path / 'worker.sqlite3'}"))
-        service = UtteranceService(
-            WorkerSettings(broker=broker_settings, group=group, worker_id=worker_id, **settings),
-            transcriber=transcriber,
-        ).start()
+        url = database_url or f"sqlite:///{tmp_path / 'worker.sqlite3'}"
+        service = start_worker(broker_settings, transcriber, group, worker_id, url, **settings)
         started.append(service)
         return service
 

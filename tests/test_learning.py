@@ -7,8 +7,10 @@ recipe's windows are a training run's cache, not a test's).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from cloud_worker.storage import StorageSettings, Store
+from common.mqtt import BrokerSettings, MqttLink
 from device.local_model import shipped_model_directory
 from device.simulated import SimulatedDevice
 from firmware_tools.building.heldout import HeldOutSettings
@@ -36,6 +39,7 @@ from tests.conftest import (
     TINY_FSDD,
     make_utterance,
     ota_device_settings,
+    start_worker,
     wait_until,
 )
 
@@ -56,25 +60,43 @@ def spoken_clips() -> list[Path]:
     return sorted(TINY_FSDD.glob("*.flac")) + sorted(SAMPLES.glob("hey_jarvis_*.flac"))
 
 
+@pytest.fixture(scope="module")
+def shared_template(broker, transcriber, tmp_path_factory) -> Path:
+    """A worker's SQLite database holding what two devices said: ``home-1`` shares for training, ``home-2`` does
+    not. Built once for the module (the worker transcribing it costs about 10 s); each test gets a copy."""
+    database = tmp_path_factory.mktemp("fleet") / "fleet.sqlite3"
+    broker_settings = BrokerSettings(port=broker.port, connect_timeout_s=5.0)
+    worker = start_worker(broker_settings, transcriber, f"learn{next(_groups)}", "learner", f"sqlite:///{database}")
+    link = MqttLink(f"learn-sender-{next(_groups)}", broker_settings)
+    try:
+        sent = 0
+        for device, consent in (("home-1", True), ("home-2", False)):
+            for index, clip in enumerate(spoken_clips()):
+                # Fixed ids, not random ones: the held-out slice is a hash of the id, and with eight clips a random
+                # draw leaves one side empty about once in a hundred runs. These ids split home-1's clips four and
+                # four.
+                utterance_id = f"{device}-clip-{index:02d}"
+                link.send(make_utterance(device, clip, share_for_training=consent, utterance_id=utterance_id))
+                sent += 1
+        assert wait_until(lambda: worker.store.counts()["results"] >= sent, timeout_s=120)
+    finally:
+        link.close()
+        worker.stop(end_session=True)
+    return database
+
+
 @pytest.fixture
-def shared(worker_factory, links, tmp_path) -> str:
-    """A worker's database holding what two devices said: ``home-1`` shares for training, ``home-2`` does not."""
-    url = f"sqlite:///{tmp_path / 'fleet.sqlite3'}"
-    worker = worker_factory(f"learn{next(_groups)}", "learner", database_url=url)
-    link = links()
-    sent = 0
-    for device, consent in (("home-1", True), ("home-2", False)):
-        for index, clip in enumerate(spoken_clips()):
-            # Fixed ids, not random ones: the held-out slice is a hash of the id, and with eight clips a random
-            # draw leaves one side empty about once in a hundred runs. These ids split home-1's clips four and four.
-            utterance_id = f"{device}-clip-{index:02d}"
-            link.send(make_utterance(device, clip, share_for_training=consent, utterance_id=utterance_id))
-            sent += 1
-    assert wait_until(lambda: worker.store.counts()["results"] >= sent, timeout_s=120)
-    return url
+def shared(shared_template, tmp_path) -> str:
+    """A copy of the module's fleet database, for this test alone (rounds write the registry into it)."""
+    copy = tmp_path / "fleet.sqlite3"
+    with (
+        contextlib.closing(sqlite3.connect(shared_template)) as source,
+        contextlib.closing(sqlite3.connect(copy)) as target,
+    ):
+        source.backup(target)
+    return f"sqlite:///{copy}"
 
 
-@pytest.mark.slow
 def test_only_consenting_devices_contribute_and_curation_keeps_a_stable_held_out_slice(shared) -> None:
     with Store(StorageSettings(url=shared)) as store:
         assert set(store.contribution_counts()) == {"home-1"}  # home-2 said as much, and shared nothing
