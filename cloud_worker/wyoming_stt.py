@@ -17,6 +17,7 @@ Transcription runs locally; relaying the audio to the worker fleet over MQTT is 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile
 import soxr
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -98,6 +100,10 @@ def _version(package: str) -> str | None:
         return None
 
 
+PCM_SUBTYPES = {1: "PCM_U8", 2: "PCM_16", 3: "PCM_24", 4: "PCM_32"}
+"""libsndfile's raw PCM subtype of each Wyoming sample width in bytes (8-bit unsigned, wider signed)."""
+
+
 @dataclass(frozen=True)
 class PcmFormat:
     """How a stream's raw PCM is laid out, from its ``audio-start``."""
@@ -124,17 +130,18 @@ class PcmFormat:
         return self.width * self.channels
 
     def to_mono(self, audio: bytes) -> np.ndarray:
-        """Float32 mono samples in [-1, 1] of whole frames of PCM."""
-        if self.width == 1:
-            samples = (np.frombuffer(audio, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-        elif self.width == 3:
-            triples = np.frombuffer(audio, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-            values = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
-            samples = (np.where(values >= 1 << 23, values - (1 << 24), values) / float(1 << 23)).astype(np.float32)
-        else:
-            dtype, scale = {2: ("<i2", 32768.0), 4: ("<i4", 2147483648.0)}[self.width]
-            samples = (np.frombuffer(audio, dtype=dtype).astype(np.float64) / scale).astype(np.float32)
-        return samples.reshape(-1, self.channels).mean(axis=1, dtype=np.float32)
+        """Float32 mono samples in [-1, 1] of whole frames of PCM, decoded by libsndfile (soundfile) as raw PCM."""
+        samples, _rate = soundfile.read(
+            io.BytesIO(audio),
+            format="RAW",
+            subtype=PCM_SUBTYPES[self.width],
+            samplerate=self.rate,
+            channels=self.channels,
+            endian="LITTLE",
+            dtype="float32",
+            always_2d=True,
+        )
+        return samples.mean(axis=1, dtype=np.float32)
 
 
 class AudioStream:
