@@ -113,6 +113,14 @@ def asr_of(args: argparse.Namespace, asr: AsrSettings) -> AsrSettings:
     )
 
 
+def recogniser_of(args: argparse.Namespace) -> tuple[Transcriber, IntentDecider]:
+    """The worker's recogniser and intent decider, from the options of add_asr_arguments (``transcribe``,
+    ``wyoming``; ``serve`` builds its own in UtteranceService from the same settings)."""
+    vocabulary = load_vocabulary(args.vocabulary)
+    decider = IntentDecider(vocabulary, Calibration.load(args.calibration))
+    return Transcriber(asr_of(args, args.settings.asr), vocabulary), decider
+
+
 def settings_of(args: argparse.Namespace) -> WorkerSettings:
     """The settings ``serve`` runs with: the config file's (or the defaults), with every option given applied."""
     settings: WorkerSettings = args.settings
@@ -181,9 +189,7 @@ def transcribe(args: argparse.Namespace) -> int:
     """Transcribe files with the service's recogniser and intent matcher; one JSON line (or text line) per file."""
     from common.recording import RecordingError, read_recording
 
-    vocabulary = load_vocabulary(args.vocabulary)
-    decider = IntentDecider(vocabulary, Calibration.load(args.calibration))
-    transcriber = Transcriber(asr_of(args, args.settings.asr), vocabulary)
+    transcriber, decider = recogniser_of(args)
     clips, readable, failed = [], [], 0
     for name in args.files:
         try:
@@ -220,10 +226,8 @@ def wyoming(args: argparse.Namespace) -> int:
     settings = WyomingSettings(
         host=args.host, port=args.port, max_audio_s=args.max_audio_s, max_chunk_bytes=args.max_chunk_bytes
     )
-    asr = asr_of(args, args.settings.asr)
-    vocabulary = load_vocabulary(args.vocabulary)
-    decider = IntentDecider(vocabulary, Calibration.load(args.calibration))
-    service = SpeechToText(settings, Transcriber(asr, vocabulary), decider, describe(asr))
+    transcriber, decider = recogniser_of(args)
+    service = SpeechToText(settings, transcriber, decider, describe(transcriber.settings))
 
     async def serve_until_signalled() -> None:
         stopping = asyncio.Event()
