@@ -47,7 +47,7 @@ from schemas.status import DeviceState, DeviceStatus
 from schemas.topics import MANIFEST, RESULT, STATUS, TopicSpec
 from schemas.vocabulary import Command, Vocabulary
 
-log = logging.getLogger("cloud_worker.ha_bridge")
+log = ContextLogger(logging.getLogger("cloud_worker.ha_bridge"))
 
 NOT_UNDERSTOOD = "not_understood"
 """The event type, and last command, of a result without an intent (outside the vocabulary, or an error)."""
@@ -384,7 +384,7 @@ class HaBridge:
         if earlier is None or _config_fields(earlier) != _config_fields(status):
             if earlier is None:
                 self.counts["announced"] += 1
-                ContextLogger(log, device_id=device_id).info("announced")
+                log.bind(device_id=device_id).info("announced")
             self._send_configs(status)
         state = ONLINE if status.state is DeviceState.ONLINE else OFFLINE
         self._publish(self.topics.device_topic(device_id, "availability"), state.encode(), retain=True)
@@ -410,7 +410,7 @@ class HaBridge:
         for what in ("availability", "last_command", "update"):
             self._publish(self.topics.device_topic(device_id, what), b"", retain=True)
         self.counts["removed"] += 1
-        ContextLogger(log, device_id=device_id).info("removed")
+        log.bind(device_id=device_id).info("removed")
 
     def _on_manifest(self, topic: str, envelope: Envelope) -> None:
         manifest = self._read(topic, envelope)
@@ -442,12 +442,12 @@ class HaBridge:
             self._publish(self.topics.device_topic(device_id, "last_command"), last_command, retain=True)
             self.last_commands[device_id] = last_command
             self.counts["events"] += 1
-        ContextLogger(log).about(result).debug("event", extra={"command": command_name(result)})
+        log.about(result).debug("event", extra={"command": command_name(result)})
         for sink in self.sinks:
             try:
                 publications = sink(result)
             except Exception:
-                ContextLogger(log).about(result).exception("result sink failed", extra={"sink": repr(sink)})
+                log.about(result).exception("result sink failed", extra={"sink": repr(sink)})
                 continue
             for sink_topic, payload, retain in publications:
                 self._publish(sink_topic, payload, retain=retain)
