@@ -158,12 +158,7 @@ def _tokens(text: str) -> list[dict[str, Any]]:
 
 def _command_of(result: Result, vocabulary: Vocabulary) -> Command | None:
     """The vocabulary command the result names (intent and slot values), or None."""
-    if result.intent is None:
-        return None
-    for command in vocabulary.commands:
-        if command.intent == result.intent and dict(command.slots) == dict(result.slots):
-            return command
-    return None
+    return None if result.intent is None else vocabulary.command_for(result.intent, result.slots)
 
 
 def _spoken_phrase(result: Result, command: Command) -> str:

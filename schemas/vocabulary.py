@@ -73,6 +73,13 @@ class Vocabulary:
         """The command whose phrase is exactly ``text`` once normalized, or None."""
         return self._by_phrase.get(normalize(text))
 
+    def command_for(self, intent: str, slots: Mapping[str, SlotValue]) -> Command | None:
+        """The command of ``intent`` with exactly these slot values (a result's or an answer's), or None."""
+        return next(
+            (command for command in self.commands if command.intent == intent and dict(command.slots) == dict(slots)),
+            None,
+        )
+
 
 DEFAULT_PATH = "vocabulary.toml"
 

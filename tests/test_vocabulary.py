@@ -100,3 +100,12 @@ def test_broken_vocabularies_are_refused_clearly(tmp_path: Path, body: str, comp
     with pytest.raises(ProtocolError) as refused:
         load_vocabulary(write(tmp_path, HEADER + body))
     assert complaint in str(refused.value)
+
+
+def test_command_for_finds_the_command_of_an_intent_and_its_exact_slot_values() -> None:
+    vocabulary = load_vocabulary()
+    assert vocabulary.command_for("digit", {"value": 7}).label == "digit[value=7]"
+    assert vocabulary.command_for("lights_on", {}).label == "lights_on"
+    assert vocabulary.command_for("digit", {"value": 12}) is None  # no such slot value
+    assert vocabulary.command_for("digit", {}) is None
+    assert vocabulary.command_for("open_the_pod_bay_doors", {}) is None

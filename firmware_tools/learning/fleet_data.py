@@ -113,10 +113,8 @@ def label_of(contribution: Contribution, vocabulary: Vocabulary) -> str | None:
     """The model label of the cloud's answer: a command's, other speech, or None when it names no known command."""
     if contribution.intent is None:
         return UNKNOWN_LABEL
-    for command in vocabulary.commands:
-        if command.intent == contribution.intent and dict(command.slots) == dict(contribution.slots):
-            return command.label
-    return None
+    command = vocabulary.command_for(contribution.intent, contribution.slots)
+    return command.label if command is not None else None
 
 
 def speech_window(audio: np.ndarray, capture: CaptureSettings | None = None) -> np.ndarray:
