@@ -360,8 +360,9 @@ class HaBridge:
         try:
             return decode(topic, envelope)
         except ProtocolError as error:
-            self.counts["skipped"] += 1
             log.warning("skipped a malformed message", extra={"topic": topic, "detail": str(error)})
+            # Counted once logged: whoever sees the count may read the line.
+            self.counts["skipped"] += 1
             return MALFORMED
 
     def _on_status(self, topic: str, envelope: Envelope) -> None:
